@@ -20,6 +20,11 @@ SCHEMA_VERSION = 1
 
 #: What a fusion acts on: whole blocks (merge: depth drops) or single layers (tie).
 UNITS = ("block", "layer")
+#: How the weights of a fused set become one: ``remove`` keeps the kept member as it is
+#: (layer deletion), ``mean`` averages (the paper's test-time rule; with ``align`` after
+#: neuron alignment), ``calibrated`` refits the kept block's output projections on
+#: calibration activations so that it reproduces the whole fused run.
+FUSE_RULES = ("remove", "mean", "calibrated")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class FusionPlan:
 
     fusions: list[Fusion]
     mode: str = "merge"
+    fuse: str = "mean"
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -79,9 +85,11 @@ class FusionPlan:
             )
         try:
             fusions = [Fusion(**f) for f in data["fusions"]]
-            plan = cls(fusions=fusions, mode=data["mode"], provenance=data.get("provenance", {}))
+            plan = cls(fusions=fusions, mode=data["mode"], fuse=data.get("fuse", "mean"), provenance=data.get("provenance", {}))
         except (KeyError, TypeError) as e:
             raise LfgraphError(f"plan is missing or has unexpected fields ({e}): regenerate it with `lfgraph plan`") from None
+        if plan.fuse not in FUSE_RULES:
+            raise LfgraphError(f"plan fuse rule {plan.fuse!r} is not one of {FUSE_RULES}")
         for f in plan.fusions:
             if f.unit not in UNITS:
                 raise LfgraphError(f"plan fusion unit {f.unit!r} is not one of {UNITS}")
