@@ -86,6 +86,21 @@ class LayerNode:
 
 
 @dataclass
+class HiddenSpace:
+    """A permutable hidden dimension inside a block (e.g. the MLP's intermediate units).
+
+    Every tensor listed in ``tensors`` (name relative to the block, axis) is indexed by the
+    same ``size`` hidden units and nothing outside the block is: permuting all of them
+    together along their axis leaves the block's function unchanged. Producers' output
+    rows, consumers' input columns and per-channel normalisation parameters all appear
+    here. Neuron alignment permutes an absorbed block's hidden units before averaging.
+    """
+
+    size: int
+    tensors: list[tuple[str, int]]
+
+
+@dataclass
 class Block:
     """A repeated unit with a skip path, e.g. one transformer decoder layer.
 
@@ -97,6 +112,7 @@ class Block:
             ``"projection"`` when its skip path has weights (not removable by merge).
         kind: a signature of the block's structure; blocks may only be merged with
             blocks of the same kind.
+        hidden: the block's permutable hidden spaces (for neuron alignment).
     """
 
     index: int
@@ -104,6 +120,7 @@ class Block:
     members: list[str]
     skip: str = "identity"
     kind: str = ""
+    hidden: list[HiddenSpace] = field(default_factory=list)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..graph import CONV, LINEAR, Block, LayerGraph, LayerNode
+from ..graph import CONV, LINEAR, Block, HiddenSpace, LayerGraph, LayerNode
 
 _LINEAR_TARGETS = {"linear"}
 # x @ W with W stored (in, out), as in GPT-2's Conv1D: (aten op, index of the weight arg)
@@ -109,6 +109,7 @@ def build_layer_graph(
     ep = export_module(model, example_inputs, example_kwargs)
     params = dict(model.named_parameters(remove_duplicate=False))
     nodes: list[LayerNode] = []
+    weighted_fx: dict[torch.fx.Node, tuple[str, int, int]] = {}  # fx node -> (ref, out axis, in axis) of its weight param
     seen: set[str] = set()
     op_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)  # module path -> fx nodes
     fx_nodes = list(ep.graph.nodes)
@@ -133,6 +134,7 @@ def build_layer_graph(
         if wname is None or not wname.endswith("weight"):
             continue  # weight computed at run time: nothing to fuse
         ref = wname[: -len(".weight")] if wname.endswith(".weight") else wname
+        weighted_fx[fx] = (ref, 1 if transposed else 0, 0 if transposed else 1)
         if ref in seen:
             continue  # a shared (already tied) weight is one layer
         seen.add(ref)
@@ -177,6 +179,7 @@ def build_layer_graph(
             by_name[m].block = b.index
             by_name[m].role = m[len(b.name) + 1 :]
         b.kind = "|".join(sorted(f"{by_name[m].role}:{by_name[m].weight.shape}" for m in b.members)) + f"|{b.skip}"
+        b.hidden = _hidden_spaces(ep, b.name, weighted_fx, params)
     for n in nodes:
         if n.block is None:
             # outside blocks the role is the path with indices wildcarded, so that
@@ -226,3 +229,100 @@ def _is_activation(n: torch.fx.Node) -> bool:
 
 def weights_as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
+
+
+# ops through which a hidden unit keeps its identity (elementwise in the feature axis)
+_ELEMENTWISE = {
+    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "mul", "mul_", "to", "_to_copy", "clone",
+    "contiguous", "alias", "detach", "dropout", "hardtanh", "leaky_relu", "elu", "hardswish", "neg",
+    "add", "sub", "rsub", "div", "pow", "erf", "exp",
+}
+_BATCHNORM = {"_native_batch_norm_legit_no_training", "batch_norm", "_native_batch_norm_legit"}
+_RESHAPE = {"view", "reshape", "_unsafe_view"}
+
+
+def _hidden_spaces(
+    ep: torch.export.ExportedProgram,
+    block: str,
+    weighted_fx: dict[torch.fx.Node, tuple[str, int, int]],
+    params: dict[str, torch.Tensor],
+) -> list[HiddenSpace]:
+    """Find the block's permutable hidden spaces from the graph.
+
+    Walk back from each weighted layer's input through elementwise ops (activations,
+    gating products, BatchNorm, reshapes that keep the feature axis). If every path ends at
+    weighted layers of the same block, the units between them form a hidden space: the
+    producers' output rows, the consumer's input columns and the BatchNorm channel
+    parameters met on the way. Any other source (a residual, a reshape into heads) means
+    the units are visible outside and cannot be permuted.
+    """
+    sig = ep.graph_signature
+    owner = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    prefix = block + "."
+    spaces: list[HiddenSpace] = []
+    claimed: set[str] = set()
+    for consumer, (cref, _cout, cin) in weighted_fx.items():
+        if not cref.startswith(prefix):
+            continue
+        inp = consumer.args[0] if _aten_name(consumer.target) != "addmm" else consumer.args[1]
+        if not isinstance(inp, torch.fx.Node):
+            continue
+        tensors: list[tuple[str, int]] = [(f"{cref}.weight", cin)]
+        ok = True
+        stack, visited = [inp], set()
+        while stack and ok:
+            n = stack.pop()
+            if n in visited:
+                continue
+            visited.add(n)
+            if n in weighted_fx:
+                pref, pout, _ = weighted_fx[n]
+                if not pref.startswith(prefix) or pref == cref:
+                    ok = False
+                    break
+                tensors.append((f"{pref}.weight", pout))
+                if f"{pref}.bias" in params:
+                    tensors.append((f"{pref}.bias", 0))
+                continue
+            if n.op != "call_function":
+                ok = False
+                break
+            name = _aten_name(n.target)
+            if name in _BATCHNORM:
+                for a in n.args[1:5]:
+                    if isinstance(a, torch.fx.Node) and a.name in owner:
+                        tensors.append((owner[a.name], 0))
+                stack.append(n.args[0])
+            elif name == "getitem":
+                stack.append(n.args[0])
+            elif name in _RESHAPE:
+                src = n.args[0]
+                if _last_dim(src) != _last_dim(n):
+                    ok = False
+                else:
+                    stack.append(src)
+            elif name in _ELEMENTWISE:
+                for a in n.args:
+                    if isinstance(a, torch.fx.Node):
+                        if a.op == "placeholder" and a.name in owner:
+                            ok = False  # a weight applied elementwise: would need permuting too
+                        else:
+                            stack.append(a)
+            else:
+                ok = False
+        producers = [t for t in tensors[1:] if t[0].endswith(".weight")]
+        if not ok or not producers:
+            continue
+        names = [t[0] for t in tensors]
+        if claimed.intersection(names):
+            continue  # a layer feeding two consumers: keep the first space only
+        claimed.update(names)
+        size = params[tensors[0][0]].shape[cin] if tensors[0][0] in params else 0
+        rel = [(t[len(prefix):], axis) for t, axis in dict.fromkeys(tensors)]
+        spaces.append(HiddenSpace(size=int(size), tensors=rel))
+    return spaces
+
+
+def _last_dim(n: Any) -> int | None:
+    val = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() > 0 else None
