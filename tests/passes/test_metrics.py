@@ -1,0 +1,309 @@
+"""Metric registry: each closed form against a slow, trusted reference, plus the invariances
+and distance properties the registry claims (``Metric.invariances``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from lfgraph.errors import LfgraphError
+from lfgraph.passes.metrics import KL_RIDGE, METRICS, Metric, get_metric, pairwise_distances, row_assignment
+
+# wide (n_out < fan_in: singular covariance, low-rank code paths), square, tall (dense paths)
+SHAPES = [(6, 11), (9, 9), (13, 7)]
+COVARIANCE_METRICS = ["ca", "kl", "jeffreys", "bures"]
+
+
+def rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def related_pair(shape: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two correlated matrices, like two layers of one trained stack."""
+    a = rand(shape, seed)
+    return a, 0.7 * a + 0.5 * rand(shape, seed + 100)
+
+
+def orthogonal(n: int, seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(rand((n, n), seed))
+    return q * np.sign(np.diag(r))
+
+
+def rel_err(x: float, ref: float) -> float:
+    return abs(x - ref) / abs(ref)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def covariance(a: np.ndarray) -> np.ndarray:
+    return a.T @ a / a.shape[0]
+
+
+def ridged(a: np.ndarray) -> np.ndarray:
+    sigma = covariance(a)
+    d = sigma.shape[0]
+    return sigma + KL_RIDGE * np.trace(sigma) / d * np.eye(d)
+
+
+def kl_reference(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = ridged(a), ridged(b)
+    d = sa.shape[0]
+    return 0.5 * (np.trace(np.linalg.inv(sb) @ sa) - d + np.linalg.slogdet(sb)[1] - np.linalg.slogdet(sa)[1])
+
+
+def ca_reference(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = covariance(a), covariance(b)
+    return 1.0 - np.trace(sa @ sb) / (np.linalg.norm(sa) * np.linalg.norm(sb))
+
+
+def bures_reference(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = covariance(a), covariance(b)
+    root = scipy.linalg.sqrtm(sa)
+    fidelity = np.trace(scipy.linalg.sqrtm(root @ sb @ root)).real
+    return float(np.sqrt(max(0.0, np.trace(sa) + np.trace(sb) - 2.0 * fidelity)))
+
+
+def softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def wasserstein_brute_force(a: np.ndarray, b: np.ndarray) -> float:
+    pa, pb = softmax(a), softmax(b)
+    n = len(pa)
+    best = min(np.sum((pa - pb[list(p)]) ** 2) for p in itertools.permutations(range(n)))
+    return float(np.sqrt(best / n))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_keys_and_fields():
+    assert list(METRICS) == ["euclidean", "ca", "kl", "jeffreys", "bures", "wasserstein"]
+    for name, m in METRICS.items():
+        assert isinstance(m, Metric) and m.name == name and get_metric(name) is m
+        assert m.description and "\n" not in m.description
+    assert [n for n, m in METRICS.items() if not m.symmetric] == ["kl"]
+
+
+def test_unknown_metric_names_the_choices():
+    with pytest.raises(LfgraphError, match=r"unknown metric 'cosine': choose one of euclidean, ca, kl"):
+        get_metric("cosine")
+    with pytest.raises(LfgraphError, match="unknown metric"):
+        pairwise_distances("cosine", [rand((3, 4), 0)] * 2)
+
+
+# --------------------------------------------------------------------------- against references
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(3, 20), (20, 3)])
+def test_bures_closed_form_matches_sqrtm(shape):
+    a, b = related_pair(shape, 1)
+    assert rel_err(METRICS["bures"].distance(a, b), bures_reference(a, b)) <= 1e-6
+    c = rand(shape, 2)  # an unrelated layer too
+    assert rel_err(METRICS["bures"].distance(a, c), bures_reference(a, c)) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kl_and_jeffreys_match_direct_formula(shape):
+    a, b = related_pair(shape, 3)
+    kl, jeffreys = METRICS["kl"].distance, METRICS["jeffreys"].distance
+    assert rel_err(kl(a, b), kl_reference(a, b)) <= 1e-8
+    assert rel_err(kl(b, a), kl_reference(b, a)) <= 1e-8
+    assert abs(kl(a, b) - kl(b, a)) > 1e-3 * kl(a, b)  # genuinely asymmetric
+    assert rel_err(jeffreys(a, b), kl(a, b) + kl(b, a)) <= 1e-9
+
+
+def test_kl_ridge_keeps_singular_covariances_finite():
+    a, b = related_pair((4, 30), 4)  # rank-4 covariances in 30 dimensions
+    value = METRICS["kl"].distance(a, b)
+    assert np.isfinite(value) and rel_err(value, kl_reference(a, b)) <= 1e-8
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ca_matches_trace_formula(shape):
+    a, b = related_pair(shape, 5)
+    assert rel_err(METRICS["ca"].distance(a, b), ca_reference(a, b)) <= 1e-10
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (5, 8), (6, 2)])
+def test_wasserstein_matches_brute_force_over_permutations(shape):
+    a, b = related_pair(shape, 6)
+    a, b = 3 * a, 3 * b  # sharper softmax rows, so the best permutation matters
+    assert rel_err(METRICS["wasserstein"].distance(a, b), wasserstein_brute_force(a, b)) <= 1e-10
+
+
+def test_row_assignment_recovers_a_known_permutation():
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((40, 12))
+    perm_true = rng.permutation(40)
+    b = a[perm_true] + 1e-3 * rng.standard_normal((40, 12))
+    perm = row_assignment(a, b)
+    assert sorted(perm) == list(range(40))
+    np.testing.assert_array_equal(perm_true[perm], np.arange(40))  # b[perm] lines up with a
+    np.testing.assert_allclose(b[perm], a, atol=1e-2)
+
+
+def test_wasserstein_uses_row_assignment_on_softmax_rows():
+    a, b = related_pair((8, 5), 8)
+    perm = row_assignment(softmax(a), softmax(b))
+    expected = np.sqrt(np.mean(np.sum((softmax(a) - softmax(b)[perm]) ** 2, axis=1)))
+    assert rel_err(METRICS["wasserstein"].distance(a, b), expected) <= 1e-12
+
+
+# --------------------------------------------------------------------------- invariances
+
+
+def transformed(a: np.ndarray, tag: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = a.shape[0]
+    if tag == "row-permutation":
+        return a[rng.permutation(n)]
+    if tag == "row-orthogonal":
+        return orthogonal(n, seed) @ a
+    if tag == "row-shift":
+        return a + rng.standard_normal((n, 1))
+    raise AssertionError(tag)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", list(METRICS))
+def test_declared_invariances_hold(name, shape):
+    m = METRICS[name]
+    a, b = related_pair(shape, 9)
+    ref = m.distance(a, b)
+    for tag in m.invariances:
+        if tag == "scale":
+            got = m.distance(3.0 * a, 0.2 * b)
+        elif tag == "joint-scale":
+            got = m.distance(3.0 * a, 3.0 * b)
+        else:
+            got = m.distance(transformed(a, tag, 10), transformed(b, tag, 11))
+        assert rel_err(got, ref) <= 1e-6, (name, tag)
+
+
+def test_covariance_metrics_declare_the_paper_invariances():
+    for name in COVARIANCE_METRICS:
+        assert {"row-permutation", "row-orthogonal"} <= set(METRICS[name].invariances)
+    assert "row-permutation" in METRICS["wasserstein"].invariances
+    assert METRICS["euclidean"].invariances == ()
+
+
+@pytest.mark.parametrize("tag", ["row-permutation", "row-orthogonal"])
+def test_undeclared_invariances_do_not_hold(tag):
+    a, b = related_pair((9, 9), 12)
+    euclidean = METRICS["euclidean"].distance
+    assert rel_err(euclidean(transformed(a, tag, 13), b), euclidean(a, b)) > 0.1
+    if tag == "row-orthogonal":  # softmax rows are not preserved by rotating the neurons
+        w = METRICS["wasserstein"].distance
+        assert rel_err(w(transformed(a, tag, 13), b), w(a, b)) > 0.01
+
+
+# --------------------------------------------------------------------------- distance properties
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", list(METRICS))
+def test_zero_on_identical_and_growing_with_noise(name, shape):
+    distance = METRICS[name].distance
+    a = rand(shape, 14)
+    noise = rand(shape, 15)
+    near, far = distance(a, a + 0.1 * noise), distance(a, a + 1.0 * noise)
+    assert abs(distance(a, a)) <= 1e-7 * far
+    assert distance(a, a.astype(np.float32)) <= 1e-6 * far  # float32 input, same answer
+    assert 0.0 < near < far
+    assert distance(a + noise, a) >= 0.0
+
+
+def test_inputs_are_not_modified():
+    a, b = related_pair((5, 7), 16)
+    a0, b0 = a.copy(), b.copy()
+    for m in METRICS.values():
+        m.distance(a, b)
+    pairwise_distances("bures", [a, b])
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
+def test_bad_inputs_raise_lfgraph_error():
+    with pytest.raises(LfgraphError, match="same shape|compatible group"):
+        METRICS["ca"].distance(rand((3, 4), 0), rand((4, 3), 1))
+    with pytest.raises(LfgraphError, match="2-D"):
+        METRICS["ca"].distance(rand((2, 3, 4), 0), rand((2, 3, 4), 1))
+    bad = rand((3, 4), 0)
+    bad[1, 2] = np.nan
+    with pytest.raises(LfgraphError, match="NaN"):
+        METRICS["bures"].distance(bad, rand((3, 4), 1))
+    with pytest.raises(LfgraphError, match="all-zero"):
+        METRICS["kl"].distance(np.zeros((3, 4)), rand((3, 4), 1))
+
+
+# --------------------------------------------------------------------------- pairwise_distances
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5)])
+@pytest.mark.parametrize("name", list(METRICS))
+def test_pairwise_matches_per_pair_calls(name, shape):
+    base = rand(shape, 17)
+    mats = [(base + 0.5 * k * rand(shape, 18 + k)).astype(np.float32) for k in range(4)]
+    m = METRICS[name]
+    dist = pairwise_distances(name, mats)
+    assert dist.shape == (4, 4) and dist.dtype == np.float64
+    np.testing.assert_array_equal(np.diag(dist), 0.0)
+    for i, j in itertools.permutations(range(4), 2):
+        assert dist[i, j] == pytest.approx(m.distance(mats[i], mats[j]), rel=1e-9)
+    if m.symmetric:
+        np.testing.assert_array_equal(dist, dist.T)
+    else:
+        assert not np.allclose(dist, dist.T)
+
+
+def test_pairwise_only_fills_requested_pairs():
+    mats = [rand((4, 6), k) for k in range(5)]
+    dist = pairwise_distances("kl", mats, pairs=[(0, 2), (3, 1), (0, 2)])
+    filled = {(0, 2), (2, 0), (1, 3), (3, 1)}
+    for i, j in itertools.product(range(5), repeat=2):
+        if i == j:
+            assert dist[i, j] == 0.0
+        elif (i, j) in filled:
+            assert dist[i, j] == pytest.approx(METRICS["kl"].distance(mats[i], mats[j]), rel=1e-9)
+        else:
+            assert np.isnan(dist[i, j])
+
+
+def test_pairwise_prepares_each_matrix_once_and_only_when_used():
+    calls: list[int] = []
+    base = METRICS["bures"]
+
+    def counting_prepare(a: np.ndarray):
+        calls.append(id(a))
+        return base.prepare(a)
+
+    counting = Metric("counting", "test", (), True, counting_prepare, base.compare)
+    mats = [rand((4, 6), k) for k in range(6)]
+    pairwise_distances(counting, mats)
+    assert sorted(calls) == sorted(id(m) for m in mats)
+    calls.clear()
+    pairwise_distances(counting, mats, pairs=[(0, 1), (1, 2)])
+    assert len(calls) == 3
+
+
+def test_pairwise_rejects_bad_requests():
+    mats = [rand((3, 4), k) for k in range(3)]
+    with pytest.raises(LfgraphError, match="same shape|compatible group"):
+        pairwise_distances("ca", mats + [rand((4, 3), 9)])
+    for pair in [(0, 0), (1, 3), (-1, 2)]:
+        with pytest.raises(LfgraphError, match="pair"):
+            pairwise_distances("ca", mats, pairs=[pair])
+    assert pairwise_distances("ca", []).shape == (0, 0)
+
+
+def test_pairwise_progress_bar(capsys):
+    mats = [rand((3, 4), k) for k in range(3)]
+    dist = pairwise_distances(METRICS["euclidean"], mats, progress=True)
+    assert "euclidean distances" in capsys.readouterr().err
+    assert np.isfinite(dist).all()
