@@ -45,6 +45,8 @@ class LoadedModel:
     hf_model: nn.Module | None = None
     input_names: tuple[str, ...] = ("input",)
     output_names: tuple[str, ...] = ("output",)
+    #: inputs for selection/calibration of non-text models (a tensor of samples)
+    calibration: Any = None
 
 
 class CausalLMLogits(nn.Module):
@@ -180,6 +182,11 @@ def example_token_ids(tokenizer: Any, seq_len: int) -> torch.Tensor:
     return ids
 
 
-def wrap_module(module: nn.Module, example_inputs: tuple[Any, ...], name: str = "", family: str = "generic") -> LoadedModel:
+def wrap_module(
+    module: nn.Module, example_inputs: tuple[Any, ...], name: str = "", family: str = "generic", calibration: Any = None
+) -> LoadedModel:
     """Wrap a plain ``nn.Module`` (CNN, MLP, a custom model) for the lfgraph pipeline."""
-    return LoadedModel(module=module.eval(), example_inputs=tuple(example_inputs), name=name or type(module).__name__, family=family)
+    return LoadedModel(
+        module=module.eval(), example_inputs=tuple(example_inputs), name=name or type(module).__name__,
+        family=family, calibration=calibration, output_names=("output",),
+    )

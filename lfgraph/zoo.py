@@ -79,34 +79,34 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def tiny_llama(layers: int = 4, hidden: int = 64, seed: int = 0) -> nn.Module:
+def tiny_llama(layers: int = 4, hidden: int = 64, seed: int = 0, vocab_size: int = 128) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` with a small configuration."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
     )
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_gpt2(layers: int = 4, hidden: int = 64, seed: int = 0) -> nn.Module:
+def tiny_gpt2(layers: int = 4, hidden: int = 64, seed: int = 0, vocab_size: int = 128) -> nn.Module:
     """A randomly initialised ``GPT2LMHeadModel`` (its projections are ``Conv1D``: x @ W)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=128, n_positions=256, n_embd=hidden, n_layer=layers, n_head=4)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=hidden, n_layer=layers, n_head=4)
     return GPT2LMHeadModel(cfg).eval()
 
 
-def tiny_bert(layers: int = 4, hidden: int = 64, seed: int = 0) -> nn.Module:
+def tiny_bert(layers: int = 4, hidden: int = 64, seed: int = 0, vocab_size: int = 128) -> nn.Module:
     """A randomly initialised ``BertModel`` (post-LayerNorm encoder)."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=hidden * 2, max_position_embeddings=256,
     )
     return BertModel(cfg, add_pooling_layer=False).eval()

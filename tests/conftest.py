@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models built here (no downloads), saved as Hugging Face folders
+where a test needs the CLI's model loading path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lfgraph import zoo
+
+TEXT = (
+    "Layer fusion compresses a trained network by merging similar layers. "
+    "The quick brown fox jumps over the lazy dog. Tied weights are stored once. "
+) * 20
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # the CI machine has 2 cores; tests build tiny models where threads only add overhead
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # exported originals are cached by fingerprint; keep test runs from sharing a cache
+    monkeypatch.setenv("LFGRAPH_CACHE", str(tmp_path_factory.getbasetemp() / "lfgraph-cache"))
+
+
+def tiny_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (~300 tokens) trained on a fixed text, saved to ``folder``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<pad>", "<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory) -> Path:
+    """A 6-layer random Llama with its tokenizer, as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer(folder)
+    model = zoo.tiny_llama(layers=6, vocab_size=len(tok))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = tiny_tokenizer(folder)
+    model = zoo.tiny_bert(layers=4, vocab_size=len(tok))
+    model.save_pretrained(folder)
+    return folder
