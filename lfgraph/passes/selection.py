@@ -1,0 +1,332 @@
+"""Selection criteria: which runs of consecutive blocks to fuse, for a number of blocks to drop.
+
+Selection and fusion are independent choices. A selector returns :class:`Run` objects: a
+run is a list of consecutive block indices ``[i, i+1, ..., j]`` plus the one block it keeps;
+fusing it (by any rule: ``remove``, ``mean``, ``calibrated``) leaves one block where the run
+was, so a run drops ``len(run) - 1`` blocks. Criteria:
+
+- ``block_influence`` (ShortGPT, Men et al. 2024): BI of a block is
+  ``1 - cos(input, output)`` averaged over tokens; the ``n`` lowest are dropped.
+- ``angular`` (Gromov et al. 2024): the contiguous run of ``n`` blocks ``l .. l+n-1`` whose
+  input and output are closest in angular distance ``arccos(cos(x_l, x_{l+n})) / pi``
+  (averaged over tokens) is dropped.
+- ``sleb`` (Song et al. 2024): greedily drop the block whose removal raises the calibration
+  loss least (next-token NLL for language models, cross-entropy to the original model's
+  predictions otherwise), re-scoring on the already-pruned model at every step.
+- ``similarity``: the core's weight-similarity planner (adjacent pairs by a weight metric,
+  default Bures), which needs no data.
+
+Criteria that drop single blocks (BI, SLEB) give runs made of the dropped blocks plus the
+neighbour that absorbs them (the one below, or above at the bottom of a stack); consecutive
+dropped blocks share one run. All criteria that read activations stream them batch by batch
+through forward hooks, so memory holds one batch's hidden states, never the whole set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..calibration import batches, block_output, capture_block_input, run_from, stack_hidden_states
+from ..errors import LfgraphError
+from ..graph import LayerGraph
+from ..plan import Fusion, FusionPlan
+from .block_stack import split_block_name
+
+
+@dataclass
+class Run:
+    """Consecutive blocks (indices into their container) fused into the one at ``keep``."""
+
+    blocks: list[int]
+    keep: int
+    score: float = 0.0
+
+    @property
+    def absorb(self) -> list[int]:
+        return [b for b in self.blocks if b != self.keep]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _stack(module: nn.Module, blocks: Sequence[str]) -> tuple[str, list[nn.Module], list[int]]:
+    """(container path, every block module of the container, indices of ``blocks`` in it)."""
+    if not blocks:
+        raise LfgraphError("no blocks to select from: the model has no removable blocks")
+    parts = [split_block_name(b) for b in blocks]
+    containers = {c for c, _ in parts}
+    if len(containers) != 1:
+        raise LfgraphError(f"selection works on one stack of blocks at a time, got blocks from {sorted(containers)}")
+    cpath = containers.pop()
+    return cpath, list(module.get_submodule(cpath)), sorted(i for _, i in parts)
+
+
+def _tokens(h: torch.Tensor) -> torch.Tensor:
+    """A hidden state as ``(tokens, features)``: channels are the features of a feature map."""
+    if h.dim() == 4:
+        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    return h.reshape(-1, h.shape[-1])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = _tokens(a).double(), _tokens(b).double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
+
+
+def _segments(allowed: Sequence[int]) -> list[list[int]]:
+    """Maximal runs of consecutive indices in ``allowed``."""
+    out: list[list[int]] = []
+    for i in sorted(allowed):
+        if out and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def runs_from_dropped(dropped: Sequence[int], allowed: Sequence[int], scores: dict[int, float] | None = None) -> list[Run]:
+    """Group dropped block indices into runs, each with the neighbour that keeps them.
+
+    A maximal group of consecutive dropped blocks is absorbed by the block just below it
+    (or just above it at the bottom of its segment of ``allowed`` blocks). Raises
+    ``LfgraphError`` when a whole segment would be dropped (nothing left to keep).
+    """
+    drop = set(dropped)
+    allowed_set = set(allowed)
+    if not drop <= allowed_set:
+        raise LfgraphError(f"blocks {sorted(drop - allowed_set)} cannot be dropped (not removable)")
+    runs: list[Run] = []
+    for group in _segments(sorted(drop)):
+        below, above = group[0] - 1, group[-1] + 1
+        if below in allowed_set and below not in drop:
+            runs.append(Run([below, *group], keep=below))
+        elif above in allowed_set and above not in drop:
+            runs.append(Run([*group, above], keep=above))
+        else:
+            raise LfgraphError(f"dropping blocks {group} leaves no neighbouring block to keep: lower the target")
+    runs.sort(key=lambda r: r.blocks[0])
+    # a run absorbed upwards can touch the next run's kept block: join them
+    merged: list[Run] = []
+    for r in runs:
+        if merged and merged[-1].blocks[-1] >= r.blocks[0]:
+            prev = merged[-1]
+            blocks = sorted(set(prev.blocks) | set(r.blocks))
+            kept = [b for b in blocks if b not in drop]
+            merged[-1] = Run(blocks, keep=kept[0])
+        else:
+            merged.append(r)
+    if scores:
+        for r in merged:
+            r.score = float(sum(scores.get(b, 0.0) for b in r.absorb))
+    return merged
+
+
+def _check_n(n_drop: int, allowed: Sequence[int]) -> None:
+    if n_drop < 1:
+        raise LfgraphError(f"the number of blocks to drop must be at least 1, got {n_drop}")
+    if n_drop > len(allowed) - len(_segments(allowed)):
+        raise LfgraphError(
+            f"cannot drop {n_drop} of {len(allowed)} removable blocks (each stack keeps at least one): lower the target"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# criteria
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def block_influence_scores(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
+    """Block Influence of each named block: ``1 - cos(input, output)`` averaged over every
+    token (every spatial position of a feature map) of ``calibration``. Keys are indices
+    into the blocks' container. The module is only run, not modified."""
+    cpath, stack, idx = _stack(module, blocks)
+    sums = dict.fromkeys(idx, 0.0)
+    count = 0
+    for batch in batches(calibration, batch_size):
+        states, _ = stack_hidden_states(module, stack, batch)
+        for i in idx:
+            if states[i].shape != states[i + 1].shape:
+                raise LfgraphError(f"block {cpath}.{i} changes the shape of its input: it cannot be dropped")
+            cos = _cosine(states[i], states[i + 1])
+            sums[i] += float((1.0 - cos).sum())
+        count += _tokens(states[0]).shape[0]
+    return {i: s / count for i, s in sums.items()}
+
+
+def block_influence(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, **_: Any) -> list[Run]:
+    """ShortGPT: drop the ``n_drop`` blocks of lowest Block Influence (ties: lower index)."""
+    _, _, idx = _stack(module, blocks)
+    _check_n(n_drop, idx)
+    scores = block_influence_scores(module, blocks, calibration, batch_size)
+    order = sorted(idx, key=lambda i: (scores[i], i))
+    return _pick_droppable(order, idx, n_drop, scores)
+
+
+def _pick_droppable(order: list[int], allowed: list[int], n_drop: int, scores: dict[int, float]) -> list[Run]:
+    """Take blocks in ``order`` while each segment keeps at least one block."""
+    segment_of = {i: k for k, seg in enumerate(_segments(allowed)) for i in seg}
+    left = {k: len(seg) for k, seg in enumerate(_segments(allowed))}
+    dropped: list[int] = []
+    for i in order:
+        if len(dropped) == n_drop:
+            break
+        if left[segment_of[i]] > 1:
+            dropped.append(i)
+            left[segment_of[i]] -= 1
+    return runs_from_dropped(dropped, allowed, scores)
+
+
+@torch.no_grad()
+def angular_distances(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n: int, batch_size: int = 4) -> dict[int, float]:
+    """Gromov et al.'s distance for every start ``l`` of a run of ``n`` named blocks:
+    ``arccos(cos(x_l, x_{l+n})) / pi`` averaged over tokens, where ``x_l`` is the input of
+    block ``l`` (``x_{l+n}`` the output of block ``l+n-1``). Only runs made entirely of the
+    named blocks are scored."""
+    cpath, stack, idx = _stack(module, blocks)
+    allowed = set(idx)
+    starts = [l for l in idx if all(l + k in allowed for k in range(n))]
+    sums = dict.fromkeys(starts, 0.0)
+    count = 0
+    for batch in batches(calibration, batch_size):
+        states, _ = stack_hidden_states(module, stack, batch)
+        for l in starts:
+            cos = _cosine(states[l], states[l + n]).clamp(-1.0, 1.0)
+            sums[l] += float((torch.arccos(cos) / math.pi).sum())
+        count += _tokens(states[0]).shape[0]
+    return {l: s / count for l, s in sums.items()}
+
+
+def angular(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, **_: Any) -> list[Run]:
+    """Gromov et al.: drop the contiguous ``n_drop`` blocks with the smallest angular
+    distance between their input and output (one run, plus its keeping neighbour)."""
+    _, _, idx = _stack(module, blocks)
+    _check_n(n_drop, idx)
+    dist = angular_distances(module, blocks, calibration, n_drop, batch_size)
+    # a start is usable only when a neighbour of the dropped run remains to keep it
+    allowed = set(idx)
+    usable = {l: d for l, d in dist.items() if (l - 1) in allowed or (l + n_drop) in allowed}
+    if not usable:
+        raise LfgraphError(f"no run of {n_drop} consecutive removable blocks has a neighbour to keep it: lower the target")
+    best = min(usable, key=lambda l: (usable[l], l))
+    runs = runs_from_dropped(list(range(best, best + n_drop)), idx)
+    runs[0].score = usable[best]
+    return runs
+
+
+def _loss(out: torch.Tensor, batch: torch.Tensor, reference: torch.Tensor | None) -> float:
+    """Summed next-token NLL for language models, else cross-entropy to ``reference``'s
+    softmax (the original model's predictions)."""
+    if reference is None:
+        logits = out[:, :-1].reshape(-1, out.shape[-1]).float()
+        return float(nn.functional.cross_entropy(logits, batch[:, 1:].reshape(-1), reduction="sum"))
+    target = torch.softmax(reference.float(), dim=-1)
+    return float(-(target * torch.log_softmax(out.float(), dim=-1)).sum())
+
+
+@torch.no_grad()
+def sleb(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, progress: bool = False, **_: Any) -> list[Run]:
+    """SLEB: ``n_drop`` greedy steps, each dropping the block whose removal from the model
+    as pruned so far raises the calibration loss least.
+
+    Cost: each step scores every remaining candidate; a candidate's loss needs only the
+    blocks above it (the inputs of all blocks are computed once per step and batch), plus
+    the model's head. Use a small calibration budget (a few hundred tokens). The module is
+    not modified: candidate models are evaluated by temporarily swapping the block stack.
+    """
+    cpath, stack, idx = _stack(module, blocks)
+    _check_n(n_drop, idx)
+    segments = _segments(idx)
+    segment_of = {i: k for k, seg in enumerate(segments) for i in seg}
+    left = {k: len(seg) for k, seg in enumerate(segments)}
+    # bottom inputs and keyword arguments are the same for every pruned model: capture once
+    cached = [capture_block_input(module, stack[0], b) + (b,) for b in batches(calibration, batch_size)]
+    # token ids: score next-token NLL; anything else: agreement with the original model
+    references = None if not calibration.is_floating_point() else [module(b) for _, _, b in cached]
+    current = list(range(len(stack)))  # original indices of the blocks still in the model
+    dropped: list[int] = []
+    scores: dict[int, float] = {}
+    steps = range(n_drop)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="sleb", leave=False)
+    for _ in steps:
+        candidates = [i for i in current if i in segment_of and left[segment_of[i]] > 1]
+        loss = dict.fromkeys(candidates, 0.0)
+        for k, (x0, kwargs, batch) in enumerate(cached):
+            states = [x0]
+            for i in current:
+                states.append(block_output(stack[i](states[-1], **kwargs)))
+            for pos, i in enumerate(current):
+                if i not in loss:
+                    continue
+                upper = [stack[j] for j in current[pos + 1 :]]
+                out = run_from(module, cpath, states[pos], upper, batch)
+                loss[i] += _loss(out, batch, None if references is None else references[k])
+        best = min(candidates, key=lambda i: (loss[i], i))
+        scores[best] = loss[best]
+        dropped.append(best)
+        current.remove(best)
+        left[segment_of[best]] -= 1
+    return runs_from_dropped(dropped, idx, scores)
+
+
+def similarity(
+    module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor | None, n_drop: int, *,
+    graph: LayerGraph | None = None, metric: str = "bures", scope: str = "adjacent", **_: Any,
+) -> list[Run]:
+    """The core's weight-similarity planner (no data needed): fuse the most alike blocks by
+    ``metric`` within ``scope``. Needs the model's ``graph``; with ``scope="adjacent"`` the
+    planner's sets are runs of neighbours, each keeping its first block."""
+    if graph is None:
+        raise LfgraphError("selection 'similarity' reads weights from the layer graph: pass graph=build_layer_graph(...)")
+    from .planner import make_plan
+
+    _, _, idx = _stack(module, blocks)
+    _check_n(n_drop, idx)
+    plan = make_plan(graph, metric=metric, target=n_drop / len(graph.blocks), target_kind="blocks", scope=scope, mode="merge", fuse="remove")
+    runs = []
+    for f in plan.fusions:
+        members = sorted(split_block_name(n)[1] for n in [f.keep, *f.absorb])
+        if members != list(range(members[0], members[-1] + 1)):
+            raise LfgraphError(f"selection 'similarity' with scope {scope!r} gave a set of blocks that is not a run: {members}; use scope 'adjacent'")
+        runs.append(Run(members, keep=split_block_name(f.keep)[1], score=f.score))
+    return sorted(runs, key=lambda r: r.blocks[0])
+
+
+#: Selection criteria by name: ``fn(module, blocks, calibration, n_drop, **options) -> list[Run]``.
+SELECTORS: dict[str, Callable[..., list[Run]]] = {
+    "block_influence": block_influence,
+    "angular": angular,
+    "sleb": sleb,
+    "similarity": similarity,
+}
+
+
+def select_runs(name: str, module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor | None, n_drop: int, **options: Any) -> list[Run]:
+    """Run the selector ``name`` from :data:`SELECTORS`; raises ``LfgraphError`` for an unknown one."""
+    if name not in SELECTORS:
+        raise LfgraphError(f"unknown selection {name!r}: choose one of {', '.join(SELECTORS)}")
+    if name != "similarity" and calibration is None:
+        raise LfgraphError(f"selection {name!r} needs calibration data")
+    return SELECTORS[name](module, blocks, calibration, n_drop, **options)
+
+
+def runs_to_plan(runs: Sequence[Run], container: str, fuse: str = "mean", align: bool = True, provenance: dict[str, Any] | None = None) -> FusionPlan:
+    """A merge :class:`FusionPlan` for ``runs`` of the stack at ``container`` (block names
+    ``f"{container}.{i}"``), to be applied by any fuse rule."""
+    fusions = [
+        Fusion(keep=f"{container}.{r.keep}", absorb=[f"{container}.{i}" for i in r.absorb], unit="block", score=r.score, align=align)
+        for r in runs
+    ]
+    prov = dict(provenance or {})
+    prov.setdefault("blocks_removed", sum(len(r.absorb) for r in runs))
+    return FusionPlan(fusions=fusions, mode="merge", fuse=fuse, provenance=prov)

@@ -1,0 +1,153 @@
+"""Calibrated fusion: the ridge refit recovers what a fused run computes.
+
+Trusted second computations: a run that is exactly linear in the kept block's features must
+be reproduced exactly; an infinite ridge strength must give back the starting weights; a
+basic block followed by a no-op block must be reproduced exactly; and on a real (tiny,
+random) Llama the fit must beat plain deletion.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lfgraph.errors import LfgraphError
+from lfgraph.models import CausalLMLogits
+from lfgraph.passes.block_stack import remove_blocks
+from lfgraph.passes.calibrated_fusion import RidgeStats, calibrated_merge, calibrated_merge_plan, ridge_solve
+from lfgraph.passes.selection import Run, runs_to_plan
+from lfgraph.zoo import ResNetCNN, randomize_batchnorm, tiny_llama
+
+torch.set_num_threads(2)
+
+
+class LinearMLP(nn.Module):
+    """``down_proj(up_proj(x))``: no nonlinearity, so every block update is linear in x."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.up_proj(x))
+
+
+class LinearBlock(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.mlp = LinearMLP(d, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+class LinearNet(nn.Module):
+    def __init__(self, d: int = 8, h: int = 16, n: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(5, d)
+        self.layers = nn.ModuleList(LinearBlock(d, h) for _ in range(n))
+        for layer in self.layers:
+            layer.mlp.down_proj.weight.data *= 0.3
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def test_linear_run_is_recovered_exactly() -> None:
+    net = LinearNet().eval()
+    calib = torch.randn(12, 10, 5)
+    test = torch.randn(4, 10, 5)
+    before = net(test)
+    out = calibrated_merge(net, [["layers.1", "layers.2", "layers.3"]], calib, strengths=(1e-9,), token_weighting="none")
+    assert len(out.model.layers) == 2
+    # the kept block's update D U1 x must equal the composite (I+D3U3)(I+D2U2)(I+D1U1)x - x
+    torch.testing.assert_close(out.model(test), before, rtol=1e-4, atol=1e-4)
+    assert out.log.count("refit") == 1 and out.log.count("remove") == 2
+    # the caller's model is untouched
+    assert len(net.layers) == 4
+    torch.testing.assert_close(net(test), before)
+
+
+def test_huge_strength_gives_back_starting_weights() -> None:
+    model = CausalLMLogits(tiny_llama(layers=4)).eval()
+    w0 = model.model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    o0 = model.model.model.layers[1].self_attn.o_proj.weight.detach().clone()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = calibrated_merge(model, [["model.model.layers.1", "model.model.layers.2"]], ids, strengths=(1e12,), fit_attention=True)
+    kept = out.model.model.model.layers[1]
+    torch.testing.assert_close(kept.mlp.down_proj.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(kept.self_attn.o_proj.weight, o0, rtol=0, atol=1e-6)
+
+
+def test_ridge_solve_limits() -> None:
+    g = torch.Generator().manual_seed(0)
+    z, W_true, W0 = torch.randn(200, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    stats = RidgeStats.zeros(6, 3)
+    stats.add(z, z @ W_true.T)
+    torch.testing.assert_close(ridge_solve(stats, W0, 1e-12).float(), W_true, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ridge_solve(stats, W0, 1e12).float(), W0, rtol=1e-5, atol=1e-5)
+    assert stats.loss(W_true) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_calibrated_beats_removal_on_tiny_llama() -> None:
+    model = CausalLMLogits(tiny_llama(layers=6)).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib, test = torch.randint(0, 128, (16, 24), generator=gen), torch.randint(0, 128, (4, 24), generator=gen)
+    ref = model(test)
+    run = [f"model.model.layers.{i}" for i in (2, 3, 4)]
+    removed = copy.deepcopy(model)
+    remove_blocks(removed, run[1:])
+    fused = calibrated_merge(model, [run], calib, fit_attention=True).model
+    assert fused.model.config.num_hidden_layers == 4
+    err_fused, err_removed = (fused(test) - ref).pow(2).mean(), (removed(test) - ref).pow(2).mean()
+    assert err_fused < err_removed
+
+
+def test_plan_entry_point_and_keep_choice() -> None:
+    model = CausalLMLogits(tiny_llama(layers=4)).eval()
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
+    plan = runs_to_plan([Run([1, 2], keep=2)], "model.model.layers", fuse="calibrated")
+    out = calibrated_merge_plan(model, plan, ids)
+    assert [r.target for r in out.log.records if r.action == "remove"] == ["model.model.layers.1"]
+    assert out.log.records[0].target == "model.model.layers.2.mlp.down_proj"
+    best = calibrated_merge(model, [["model.model.layers.1", "model.model.layers.2"]], ids, keep="best")
+    assert best.log.count("refit") == 1 and best.log.count("remove") == 1
+    with pytest.raises(LfgraphError):
+        calibrated_merge(model, [["model.model.layers.1", "model.model.layers.3"]], ids)
+    with pytest.raises(LfgraphError):
+        calibrated_merge(model, [["model.model.layers.0", "model.model.layers.1"], ["model.model.layers.1", "model.model.layers.2"]], ids)
+
+
+def test_conv_block_followed_by_noop_is_reproduced() -> None:
+    torch.manual_seed(0)
+    net = randomize_batchnorm(ResNetCNN(stages=((8, 3),), num_classes=4))
+    # block 2 adds nothing: relu(0 + x) = x for the non-negative output of block 1
+    with torch.no_grad():
+        net.blocks[2].conv2.weight.zero_()
+        net.blocks[2].bn2.bias.zero_()
+        net.blocks[2].bn2.running_mean.zero_()
+    x = torch.randn(24, 3, 8, 8)
+    ref = net(x)
+    out = calibrated_merge(net, [["blocks.1", "blocks.2"]], x, strengths=(1e-9,))
+    assert len(out.model.blocks) == 2
+    torch.testing.assert_close(out.model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_fit_improves_on_removal() -> None:
+    torch.manual_seed(0)
+    net = randomize_batchnorm(ResNetCNN(stages=((8, 3),), num_classes=4))
+    calib, test = torch.randn(64, 3, 8, 8), torch.randn(16, 3, 8, 8)
+    ref = net(test)
+    removed = copy.deepcopy(net)
+    remove_blocks(removed, ["blocks.2"])
+    fused = calibrated_merge(net, [["blocks.1", "blocks.2"]], calib).model
+    assert (fused(test) - ref).pow(2).mean() < (removed(test) - ref).pow(2).mean()
