@@ -48,8 +48,14 @@ def export_onnx(
     output_names: Sequence[str],
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     metadata: Mapping[str, str] | None = None,
+    optimize: bool = False,
 ) -> ExportReport:
     """Export ``module`` to ``path``; see the module docstring.
+
+    ``optimize`` runs the exporter's ONNX optimizer (constant folding, pre-transposed
+    weights). It doubles export time and ONNX Runtime folds the same constants when it
+    loads the model, so it is off by default; with it off, initializers keep the PyTorch
+    parameter names, which the ONNX frontend uses to name layers.
 
     ``dynamic_axes`` maps input names to ``{axis: name}`` (e.g. ``{"input_ids": {0:
     "batch", 1: "sequence"}}``); outputs get their dynamic axes from the trace. The
@@ -69,7 +75,7 @@ def export_onnx(
                 torch.onnx.export(
                     module, tuple(example_inputs), str(raw), dynamo=True, input_names=list(input_names),
                     output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=True,
-                    optimize=True, verbose=False,
+                    optimize=optimize, verbose=False,
                 )
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
