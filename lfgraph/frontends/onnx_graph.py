@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,7 +419,7 @@ class OnnxStructure:
         return "|".join(parts)
 
     def _const_shape(self, t: str) -> str:
-        # only shapes readable without evaluating: labels must not depend on what was folded before
+        # read, never evaluated: a label must not depend on what was folded before
         if t in self.inits:
             return str(list(self.inits[t].dims))
         j = self.const_producer.get(t)
@@ -426,7 +427,8 @@ class OnnxStructure:
             for a in self.nodes[j].attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
                     return str(list(a.t.dims))
-        return "?"
+        shape = self.shapes().get(t)
+        return str(shape) if shape is not None else "?"
 
     def subgraph(self, nodes: Iterable[int], roles: dict[int, str] | None = None) -> nx.DiGraph:
         """The induced activation subgraph with node ``label`` and edge ``slot`` attributes."""
@@ -717,7 +719,7 @@ def _link_units(st: OnnxStructure, units: list[ResidualUnit]) -> None:
         if u.next is not None:
             u.tail = walk
     # a unit that ends the stream keeps the tail its repeated siblings have
-    body_hash = {id(u): nx.weisfeiler_lehman_graph_hash(st.subgraph(u.nodes), node_attr="label", edge_attr="slot") for u in units}
+    body_hash = {id(u): _wl_hash(st, u.nodes) for u in units}
     for u in units:
         if u.next is not None:
             continue
@@ -734,7 +736,10 @@ def _link_units(st: OnnxStructure, units: list[ResidualUnit]) -> None:
 
 
 def _wl_hash(st: OnnxStructure, nodes: set[int]) -> str:
-    return nx.weisfeiler_lehman_graph_hash(st.subgraph(nodes), node_attr="label", edge_attr="slot")
+    with warnings.catch_warnings():
+        # networkx 3.5 warns that directed hashes changed; hashes are only compared within one run
+        warnings.simplefilter("ignore", UserWarning)
+        return nx.weisfeiler_lehman_graph_hash(st.subgraph(nodes), node_attr="label", edge_attr="slot")
 
 
 def _blocks_from_units(st: OnnxStructure, units: list[ResidualUnit]) -> list[BlockInfo]:
@@ -785,6 +790,21 @@ def _torch_scope(node: onnx.NodeProto) -> str | None:
     return None
 
 
+def _legacy_scope(node: onnx.NodeProto) -> str | None:
+    """The module path in a name the TorchScript exporter writes (``/encoder/layer.0/fc/MatMul``)."""
+    parts = node.name.split("/")
+    if len(parts) < 3 or parts[0] or not parts[-1].startswith(node.op_type) or not all(parts[1:-1]):
+        return None
+    path: list[str] = []
+    for comp in parts[1:-1]:
+        # a container's child is written "blocks/blocks.0": the second refines the first
+        if path and comp.startswith(path[-1] + "."):
+            path[-1] = comp
+        else:
+            path.append(comp)
+    return ".".join(path)
+
+
 def _name_layers(st: OnnxStructure) -> None:
     uses: Counter[str] = Counter()
     sources: dict[int, str | None] = {}
@@ -802,7 +822,7 @@ def _name_layers(st: OnnxStructure) -> None:
         choices = []
         if src and src.endswith(".weight") and uses[src] == 1:
             choices.append(src[: -len(".weight")])
-        choices += [_torch_scope(n), n.name, src if src and uses[src] == 1 else None, st.keys[i]]
+        choices += [_torch_scope(n), _legacy_scope(n), n.name, src if src and uses[src] == 1 else None, st.keys[i]]
         name = next((c for c in choices if c and c not in used), f"{st.keys[i]}@{i}")
         used.add(name)
         st.layer_names[i] = name
