@@ -288,11 +288,6 @@ def _bures_compare(sa: _BuresStats, sb: _BuresStats) -> float:
 # --------------------------------------------------------------------------- Wasserstein
 
 
-class _SoftmaxStats(NamedTuple):
-    probs: np.ndarray  # softmax of each row
-    sq_rows: np.ndarray  # squared norm of each row of probs
-
-
 def _softmax_rows(a: np.ndarray) -> np.ndarray:
     z = _f64(a) - np.max(a, axis=1, keepdims=True)  # shift by the row max: exp cannot overflow
     np.exp(z, out=z)
@@ -300,24 +295,23 @@ def _softmax_rows(a: np.ndarray) -> np.ndarray:
     return z
 
 
-def _optimal_perm(a: np.ndarray, b: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray) -> np.ndarray:
-    cost = sq_a[:, None] + sq_b[None, :] - 2.0 * (a @ b.T)  # ‖a_i - b_j‖² for all i, j
-    rows, cols = linear_sum_assignment(cost)
+def _optimal_perm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # ‖a_i - b_j‖² = ‖a_i‖² + ‖b_j‖² - 2 a_i·b_j, and every assignment sums the same norms,
+    # so minimising -a_i·b_j gives the same optimum. Leaving the norms out also makes scipy's
+    # solver 5-8x faster on softmaxed weights (the per-column offsets ‖b_j‖² slow it down).
+    rows, cols = linear_sum_assignment(-(a @ b.T))
     perm = np.empty(len(rows), dtype=np.intp)
     perm[rows] = cols
     return perm
 
 
-def _wasserstein_prepare(a: np.ndarray) -> _SoftmaxStats:
-    p = _softmax_rows(a)
-    return _SoftmaxStats(p, np.einsum("ij,ij->i", p, p))
+def _wasserstein_prepare(a: np.ndarray) -> np.ndarray:
+    return _softmax_rows(a)
 
 
-def _wasserstein_compare(sa: _SoftmaxStats, sb: _SoftmaxStats) -> float:
-    perm = _optimal_perm(sa.probs, sb.probs, sa.sq_rows, sb.sq_rows)
-    # The value from the rows themselves, not the expanded cost, which loses digits when
-    # matched rows are nearly equal.
-    diff = sa.probs - sb.probs[perm]
+def _wasserstein_compare(pa: np.ndarray, pb: np.ndarray) -> float:
+    perm = _optimal_perm(pa, pb)
+    diff = pa - pb[perm]
     return math.sqrt(float(np.vdot(diff, diff)) / len(perm))
 
 
@@ -331,13 +325,14 @@ def row_assignment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Returns:
         ``perm``, an int array of length ``n`` (a permutation), such that ``b[perm]`` is
         matched row by row to ``a``: it minimises ``Σ_i ‖a[i] - b[perm[i]]‖²``
-        (``scipy.optimize.linear_sum_assignment`` on the squared-Euclidean cost of rows).
-        The ``wasserstein`` metric uses this matching on the softmaxed rows; neuron
-        alignment passes the raw weights. ``O(n³)`` worst case.
+        (``scipy.optimize.linear_sum_assignment`` on the squared-Euclidean cost of rows,
+        solved in the equivalent form ``-a[i]·b[j]``). The ``wasserstein`` metric uses this
+        matching on the softmaxed rows; neuron alignment passes the raw weights. ``O(n³)``
+        worst case (SmolLM2 layers: tenths of a second for 576 rows, ~1 s for 1536).
     """
     _check_shapes([a, b])
     a, b = _f64(_checked(a, 0)), _f64(_checked(b, 1))
-    return _optimal_perm(a, b, np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b))
+    return _optimal_perm(a, b)
 
 
 # --------------------------------------------------------------------------- registry

@@ -148,6 +148,14 @@ def test_row_assignment_recovers_a_known_permutation():
     np.testing.assert_allclose(b[perm], a, atol=1e-2)
 
 
+@pytest.mark.parametrize("seed", [20, 21, 22])
+def test_row_assignment_minimises_squared_row_distance(seed):
+    a, b = rand((6, 3), seed), rand((6, 3), seed + 1)
+    cost = ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
+    best = min(cost[np.arange(6), list(p)].sum() for p in itertools.permutations(range(6)))
+    assert cost[np.arange(6), row_assignment(a, b)].sum() == pytest.approx(best, rel=1e-12)
+
+
 def test_wasserstein_uses_row_assignment_on_softmax_rows():
     a, b = related_pair((8, 5), 8)
     perm = row_assignment(softmax(a), softmax(b))
