@@ -13,7 +13,12 @@ being fused, in one of three ways, and ties each pair into one layer at the end:
     gradients are still computed and steer the trainable member through eq. 6,
     ``dL/dW̄ = γ dL/dW_frozen + (1 − γ) dL/dW_trainable`` with ``γ`` the normalised
     Jensen-Shannon divergence of the two layers' Gaussian weight distributions (see
-    :func:`js_gamma`). At test time the set is averaged.
+    :func:`js_gamma`); ``dL/dW_k`` is the gradient at member ``k``'s position. The pair is
+    averaged at test time, and the training forward pass already uses that average
+    ``W̄ = (W_trainable + W_frozen) / 2`` in both positions, so that retraining adapts the
+    network that will be deployed. (Training each position with its own weight and
+    averaging only afterwards undoes the retraining: on the project CNN it ended at the
+    accuracy of untrained averaging.)
 ``mix``
     Before every training forward pass each output neuron (row) of the one mixed weight is
     drawn from one member (Bernoulli ½ for a pair, uniform for more), and that mixed weight
@@ -242,8 +247,8 @@ def js_gamma(w_i: torch.Tensor, w_j: torch.Tensor) -> float:
 class _RouteGrad(torch.autograd.Function):
     """Forward: ``value``. Backward: the incoming gradient times ``scale`` goes to ``source``.
 
-    With ``source is value`` this scales a layer's own gradient; with a frozen ``value``
-    it hands the frozen layer's gradient to its trainable partner (eq. 6).
+    ``freeze`` uses it to hand the gradient at every position of a fused set to the one
+    trainable member, weighted as eq. 6 says.
     """
 
     @staticmethod
@@ -278,11 +283,12 @@ class _GroupState:
 
 
 class _Frozen(nn.Module):
-    """``freeze`` for one member and tensor kind (weight or bias).
+    """``freeze`` for one member's position and tensor kind (weight or bias).
 
-    Training: the member's own value, with its gradient routed to the trainable member
-    scaled by ``scale`` (``1 − γ̄`` for the trainable one itself, ``γ_k/(n−1)`` for a
-    frozen one). Eval: the set's average, which is what finalize() ties.
+    Forward: the set's average ``W̄`` (what finalize() ties). Training backward: the
+    gradient at this position goes to the trainable member only, scaled by ``scale``
+    (``1 − γ̄`` at the trainable member's own position, ``γ_k/(n−1)`` at frozen member
+    ``k``'s), which sums to eq. 6 over the positions.
     """
 
     def __init__(self, state: _GroupState, kind: str, index: int, source: int, scale: float) -> None:
@@ -295,7 +301,7 @@ class _Frozen(nn.Module):
         if not self.training:
             return state.average(self.kind)
         tensors = state.weights if self.kind == "weight" else state.biases
-        return _RouteGrad.apply(tensors[self.source], original, self.scale)
+        return _RouteGrad.apply(tensors[self.source], state.average(self.kind).detach(), self.scale)
 
 
 class _Mixed(nn.Module):

@@ -161,30 +161,39 @@ def test_js_gamma_bounds() -> None:
 def test_freeze_keeps_frozen_layer_and_weights_gradient_by_eq6() -> None:
     model = mlp(depth=5)  # hidden layers at 2, 4, 6, 8; layer positions 0..5, middle 2.5
     with torch.no_grad():
-        model[4].weight.mul_(2.0)  # distributions differ, so γ is not ~0
+        model[6].weight.mul_(2.0)  # distributions differ, so γ is clearly above 0
+    original = copy.deepcopy(model)
+    # the trusted way: an unfused copy whose two positions hold the pair's average
     ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            avg = (getattr(ref[2], name) + getattr(ref[6], name)) / 2
+            getattr(ref[2], name).copy_(avg)
+            getattr(ref[6], name).copy_(avg)
     handle = install_fusion(model, [["2", "6"]], "freeze")
     info = handle.info()[0]
     # depth positions "2" -> 1 and "6" -> 3 of 0..5: "6" is nearer the middle (2.5), so frozen
     assert info["frozen"] == ["6"] and info["trainable"] == "2"
     gamma = info["gamma"]["6"]
-    assert gamma == pytest.approx(js_gamma(ref[2].weight, ref[6].weight))
+    assert gamma == pytest.approx(js_gamma(original[2].weight, original[6].weight))
+    assert 0.05 < gamma < 0.95
     x, y = batch()
     loss_of(model, x, y).backward()
     loss_of(ref, x, y).backward()
     trainable = model[2].parametrizations.weight.original
     frozen = model[6].parametrizations.weight.original
-    assert not frozen.requires_grad
-    expected = gamma * ref[6].weight.grad + (1 - gamma) * ref[2].weight.grad
-    torch.testing.assert_close(trainable.grad, expected)
-    # the forward pass in training mode is the unfused network's
+    assert not frozen.requires_grad and frozen.grad is None
+    # eq. 6: γ · (gradient at the frozen layer's position) + (1 − γ) · (at the trainable's)
+    torch.testing.assert_close(trainable.grad, gamma * ref[6].weight.grad + (1 - gamma) * ref[2].weight.grad)
+    torch.testing.assert_close(model[2].parametrizations.bias.original.grad, gamma * ref[6].bias.grad + (1 - gamma) * ref[2].bias.grad)
+    # training forward = the deployed (averaged) network
     torch.testing.assert_close(model(x), ref(x))
 
     frozen_before = frozen.detach().clone()
     model.zero_grad()
     sgd_steps(model, n=3)
     assert torch.equal(frozen, frozen_before)
-    assert not torch.equal(trainable, ref[2].weight)
+    assert not torch.equal(trainable, original[2].weight)
 
 
 def test_freeze_divergence_rule_and_eval_equals_finalized() -> None:
