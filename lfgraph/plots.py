@@ -99,11 +99,13 @@ def _heatmap(fig: Any, ax: Any, d: np.ndarray, labels: list[str], axis_label: st
         bar.set_label("distance (lower = more alike)", fontsize=8)
     if annotate:
         mid = (vmin + vmax) / 2
+        # enough decimals to tell the shown values apart (normalised scores crowd near 1)
+        decimals = int(np.clip(math.ceil(-math.log10(vmax - vmin)) + 1, 2, 5))
         for i in range(n):
             for j in range(n):
                 if i != j and np.isfinite(d[i, j]):
-                    ax.text(j, i, f"{d[i, j]:.3g}", ha="center", va="center", fontsize=6,
-                            color="white" if d[i, j] > mid else "black")
+                    text = f"{d[i, j]:.{decimals}f}" if abs(d[i, j]) < 1e3 else f"{d[i, j]:.3g}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if d[i, j] > mid else "black")
 
 
 def plot_analysis(analysis: Analysis, path: str | Path) -> None:
