@@ -342,6 +342,7 @@ class _Editor:
         self.subst: dict[str, str] = {}
         self.prologue: list[onnx.NodeProto] = []
         self.wanted: dict[str, str] = {}
+        self.created: set[str] = set()
         self.names = _tensor_names(self.graph)
         self.real_inputs = {i.name for i in self.graph.input} - {t.name for t in self.graph.initializer}
 
@@ -355,6 +356,7 @@ class _Editor:
 
     def add_initializer(self, array: np.ndarray, wanted: str) -> str:
         name = self._fresh(wanted)
+        self.created.add(name)
         if name != wanted:
             self.wanted[name] = wanted
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -411,11 +413,14 @@ class _Editor:
         inputs = [i for i in g.input if i.name in self.real_inputs or i.name in init_names]
         del g.input[:]
         g.input.extend(inputs)
-        self._rename_wanted()
+        # shapes recorded for tensors that are gone; dropped before renaming, so that a new
+        # initializer taking an old name does not inherit the old tensor's shape
         produced = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-        vis = [v for v in g.value_info if v.name in produced]
+        vis = [v for v in g.value_info if v.name in produced and v.name not in self.created]
         del g.value_info[:]
         g.value_info.extend(vis)
+        self._rename_wanted()
+        produced = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
         missing = sorted({x for n in g.node for x in n.input if x and x not in produced})
         if missing:
             raise LfgraphError(
@@ -507,21 +512,28 @@ def check_model(model: onnx.ModelProto) -> None:
 
 
 def _save_external(model: onnx.ModelProto, path: Path, location: str) -> None:
-    """Save with all tensors in ``path.parent / location``; ``model`` keeps its data in memory."""
+    """Save with large tensors in ``path.parent / location``; ``model`` is left as it was."""
+    tensors = list(_all_tensors(model))
+    had_location = [t.HasField("data_location") for t in tensors]
     try:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=1024)
     finally:
         # save_model moved the tensor bytes out of the in-memory model: read them back
+        # (cheaper than saving a copy of a model that may hold gigabytes)
         if (path.parent / location).exists():
             onnx.load_external_data_for_model(model, str(path.parent))
+        for t, had in zip(tensors, had_location):
+            if not had and t.data_location == onnx.TensorProto.DEFAULT:
+                t.ClearField("data_location")
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically and return the files written.
 
     With ``external_data`` (default: when the tensors exceed ~2 GB, the protobuf limit)
-    the tensors go to ``<name>.data`` beside the model, itself written atomically before
-    the model file. ``model`` is left as it was.
+    every tensor of 1 kB or more goes to ``<name>.data`` beside the model, itself written
+    atomically before the model file (no data file when no tensor is that large).
+    ``model`` is left as it was.
     """
     path = Path(path)
     if external_data is None:
@@ -531,13 +543,20 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
             onnx.save_model(model, str(tmp))
         return [path]
     data = path.with_name(path.name + ".data")
-    with atomic_path(path) as tmp_model, atomic_path(data) as tmp_data:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as d:
-            staged = Path(d) / path.name
-            _save_external(model, staged, data.name)
-            os.replace(Path(d) / data.name, tmp_data)
+    if not path.parent.is_dir():
+        raise LfgraphError(f"output folder {path.parent} does not exist: create it or choose another -o path")
+    written = [path]
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as d:
+        staged, staged_data = Path(d) / path.name, Path(d) / data.name
+        _save_external(model, staged, data.name)
+        with atomic_path(path) as tmp_model:
+            if staged_data.exists():
+                # the data file lands first: the model file never points at missing data
+                with atomic_path(data) as tmp_data:
+                    os.replace(staged_data, tmp_data)
+                written.append(data)
             os.replace(staged, tmp_model)
-    return [path, data]
+    return written
 
 
 @dataclass
