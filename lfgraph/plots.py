@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import LfgraphError
 from .fileio import atomic_path
+from .graph import LayerGraph
 from .passes.analysis import Analysis, GroupAnalysis
 
 #: More groups than this are left out (the largest are kept) so the image stays readable.
@@ -37,17 +38,20 @@ def _matplotlib() -> Any:
     return Figure, FigureCanvasAgg
 
 
-def _layer_labels(g: GroupAnalysis, block_names: list[str]) -> tuple[list[str], str]:
+def _layer_labels(g: GroupAnalysis, block_names: list[str], graph: LayerGraph | None) -> tuple[list[str], str]:
     """Tick labels for a group's members: their block index when every member sits in a
     block, else their position in the group (graph order)."""
-    index = {b: i for i, b in enumerate(block_names)}
-    labels = []
-    for name in g.names:
-        owner = max((b for b in index if name.startswith(b + ".")), key=len, default=None)
-        if owner is None:
-            return [str(i) for i in range(len(g.names))], "layer (graph order within the group)"
-        labels.append(str(index[owner]))
-    return labels, "block"
+    if graph is not None:
+        block_of = {n.name: n.block for n in graph.nodes}
+        blocks = [block_of.get(name) for name in g.names]
+    else:
+        # without the graph, a member belongs to the block whose name prefixes its own
+        index = {b: i for i, b in enumerate(block_names)}
+        blocks = [index[max(owners, key=len)] if (owners := [b for b in index if name.startswith(b + ".")]) else None
+                  for name in g.names]
+    if any(b is None for b in blocks):
+        return [str(i) for i in range(len(g.names))], "layer # in group"
+    return [str(b) for b in blocks], "block"
 
 
 def _group_title(g: GroupAnalysis) -> str:
@@ -108,8 +112,11 @@ def _heatmap(fig: Any, ax: Any, d: np.ndarray, labels: list[str], axis_label: st
                     ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if d[i, j] > mid else "black")
 
 
-def plot_analysis(analysis: Analysis, path: str | Path) -> None:
+def plot_analysis(analysis: Analysis, path: str | Path, graph: LayerGraph | None = None) -> None:
     """Write one image of ``analysis`` to ``path`` (PNG; ``.svg``/``.pdf`` by suffix).
+
+    ``graph`` (the analysed LayerGraph, optional) lets the ticks name each layer's block
+    even where layer names do not start with block names (ONNX graphs).
 
     The block distance matrix (when the model has blocks) is drawn large, with grey cells
     for block pairs of different structure; every compatible group gets a small heatmap
@@ -151,13 +158,16 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> None:
         _heatmap(fig, ax, analysis.block_distances, labels, "block", title, large=True, annotate=nb <= 12)
     for g, (r, c) in zip(groups, cells):
         ax = fig.add_subplot(grid[r, c])
-        labels, axis_label = _layer_labels(g, analysis.block_names)
+        labels, axis_label = _layer_labels(g, analysis.block_names, graph)
         _heatmap(fig, ax, g.distances, labels, axis_label, _group_title(g), large=False, annotate=False)
     heading = f"{analysis.metric} distances (lower = more alike): {len(analysis.groups)} compatible groups, {nb} blocks"
     if hidden:
         heading += f" ({hidden} smaller groups not shown)"
     fig.suptitle(heading, fontsize=12, fontweight="bold")
     fmt = _FORMATS.get(Path(path).suffix.lower(), "png")
+    folder = Path(path).parent
+    if not folder.exists():
+        raise LfgraphError(f"cannot write the plot to {path}: folder {folder} does not exist")
     try:
         with atomic_path(path, suffix=f".{fmt}") as tmp:
             fig.savefig(tmp, format=fmt, facecolor="white")

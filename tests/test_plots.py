@@ -12,7 +12,7 @@ import pytest
 from lfgraph.errors import LfgraphError
 from lfgraph.graph import Block, LayerGraph, LayerNode
 from lfgraph.passes.analysis import Analysis, GroupAnalysis, analyze
-from lfgraph.plots import plot_analysis
+from lfgraph.plots import _layer_labels, plot_analysis
 
 
 def toy_graph(n_blocks: int) -> LayerGraph:
@@ -45,6 +45,14 @@ def test_writes_a_png_with_blocks_and_groups(tmp_path: Path, analysis: Analysis)
     assert width > 800 and height > 600
     assert out.stat().st_size > 30_000
     assert [p.name for p in tmp_path.iterdir()] == ["analysis.png"]
+    # with the graph, ticks name blocks even when layer names do not start with block names
+    graph = toy_graph(n_blocks=5)
+    plot_analysis(analysis, tmp_path / "with-graph.svg", graph=graph)
+    svg = (tmp_path / "with-graph.svg").read_text(encoding="utf-8")
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+    group = next(iter(analysis.groups.values()))
+    assert _layer_labels(group, [], graph) == (["0", "1", "2", "3", "4"], "block")
+    assert _layer_labels(group, [], None) == (["0", "1", "2", "3", "4"], "layer # in group")
 
 
 def test_groups_without_blocks_and_incompatible_blocks(tmp_path: Path) -> None:
