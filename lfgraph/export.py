@@ -10,10 +10,13 @@ compares each output with PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -71,7 +74,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _quiet_exporter():
                 torch.onnx.export(
                     module, tuple(example_inputs), str(raw), dynamo=True, input_names=list(input_names),
                     output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=True,
@@ -90,6 +93,22 @@ def export_onnx(
     init_bytes = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
     size = Path(path).stat().st_size + (Path(str(path) + ".data").stat().st_size if Path(str(path) + ".data").exists() else 0)
     return ExportReport(Path(path), size, init_bytes, merged, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():  # type: ignore[no-untyped-def]
+    """Silence the exporter's chatter (missing torchvision ops, deprecations of torch
+    internals): it is not about the user's model and buries lfgraph's own report."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def deduplicate_initializers(model: onnx.ModelProto) -> int:

@@ -136,7 +136,9 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     Raises ``LfgraphError`` with a hint when the path is missing or not a model.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar for a sub-second load is noise in CLI output
     if spec == "smollm2":
         folder = smollm2_folder()
     elif spec == "minilm":

@@ -190,17 +190,13 @@ def permute_block_in_place(block: nn.Module, space: HiddenSpace, perm: np.ndarra
 
 def _calibrated(model: nn.Module, graph: LayerGraph, plan: FusionPlan, calibration: Any, progress: bool) -> PassResult:
     if calibration is None:
-        raise LfgraphError("fuse rule 'calibrated' needs calibration data: pass calibration windows (CLI: --calibration-tokens)")
-    try:
-        from .calibrated_fusion import calibrated_merge
-    except ImportError:
-        raise LfgraphError("calibrated fusion is not available in this build of lfgraph") from None
+        raise LfgraphError("fuse rule 'calibrated' needs calibration data: pass calibration windows (CLI: --calibration-windows)")
+    from .calibrated_fusion import calibrated_merge_plan
+
     index = {b.name: b.index for b in graph.blocks}
-    runs = []
     for f in plan.fusions:
-        members = sorted([f.keep, *f.absorb], key=index.__getitem__)
-        idx = [index[m] for m in members]
+        idx = sorted(index[m] for m in [f.keep, *f.absorb])
         if idx != list(range(idx[0], idx[0] + len(idx))):
-            raise LfgraphError(f"calibrated fusion needs runs of consecutive blocks; {members} is not one (use --scope adjacent)")
-        runs.append(members)
-    return calibrated_merge(model, runs, calibration, progress=progress)
+            raise LfgraphError(f"calibrated fusion needs runs of consecutive blocks; {[f.keep, *f.absorb]} is not one (use --scope adjacent)")
+    # ``model`` is already this pass's private copy
+    return calibrated_merge_plan(model, plan, calibration, inplace=True, progress=progress)
