@@ -56,7 +56,8 @@ class Analysis:
                     if scope == "adjacent" and j != i + 1:
                         continue
                     d = _sym(g.distances, i, j)
-                    out.append((d / scale, g.names[i], g.names[j], key))
+                    if np.isfinite(d):
+                        out.append((d / scale, g.names[i], g.names[j], key))
         out.sort(key=lambda t: (t[0], t[1], t[2]))
         return out
 
@@ -82,15 +83,23 @@ def _sym(d: np.ndarray, i: int, j: int) -> float:
 
 def _median_offdiag(d: np.ndarray) -> float:
     n = d.shape[0]
-    vals = [0.5 * (d[i, j] + d[j, i]) for i in range(n) for j in range(i + 1, n)]
+    vals = [v for i in range(n) for j in range(i + 1, n) if np.isfinite(v := 0.5 * (d[i, j] + d[j, i]))]
     med = float(np.median(vals)) if vals else 1.0
     return med if med > 0 and np.isfinite(med) else 1.0
 
 
-def analyze(graph: LayerGraph, metric: str = "bures", progress: bool = False, families: tuple[str, ...] | None = None) -> Analysis:
+def analyze(
+    graph: LayerGraph,
+    metric: str = "bures",
+    progress: bool = False,
+    families: tuple[str, ...] | None = None,
+    scope: str = "global",
+) -> Analysis:
     """Run the analysis pass.
 
-    ``families`` restricts the groups to some of ``attention``, ``fully-connected``,
+    ``scope="adjacent"`` computes only the distances between neighbours in each group
+    (the others are NaN): all a plan of adjacent fusions needs, at a fraction of the cost
+    of all pairs for the expensive metrics. ``families`` restricts the groups to some of ``attention``, ``fully-connected``,
     ``convolutional`` (default: all). Raises ``NoCompatibleGroupsError`` when the graph has
     no group of two or more compatible layers.
     """
@@ -105,7 +114,8 @@ def analyze(graph: LayerGraph, metric: str = "bures", progress: bool = False, fa
         )
     results: dict[str, GroupAnalysis] = {}
     for key, members in groups.items():
-        d = pairwise_distances(m, [n.matrix for n in members], progress=progress)
+        pairs = [(i, i + 1) for i in range(len(members) - 1)] if scope == "adjacent" else None
+        d = pairwise_distances(m, [n.matrix for n in members], pairs=pairs, progress=progress)
         results[key] = GroupAnalysis(key=key, names=[n.name for n in members], family=members[0].family, distances=d)
     analysis = Analysis(metric=m.name, groups=results)
     _aggregate_blocks(graph, analysis)
@@ -138,8 +148,10 @@ def _aggregate_blocks(graph: LayerGraph, analysis: Analysis) -> None:
                 g2, j, _ = index_in_group[nb_node.name]
                 if g2 is not g:
                     continue
-                total[a, b] += _sym(g.distances, i, j) / scale
-                count[a, b] += 1
+                d = _sym(g.distances, i, j)
+                if np.isfinite(d):
+                    total[a, b] += d / scale
+                    count[a, b] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     d = np.where(np.isnan(d), d.T, d)  # mirror the upper triangle

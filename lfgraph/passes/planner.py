@@ -83,7 +83,7 @@ def make_plan(
     fusable.
     """
     _check_options(target, target_kind, scope, mode, fuse)
-    analysis = analysis or analyze(graph, metric, progress=progress)
+    analysis = analysis or analyze(graph, metric, progress=progress, scope=scope)
     if mode == "merge" or target_kind == "blocks":
         fusions = _plan_blocks(graph, analysis, target, target_kind, scope, mode, align)
     else:

@@ -109,3 +109,20 @@ def test_plan_json_round_trip_and_fingerprint_guard(llama_graph, tmp_path):
 def test_bad_plan_files_are_refused(text, match):
     with pytest.raises(LfgraphError, match=match):
         FusionPlan.from_json(text)
+
+
+def test_adjacent_analysis_computes_neighbours_only_and_plans_the_same(llama_graph):
+    import numpy as np
+
+    from lfgraph.passes.analysis import analyze
+
+    adjacent = analyze(llama_graph, "bures", scope="adjacent")
+    full = analyze(llama_graph, "bures")
+    for key, g in adjacent.groups.items():
+        n = len(g.names)
+        band = np.array([[abs(i - j) <= 1 for j in range(n)] for i in range(n)])
+        assert np.isfinite(g.distances[band]).all() and np.isnan(g.distances[~band]).all()
+        np.testing.assert_allclose(g.distances[band], full.groups[key].distances[band])
+    a = make_plan(llama_graph, target=0.25, scope="adjacent", analysis=adjacent)
+    b = make_plan(llama_graph, target=0.25, scope="adjacent")
+    assert a.to_json() == b.to_json()
