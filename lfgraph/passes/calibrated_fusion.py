@@ -413,6 +413,8 @@ def _fit_transformer_run(
     def weights(k: int) -> torch.Tensor | None:
         return _token_weights((run_out[k] - state[k].x).reshape(-1, run_out[k].shape[-1]), token_weighting, clip)
 
+    for c in candidates:
+        _check_additive(stack[c], stack[c].get_submodule(mlp_name), state[0], mlp_name)
     if spec.keep is None:
         spec.keep = _best_keep(stack, candidates, mlp_name, state, run_out, weights, strengths)
     block = stack[spec.keep]
@@ -439,6 +441,25 @@ def _fit_transformer_run(
         z, y = _mlp_problem(block, proj, W0, b, run_out[k])
         (val if b.val else fit).add(z, y, weights(k))
     _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, mlp_name, detail, seconds=time.perf_counter() - t0)
+
+
+def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str) -> None:
+    """Refuse blocks whose output is not ``rest + proj(z)`` (e.g. post-LayerNorm BERT layers),
+    for which the closed-form fit would be wrong: shift the projection's output by a
+    random amount and check that the block's output moves by exactly that amount."""
+    delta = torch.randn(b.x.shape[-1], generator=torch.Generator().manual_seed(0))
+    base = block_output(block(b.x, **b.kwargs))
+    h = proj.register_forward_hook(lambda _m, _a, out: out + delta)
+    try:
+        shifted = block_output(block(b.x, **b.kwargs))
+    finally:
+        h.remove()
+    moved = shifted - base
+    if not torch.allclose(moved, delta.expand_as(moved), rtol=1e-3, atol=1e-3 * (1.0 + float(base.abs().max()) * 1e-3)):
+        raise UnsupportedModelError(
+            f"{type(block).__name__}'s output is not its input plus {proj_name}'s output (a post-LayerNorm block?): "
+            "calibrated fusion cannot refit it in closed form; use --fuse remove or mean"
+        )
 
 
 def _mlp_problem(block: nn.Module, proj: nn.Module, W0: torch.Tensor, b: _Batch, run_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,9 @@ was, so a run drops ``len(run) - 1`` blocks. Criteria:
   input and output are closest in angular distance ``arccos(cos(x_l, x_{l+n})) / pi``
   (averaged over tokens) is dropped.
 - ``sleb`` (Song et al. 2024): greedily drop the block whose removal raises the calibration
-  loss least (next-token NLL for language models, cross-entropy to the original model's
-  predictions otherwise), re-scoring on the already-pruned model at every step.
+  loss least (next-token NLL for language models; otherwise agreement with the original
+  model: cross-entropy to its predicted classes, or squared error of its output),
+  re-scoring on the already-pruned model at every step.
 - ``similarity``: the core's weight-similarity planner (adjacent pairs by a weight metric,
   default Bures), which needs no data.
 
@@ -167,11 +168,12 @@ def block_influence(module: nn.Module, blocks: Sequence[str], calibration: torch
     _check_n(n_drop, idx)
     scores = block_influence_scores(module, blocks, calibration, batch_size)
     order = sorted(idx, key=lambda i: (scores[i], i))
-    return _pick_droppable(order, idx, n_drop, scores)
+    return runs_from_order(order, idx, n_drop, scores)
 
 
-def _pick_droppable(order: list[int], allowed: list[int], n_drop: int, scores: dict[int, float]) -> list[Run]:
-    """Take blocks in ``order`` while each segment keeps at least one block."""
+def runs_from_order(order: Sequence[int], allowed: Sequence[int], n_drop: int, scores: dict[int, float] | None = None) -> list[Run]:
+    """Runs that drop the first ``n_drop`` blocks of ``order`` (best first), skipping any
+    block whose segment of ``allowed`` blocks would otherwise be left empty."""
     segment_of = {i: k for k, seg in enumerate(_segments(allowed)) for i in seg}
     left = {k: len(seg) for k, seg in enumerate(_segments(allowed))}
     dropped: list[int] = []
@@ -221,25 +223,41 @@ def angular(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor,
     return runs
 
 
-def _loss(out: torch.Tensor, batch: torch.Tensor, reference: torch.Tensor | None) -> float:
-    """Summed next-token NLL for language models, else cross-entropy to ``reference``'s
-    softmax (the original model's predictions)."""
-    if reference is None:
+def _objective(calibration: torch.Tensor, out: torch.Tensor) -> str:
+    """``nll`` when the model maps token ids to next-token logits; otherwise agreement with
+    the original model: ``ce`` (cross-entropy to its softmax) for class scores ``(N, C)``,
+    ``mse`` for anything else (e.g. an encoder's hidden states)."""
+    if not calibration.is_floating_point() and out.dim() == 3 and out.shape[-1] > int(calibration.max()):
+        return "nll"
+    return "ce" if out.dim() == 2 else "mse"
+
+
+def _loss(out: torch.Tensor, batch: torch.Tensor, reference: torch.Tensor | None, objective: str) -> float:
+    """The summed calibration loss of one batch under ``objective`` (see :func:`_objective`)."""
+    if objective == "nll":
         logits = out[:, :-1].reshape(-1, out.shape[-1]).float()
         return float(nn.functional.cross_entropy(logits, batch[:, 1:].reshape(-1), reduction="sum"))
-    target = torch.softmax(reference.float(), dim=-1)
-    return float(-(target * torch.log_softmax(out.float(), dim=-1)).sum())
+    assert reference is not None
+    if objective == "ce":
+        target = torch.softmax(reference.float(), dim=-1)
+        return float(-(target * torch.log_softmax(out.float(), dim=-1)).sum())
+    return float((out.float() - reference.float()).pow(2).sum())
 
 
 @torch.no_grad()
-def sleb(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, progress: bool = False, **_: Any) -> list[Run]:
-    """SLEB: ``n_drop`` greedy steps, each dropping the block whose removal from the model
-    as pruned so far raises the calibration loss least.
+def sleb_order(
+    module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4,
+    progress: bool = False, on_step: Callable[[int, int, float], None] | None = None,
+) -> list[tuple[int, float]]:
+    """SLEB's greedy removal order: ``n_drop`` pairs ``(block index, calibration loss of the
+    model without it and the blocks before it in the list)``.
 
-    Cost: each step scores every remaining candidate; a candidate's loss needs only the
-    blocks above it (the inputs of all blocks are computed once per step and batch), plus
-    the model's head. Use a small calibration budget (a few hundred tokens). The module is
-    not modified: candidate models are evaluated by temporarily swapping the block stack.
+    Greedy steps are nested, so the first ``k`` entries are SLEB's choice for ``k`` blocks.
+    Each step scores every remaining candidate; a candidate's loss needs only the blocks
+    above it (the inputs of all blocks are computed once per step and batch) plus the
+    model's head. Use a small calibration budget (a few hundred tokens). ``on_step(step,
+    block, loss)`` is called after each step. The module is not modified: candidate models
+    are evaluated by temporarily swapping the block stack.
     """
     cpath, stack, idx = _stack(module, blocks)
     _check_n(n_drop, idx)
@@ -248,17 +266,16 @@ def sleb(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_
     left = {k: len(seg) for k, seg in enumerate(segments)}
     # bottom inputs and keyword arguments are the same for every pruned model: capture once
     cached = [capture_block_input(module, stack[0], b) + (b,) for b in batches(calibration, batch_size)]
-    # token ids: score next-token NLL; anything else: agreement with the original model
-    references = None if not calibration.is_floating_point() else [module(b) for _, _, b in cached]
+    references = [module(b) for _, _, b in cached]
+    objective = _objective(calibration, references[0])
     current = list(range(len(stack)))  # original indices of the blocks still in the model
-    dropped: list[int] = []
-    scores: dict[int, float] = {}
+    order: list[tuple[int, float]] = []
     steps = range(n_drop)
     if progress:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="sleb", leave=False)
-    for _ in steps:
+    for step in steps:
         candidates = [i for i in current if i in segment_of and left[segment_of[i]] > 1]
         loss = dict.fromkeys(candidates, 0.0)
         for k, (x0, kwargs, batch) in enumerate(cached):
@@ -270,13 +287,22 @@ def sleb(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_
                     continue
                 upper = [stack[j] for j in current[pos + 1 :]]
                 out = run_from(module, cpath, states[pos], upper, batch)
-                loss[i] += _loss(out, batch, None if references is None else references[k])
+                loss[i] += _loss(out, batch, references[k], objective)
         best = min(candidates, key=lambda i: (loss[i], i))
-        scores[best] = loss[best]
-        dropped.append(best)
+        order.append((best, loss[best]))
         current.remove(best)
         left[segment_of[best]] -= 1
-    return runs_from_dropped(dropped, idx, scores)
+        if on_step is not None:
+            on_step(step, best, loss[best])
+    return order
+
+
+def sleb(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, progress: bool = False, **_: Any) -> list[Run]:
+    """SLEB: ``n_drop`` greedy steps, each dropping the block whose removal from the model
+    as pruned so far raises the calibration loss least (see :func:`sleb_order`)."""
+    _, _, idx = _stack(module, blocks)
+    order = sleb_order(module, blocks, calibration, n_drop, batch_size=batch_size, progress=progress)
+    return runs_from_dropped([i for i, _ in order], idx, dict(order))
 
 
 def similarity(

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lfgraph.errors import LfgraphError
+from lfgraph.errors import LfgraphError, UnsupportedModelError
 from lfgraph.models import CausalLMLogits
 from lfgraph.passes.block_stack import remove_blocks
 from lfgraph.passes.calibrated_fusion import RidgeStats, calibrated_merge, calibrated_merge_plan, ridge_solve
@@ -151,3 +151,16 @@ def test_conv_fit_improves_on_removal() -> None:
     remove_blocks(removed, ["blocks.2"])
     fused = calibrated_merge(net, [["blocks.1", "blocks.2"]], calib).model
     assert (fused(test) - ref).pow(2).mean() < (removed(test) - ref).pow(2).mean()
+
+
+def test_post_layernorm_blocks_are_refused() -> None:
+    from lfgraph.models import EncoderHidden
+    from lfgraph.zoo import tiny_bert
+
+    model = EncoderHidden(tiny_bert(layers=3)).eval()
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    run = ["model.encoder.layer.0", "model.encoder.layer.1"]
+    with pytest.raises(UnsupportedModelError, match="post-LayerNorm"):
+        calibrated_merge(model, [run], ids, mlp_proj="output.dense")
+    with pytest.raises(UnsupportedModelError, match="no MLP output projection"):
+        calibrated_merge(model, [run], ids)
