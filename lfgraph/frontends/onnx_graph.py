@@ -291,6 +291,7 @@ class OnnxStructure:
         self._values: dict[str, np.ndarray] = {}
         self._dtypes = _declared_types(model)
         self._shapes: dict[str, list[int | None]] | None = None
+        self._labels: dict[int, str] = {}
 
     # constants ---------------------------------------------------------------------
 
@@ -332,8 +333,12 @@ class OnnxStructure:
         g = helper.make_graph(
             [self.nodes[j] for j in sorted(needed)], "fold",
             [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(v.dtype), None) for t, v in feeds.items()],
-            [onnx.ValueInfoProto(name=name)], [self.inits[t] for t in sorted(inits)],
+            [onnx.ValueInfoProto(name=name)],
         )
+        for t in sorted(inits):
+            # add + CopyFrom, not extend: protobuf serialises what extend copies, which
+            # fails for a tensor over 2 GB
+            g.initializer.add().CopyFrom(self.inits[t])
         m = helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         m.functions.extend(self.model.functions)
         return np.asarray(ReferenceEvaluator(m).run(None, feeds)[0])
@@ -358,7 +363,9 @@ class OnnxStructure:
         if self._shapes is None:
             self._shapes = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(self.model) if self.model.ByteSize() < 2**31 - 2**20 else self.model
+                # in-memory inference serialises the model: impossible over 2 GB
+                small = sum(int(np.prod(t.dims)) * 8 for t in self.graph.initializer) < 2**31 - 2**26
+                inferred = onnx.shape_inference.infer_shapes(self.model) if small else self.model
             except Exception:
                 inferred = self.model
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -402,6 +409,11 @@ class OnnxStructure:
 
     def label(self, i: int) -> str:
         """What a node must share with its counterpart in an isomorphic block."""
+        if i not in self._labels:
+            self._labels[i] = self._label(i)
+        return self._labels[i]
+
+    def _label(self, i: int) -> str:
         n = self.nodes[i]
         parts = [n.domain, n.op_type]
         for a in sorted(n.attribute, key=lambda a: a.name):
@@ -415,7 +427,9 @@ class OnnxStructure:
             if t and t in self.const:
                 parts.append(f"c{s}:{self._const_shape(t)}")
         if i in self.weighted:
-            parts.append(f"w{tuple(self.canonical_weight(i).shape)}")
+            w = self.weighted[i]
+            shape = self.value(n.input[w.weight_slot]).shape
+            parts.append(f"w{shape if w.op == CONV or w.out_axis == 0 else shape[::-1]}")
         return "|".join(parts)
 
     def _const_shape(self, t: str) -> str:

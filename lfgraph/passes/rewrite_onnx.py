@@ -84,10 +84,12 @@ def apply_plan(model: onnx.ModelProto, graph: LayerGraph, plan: FusionPlan) -> P
     plan.check_applies_to(graph.fingerprint())
     st = analyze_onnx(model)
     _check_same_graph(st, graph)
-    editor = _Editor(model)
     log = RewriteLog()
     if not plan.fusions:
-        return PassResult(editor.finish(), modified=False, log=log)
+        unchanged = onnx.ModelProto()
+        unchanged.CopyFrom(model)
+        return PassResult(unchanged, modified=False, log=log)
+    editor = _Editor(model)
     if plan.mode == "tie":
         _tie(st, editor, graph, plan.fusions, log)
     else:
@@ -359,7 +361,9 @@ class _Editor:
         self.created.add(name)
         if name != wanted:
             self.wanted[name] = wanted
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # add + CopyFrom, not append: protobuf serialises what append copies, which fails
+        # for a tensor over 2 GB
+        self.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
         if self.model.ir_version < 4:
             # before IR 4 every initializer must also be a graph input
             self.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
@@ -406,10 +410,10 @@ class _Editor:
         used = {o.name for o in g.output}
         for n in nodes:
             used |= {x for x in n.input if x} | _outer_names(n)
-        inits = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(inits)
-        init_names = {t.name for t in inits}
+        for k in reversed(range(len(g.initializer))):
+            if g.initializer[k].name not in used:
+                del g.initializer[k]  # deleted in place: rebuilding the list would re-serialise each tensor
+        init_names = {t.name for t in g.initializer}
         inputs = [i for i in g.input if i.name in self.real_inputs or i.name in init_names]
         del g.input[:]
         g.input.extend(inputs)
@@ -607,16 +611,21 @@ def verify_against(
     hidden: a missing output or a shape change gives ``inf``.
     """
     feed = dict(inputs) if inputs is not None else make_inputs(original)
+    outputs, provider = [], ""
     with tempfile.TemporaryDirectory() as d:
-        a, b = _runner(original, d), _runner(rewritten, d)
-        names = [i.name for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
-        missing = [n for n in names if n not in feed]
-        if missing:
-            raise LfgraphError(f"verification needs inputs {missing} that were not given")
-        ref_out = dict(zip(a.output_names, a.run({n: feed[n] for n in names})))
-        new_names = [i.name for i in rewritten.graph.input if i.name not in {t.name for t in rewritten.graph.initializer}]
-        new_out = dict(zip(b.output_names, b.run({n: feed[n] for n in new_names})))
-    report = VerifyReport(provider=a.provider)
+        # one session at a time: each holds a copy of the weights
+        for model in (original, rewritten):
+            inits = {t.name for t in model.graph.initializer}
+            names = [i.name for i in model.graph.input if i.name not in inits]
+            missing = [n for n in names if n not in feed]
+            if missing:
+                raise LfgraphError(f"verification needs inputs {missing} that were not given")
+            runner = _runner(model, d)
+            provider = provider or runner.provider
+            outputs.append(dict(zip(runner.output_names, runner.run({n: feed[n] for n in names}))))
+            del runner
+    ref_out, new_out = outputs
+    report = VerifyReport(provider=provider)
     for name, want in ref_out.items():
         got = new_out.get(name)
         want = np.asarray(want)

@@ -420,3 +420,77 @@ def test_make_inputs_respects_embedding_tables(graphs):
     feed = make_inputs(m)
     assert feed["input_ids"].dtype == np.int64 and feed["input_ids"].max() < 128
     assert verify_against(m, m, feed).max_abs == 0.0
+
+
+def _two_layer_model(alpha: float) -> onnx.ModelProto:
+    """``x → MatMul(W) → Tanh → Gemm(alpha · x·W, transB=0)`` with one ``(in, out)`` weight
+    used twice: MatMul and Gemm consume the same layout, the Gemm scales it."""
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "net.0.weight"], ["h"], name="net.0"),
+        helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+        helper.make_node("Gemm", ["t", "net.1.weight"], ["y"], name="net.1", alpha=alpha),
+    ]
+    inits = [numpy_helper.from_array(w, "net.0.weight"), numpy_helper.from_array(w / np.float32(alpha), "net.1.weight")]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_tie_across_layouts_and_gemm_alpha_is_exact():
+    m = _two_layer_model(alpha=0.5)
+    g = build_layer_graph(m)
+    np.testing.assert_array_equal(g.node("net.0").weight, g.node("net.1").weight)  # alpha folded in
+    r = apply_plan(m, g, _plan("tie", [Fusion("net.0", ["net.1"], unit="layer", align=False)]))
+    assert verify_against(m, r.model, {"x": X}).max_abs == 0.0
+    assert len(r.model.graph.initializer) == 1
+    gemm = next(n for n in r.model.graph.node if n.op_type == "Gemm")
+    assert onnx.helper.get_attribute_value(next(a for a in gemm.attribute if a.name == "alpha")) == 1.0
+
+
+def test_tie_of_transposed_layouts_shares_through_one_transpose():
+    m = _two_layer_model(alpha=1.0)
+    gemm = m.graph.node[2]
+    gemm.attribute.append(onnx.helper.make_attribute("transB", 1))  # Gemm now reads W as (out, in)
+    w = numpy_helper.to_array(m.graph.initializer[1])
+    m.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), "net.1.weight"))
+    g = build_layer_graph(m)
+    r = apply_plan(m, g, _plan("tie", [Fusion("net.0", ["net.1"], unit="layer", align=False)]))
+    assert verify_against(m, r.model, {"x": X}).max_abs == 0.0
+    assert len(r.model.graph.initializer) == 1
+    assert [n.op_type for n in r.model.graph.node].count("Transpose") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LFGRAPH_BIG_TESTS"), reason="needs ~12 GB of memory, 5 GB of disk, 2 minutes: set LFGRAPH_BIG_TESTS=1")
+def test_model_over_the_protobuf_limit(tmp_path):
+    """A 2.15 GB embedding table before a residual MLP: loaded from external data, analysed,
+    merged, checked, saved (with external data, by itself) and run, never serialised whole."""
+    from onnx import TensorProto, helper
+
+    rows, d = 8_400_000, 64  # 2.15 GB, just over 2**31 bytes
+    big = residual_mlp(ORT_OPSET, d=d, hidden=32)
+    g = big.graph
+    g.node.insert(0, helper.make_node("Gather", ["embed.weight", "ids"], ["x"], name="embed"))
+    del g.input[:]
+    g.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, [2]))
+    # filled in place: protobuf cannot copy a tensor over 2 GB into a list
+    table = g.initializer.add()
+    table.name, table.data_type = "embed.weight", TensorProto.FLOAT
+    table.dims.extend([rows, d])
+    table.raw_data = bytes(rows * d * 4)
+    src = tmp_path / "big.onnx"
+    assert len(save_onnx(big, src)) == 2  # over the limit: a .data file by itself
+    del big, g, table
+    m = load_onnx(src)
+    graph = build_layer_graph(m)
+    assert [b.name for b in graph.blocks] == ["layers.0", "layers.1", "layers.2"]
+    r = apply_plan(m, graph, _merge("layers.0", ["layers.1"]))
+    report = verify_against(m, r.model, {"ids": np.array([1, rows - 1], dtype=np.int64)})
+    assert np.isfinite(report.max_abs)
+    out = tmp_path / "merged.onnx"
+    assert save_onnx(r.model, out) == [out, tmp_path / "merged.onnx.data"]
+    del m, r
+    assert len(build_layer_graph(load_onnx(out)).blocks) == 2
