@@ -127,7 +127,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import plot_analysis
 
-        plot_analysis(analysis, args.plot)
+        plot_analysis(analysis, args.plot, graph=graph)
         print(f"\nwrote {args.plot}")
     return 0
 
@@ -218,7 +218,7 @@ def _compress_onnx(args: argparse.Namespace) -> int:
     else:
         plan = _make_plan(args)
     report = compress_onnx(args.model, args.output, plan, log_path=args.log)
-    print(report)
+    print(report.table())
     return 0
 
 

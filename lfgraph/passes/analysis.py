@@ -113,10 +113,20 @@ def analyze(
             "nothing can be fused (layer fusion needs repeated layers, e.g. a stack of blocks)"
         )
     results: dict[str, GroupAnalysis] = {}
-    for key, members in groups.items():
-        pairs = [(i, i + 1) for i in range(len(members) - 1)] if scope == "adjacent" else None
-        d = pairwise_distances(m, [n.matrix for n in members], pairs=pairs, progress=progress)
-        results[key] = GroupAnalysis(key=key, names=[n.name for n in members], family=members[0].family, distances=d)
+
+    def n_pairs(k: int) -> int:
+        return k - 1 if scope == "adjacent" else k * (k - 1) // 2
+
+    from tqdm import tqdm
+
+    # one bar over every pair of every group: per-group bars flood the terminal
+    with tqdm(total=sum(n_pairs(len(v)) for v in groups.values()), desc=f"analysis ({m.name})", unit="pair",
+              disable=not progress, leave=False) as bar:
+        for key, members in groups.items():
+            pairs = [(i, i + 1) for i in range(len(members) - 1)] if scope == "adjacent" else None
+            d = pairwise_distances(m, [n.matrix for n in members], pairs=pairs)
+            results[key] = GroupAnalysis(key=key, names=[n.name for n in members], family=members[0].family, distances=d)
+            bar.update(n_pairs(len(members)))
     analysis = Analysis(metric=m.name, groups=results)
     _aggregate_blocks(graph, analysis)
     return analysis
