@@ -544,7 +544,7 @@ def _build_activation_graph(st: OnnxStructure) -> None:
 def _find_weighted(st: OnnxStructure) -> None:
     for i in (x for x in st.act.nodes if isinstance(x, int)):
         n = st.nodes[i]
-        if n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+        if n.domain not in ("", "ai.onnx") or n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
             continue
         x, w = n.input[0], n.input[1]
         if x in st.const or w not in st.const:

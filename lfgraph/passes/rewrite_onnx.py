@@ -516,19 +516,15 @@ def check_model(model: onnx.ModelProto) -> None:
 
 
 def _save_external(model: onnx.ModelProto, path: Path, location: str) -> None:
-    """Save with large tensors in ``path.parent / location``; ``model`` is left as it was."""
-    tensors = list(_all_tensors(model))
-    had_location = [t.HasField("data_location") for t in tensors]
-    try:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=1024)
-    finally:
-        # save_model moved the tensor bytes out of the in-memory model: read them back
-        # (cheaper than saving a copy of a model that may hold gigabytes)
-        if (path.parent / location).exists():
-            onnx.load_external_data_for_model(model, str(path.parent))
-        for t, had in zip(tensors, had_location):
-            if not had and t.data_location == onnx.TensorProto.DEFAULT:
-                t.ClearField("data_location")
+    """Save with large tensors in ``path.parent / location``; ``model`` is left as it was.
+
+    ``onnx.save_model`` moves tensor bytes out of the model it saves, so it saves a copy:
+    the copy's memory goes when it does, whereas bytes cleared from and read back into the
+    caller's model would stay allocated in its protobuf arena.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=1024)
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
