@@ -84,11 +84,11 @@ def _train(
     was_training = model.training
     if teacher is not None:
         teacher.eval()
+    bar = None
     try:
         if steps > 0 and params:
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
             model.train()
-            bar = None
             if progress:
                 from tqdm import tqdm
 
@@ -106,9 +106,9 @@ def _train(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if bar is not None:
-                bar.close()
     finally:
+        if bar is not None:
+            bar.close()
         handle.finalize()
         for p in paused:
             p.requires_grad_(True)
