@@ -11,7 +11,7 @@ from torch import nn
 
 from lfgraph.errors import LfgraphError
 from lfgraph.retrain import FUSION_MODES, iterative_compress, retrain
-from lfgraph.retrain.fusion_modes import install_fusion, unique_parameter_count
+from lfgraph.retrain.fusion_modes import unique_parameter_count
 from lfgraph.retrain.objectives import Objective, distillation_loss, make_objective, task_loss
 from lfgraph.zoo import MLP
 
