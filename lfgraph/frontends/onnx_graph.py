@@ -288,6 +288,7 @@ class OnnxStructure:
         self.blocks: list[BlockInfo] = []
         self.layer_names: dict[int, str] = {}
         self.roles: dict[int, str] = {}
+        self.module_named: set[int] = set()
         self._values: dict[str, np.ndarray] = {}
         self._dtypes = _declared_types(model)
         self._shapes: dict[str, list[int | None]] | None = None
@@ -833,13 +834,13 @@ def _name_layers(st: OnnxStructure) -> None:
     for i in sorted(st.weighted):
         n = st.nodes[i]
         src = sources[i]
-        choices = []
-        if src and src.endswith(".weight") and uses[src] == 1:
-            choices.append(src[: -len(".weight")])
-        choices += [_torch_scope(n), _legacy_scope(n), n.name, src if src and uses[src] == 1 else None, st.keys[i]]
-        name = next((c for c in choices if c and c not in used), f"{st.keys[i]}@{i}")
+        module_paths = [src[: -len(".weight")] if src and src.endswith(".weight") and uses[src] == 1 else None, _torch_scope(n), _legacy_scope(n)]
+        others = [n.name, src if src and uses[src] == 1 else None, st.keys[i]]
+        name = next((c for c in module_paths + others if c and c not in used), f"{st.keys[i]}@{i}")
         used.add(name)
         st.layer_names[i] = name
+        if name in module_paths:
+            st.module_named.add(i)
 
 
 def _size_of(st: OnnxStructure, t: str) -> int:
@@ -1013,11 +1014,23 @@ def build_layer_graph(model: onnx.ModelProto, model_name: str = "", structure: O
         kind = "|".join(sorted(f"{roles[i]}:{by_index[i].weight.shape}" for i in b.members)) + f"|{b.skip}|{b.hash[:12]}"
         hidden = [_public_space(st, b, s, roles) for s in b.spaces]
         blocks.append(Block(index=bi, name=b.name, members=[st.layer_names[i] for i in b.members], skip=b.skip, kind=kind, hidden=hidden))
-    for n in nodes:
+    for i, n in by_index.items():
         if n.block is None:
-            # as in the PyTorch frontend: indices wildcarded so that net.0 and net.2 share a role
-            n.role = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", n.name)
+            n.role = outside_role(st, i)
     return LayerGraph(nodes=nodes, blocks=blocks, source="onnx", model_name=model_name or st.graph.name, total_params=_parameter_count(st))
+
+
+def outside_role(st: OnnxStructure, i: int) -> str:
+    """Role of a layer outside blocks.
+
+    A module path (from a PyTorch exporter) gets the PyTorch frontend's role: the path with
+    numeric components wildcarded (``features.3`` → ``features.*``). Any other name says
+    nothing about what the layer does, so the role is the op kind alone: layers of one op,
+    weight shape and attributes are then compatible, as in a plain stack.
+    """
+    if i in st.module_named:
+        return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", st.layer_names[i])
+    return st.nodes[i].op_type.lower()
 
 
 def block_roles(st: OnnxStructure) -> dict[int, str]:

@@ -97,6 +97,23 @@ def apply_plan(model: onnx.ModelProto, graph: LayerGraph, plan: FusionPlan) -> P
     return PassResult(editor.finish(), modified=True, log=log)
 
 
+def exact_expected(graph: LayerGraph, plan: FusionPlan) -> bool:
+    """Whether ``plan`` must leave the model's outputs bit-identical: a ``tie`` whose fused
+    layers already hold identical weights (and biases). ``compress`` then requires
+    ``verify_against(...).max_abs == 0``; otherwise it reports the error it measures."""
+    if plan.mode != "tie" or not plan.fusions:
+        return plan.mode == "tie"
+    for f in _layer_fusions(graph, plan.fusions):
+        nodes = [graph.node(n) for n in [f.keep, *f.absorb]]
+        first = nodes[0]
+        for n in nodes[1:]:
+            if n.weight.shape != first.weight.shape or not np.array_equal(n.weight, first.weight):
+                return False
+            if (n.bias is None) != (first.bias is None) or (n.bias is not None and not np.array_equal(n.bias, first.bias)):
+                return False
+    return True
+
+
 def _check_same_graph(st: OnnxStructure, graph: LayerGraph) -> None:
     for node in graph.nodes:
         i = st.key_index.get(node.ref)

@@ -213,6 +213,19 @@ def test_foreign_exporter_resnet50():
     check_fusable(g, "merge")
 
 
+def test_foreign_plain_stack_groups_by_op_and_shape():
+    """SqueezeNet's fire modules join branches with Concat: no residual blocks, but its
+    anonymous convolutions of one shape and stride form groups (op kind, shape, attributes)."""
+    g = build_layer_graph(load_onnx(LIGHT / "light_squeezenet.onnx"))
+    assert not g.blocks
+    groups = g.groups()
+    assert groups and all(k.startswith("conv:conv:") for k in groups)
+    assert all(len({n.attrs["stride"] for n in members}) == 1 for members in groups.values())
+    check_fusable(g, "tie")
+    with pytest.raises(LfgraphError, match="no residual blocks"):
+        check_fusable(g, "merge")
+
+
 # --------------------------------------------------------------------------------------
 # bad input: one clear LfgraphError, the file untouched
 

@@ -24,7 +24,7 @@ from lfgraph.errors import LfgraphError
 from lfgraph.frontends.onnx_graph import analyze_onnx, build_layer_graph, load_onnx
 from lfgraph.models import CausalLMLogits, EncoderHidden
 from lfgraph.passes import rewrite_onnx
-from lfgraph.passes.rewrite_onnx import apply_plan, make_inputs, permute_hidden_units, save_onnx, verify_against
+from lfgraph.passes.rewrite_onnx import apply_plan, exact_expected, make_inputs, permute_hidden_units, save_onnx, verify_against
 from lfgraph.plan import Fusion, FusionPlan
 
 # tests/ is on sys.path through its conftest.py (pytest's default "prepend" import mode)
@@ -92,6 +92,7 @@ def test_tie_of_identical_weights_is_exact(opset, weights):
     assert len({n.input[1] for n in matmuls}) == 2  # one shared initializer per tied role
     assert not _unused_initializers(r.model)
     assert not [n for n in r.model.graph.node if n.op_type in ("Transpose", "Constant")]  # orphans gone
+    assert exact_expected(g, _tie_all())
     saved = sum(g.node(a).num_params for f in _tie_all().fusions for a in f.absorb)
     assert build_layer_graph(r.model).total_params == g.total_params - saved
     assert r.log.count("tie") == 4
@@ -99,6 +100,7 @@ def test_tie_of_identical_weights_is_exact(opset, weights):
 
 def test_tie_of_different_weights_reports_the_error():
     m = residual_mlp(ORT_OPSET)
+    assert not exact_expected(build_layer_graph(m), _tie_all())
     r = apply_plan(m, build_layer_graph(m), _tie_all())
     report = verify_against(m, r.model, {"x": X})
     assert np.isfinite(report.max_abs) and report.max_abs > 1e-3
