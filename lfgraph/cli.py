@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LfgraphError as e:
         print(f"lfgraph: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("lfgraph: interrupted; no output file was written", file=sys.stderr)
         return 130

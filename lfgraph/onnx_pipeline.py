@@ -20,6 +20,7 @@ from .export import VerifyReport, ort_session
 from .fileio import write_text_atomic
 from .frontends.onnx_graph import build_layer_graph, load_onnx
 from .plan import FusionPlan
+from .report import before_after_table, megabytes, ratio
 
 
 @dataclass
@@ -34,24 +35,19 @@ class OnnxCompressReport:
     verify: VerifyReport
 
     def table(self) -> str:
-        def row(name: str, before: str, after: str, ratio: str = "") -> str:
-            return f"  {name:<22}{before:>16}{after:>16}{ratio:>10}"
-
-        def r(a: float, b: float) -> str:
-            return f"{b / a:.3f}x" if a else ""
-
         v = self.verify
-        lines = [
-            f"lfgraph compress {self.source.name}: mode {self.plan.mode}, fuse {self.plan.fuse} (ONNX path)",
-            row("", "before", "after", "ratio"),
-            row("blocks", str(self.blocks[0]), str(self.blocks[1]), r(*self.blocks)),
-            row("parameters (unique)", f"{self.params[0]:,}", f"{self.params[1]:,}", r(*self.params)),
-            row("ONNX file", f"{self.file_bytes[0] / 1e6:.1f} MB", f"{self.file_bytes[1] / 1e6:.1f} MB", r(*self.file_bytes)),
-            row("ORT latency", f"{self.latency_ms[0]:.1f} ms", f"{self.latency_ms[1]:.1f} ms", r(*self.latency_ms)),
-            row("max error vs input", "", f"{v.max_rel:.2e} rel", ""),
-            f"  outputs compared with the input graph on {v.provider}"
-            + (" (bit-identical)" if v.max_abs == 0.0 else " (the fusion changes the function; error reported above)"),
+        rows = [
+            ("blocks", str(self.blocks[0]), str(self.blocks[1]), ratio(*self.blocks)),
+            ("parameters (unique)", f"{self.params[0]:,}", f"{self.params[1]:,}", ratio(*self.params)),
+            ("ONNX file", megabytes(self.file_bytes[0]), megabytes(self.file_bytes[1]), ratio(*self.file_bytes)),
+            ("ORT latency", f"{self.latency_ms[0]:.1f} ms", f"{self.latency_ms[1]:.1f} ms", ratio(*self.latency_ms)),
+            ("max error vs input", "", f"{v.max_rel:.2e} rel", ""),
         ]
+        lines = before_after_table(f"lfgraph compress {self.source.name}: mode {self.plan.mode}, fuse {self.plan.fuse} (ONNX path)", rows)
+        lines.append(
+            f"  outputs compared with the input graph on {v.provider}"
+            + (" (bit-identical)" if v.max_abs == 0.0 else " (the fusion changes the function; error reported above)")
+        )
         lines.extend(v.lines())
         lines.append(f"  written: {self.out}")
         return "\n".join(lines)

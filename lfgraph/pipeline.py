@@ -30,6 +30,7 @@ from .passes.base import PassResult
 from .passes.planner import make_plan
 from .passes.rewrite_torch import apply_plan, unique_parameter_count
 from .plan import FusionPlan
+from .report import before_after_table, megabytes, ratio
 
 #: Selection criteria beside the weight-similarity planner (``similarity``).
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
@@ -190,28 +191,20 @@ class CompressReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
-        def row(name: str, before: str, after: str, ratio: str = "") -> str:
-            return f"  {name:<22}{before:>16}{after:>16}{ratio:>10}"
-
-        def r(a: float, b: float) -> str:
-            return f"{b / a:.3f}x" if a else ""
-
-        lines = [f"lfgraph compress {self.model}: {self.recipe}", row("", "before", "after", "ratio"),
-                 row("blocks", str(self.blocks[0]), str(self.blocks[1]), r(*self.blocks)),
-                 row("parameters (unique)", f"{self.params[0]:,}", f"{self.params[1]:,}", r(*self.params)),
-                 row("ONNX file", _mb(self.file_bytes[0]), _mb(self.file_bytes[1]), r(*self.file_bytes)),
-                 row("ORT latency", f"{self.latency_ms[0]:.1f} ms", f"{self.latency_ms[1]:.1f} ms", r(*self.latency_ms)),
-                 row("max error vs torch", "", f"{self.verify.max_rel:.2e} rel", "")]
+        rows = [
+            ("blocks", str(self.blocks[0]), str(self.blocks[1]), ratio(*self.blocks)),
+            ("parameters (unique)", f"{self.params[0]:,}", f"{self.params[1]:,}", ratio(*self.params)),
+            ("ONNX file", megabytes(self.file_bytes[0]), megabytes(self.file_bytes[1]), ratio(*self.file_bytes)),
+            ("ORT latency", f"{self.latency_ms[0]:.1f} ms", f"{self.latency_ms[1]:.1f} ms", ratio(*self.latency_ms)),
+            ("max error vs torch", "", f"{self.verify.max_rel:.2e} rel", ""),
+        ]
         if self.perplexity:
-            lines.append(row("held-out perplexity", f"{self.perplexity[0]:.2f}", f"{self.perplexity[1]:.2f}", r(*self.perplexity)))
+            rows.append(("held-out perplexity", f"{self.perplexity[0]:.2f}", f"{self.perplexity[1]:.2f}", ratio(*self.perplexity)))
+        lines = before_after_table(f"lfgraph compress {self.model}: {self.recipe}", rows)
         lines.append(f"  verification on {self.verify.provider}: {'✓ passed' if self.verify.ok else '✗ FAILED'}")
         lines.extend(self.verify.lines())
         lines.append(f"  written: {self.out}  ({self.seconds:.0f} s)")
         return "\n".join(lines)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def compress(

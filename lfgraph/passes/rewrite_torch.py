@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ..errors import LfgraphError
@@ -30,6 +29,7 @@ from ..graph import Block, HiddenSpace, LayerGraph
 from ..plan import FusionPlan
 from .base import PassResult, RewriteLog
 from .block_stack import remove_blocks
+from .metrics import row_assignment
 
 
 class RewriteCheckError(LfgraphError):
@@ -163,12 +163,7 @@ def hidden_unit_permutation(keep: dict[str, torch.Tensor], other: dict[str, torc
     columns, normalisation parameters); the matching minimises the summed squared distance
     (optimal assignment), so averaging afterwards combines like with like.
     """
-    a, b = _features(keep, space), _features(other, space)
-    cost = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(space.size, dtype=np.int64)
-    perm[rows] = cols
-    return perm
+    return row_assignment(_features(keep, space), _features(other, space))
 
 
 def permute_hidden_units(tensors: dict[str, torch.Tensor], space: HiddenSpace, perm: np.ndarray) -> None:

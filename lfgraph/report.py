@@ -1,0 +1,22 @@
+"""The before/after table that ``lfgraph compress`` ends with (PyTorch and ONNX paths)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def ratio(before: float, after: float) -> str:
+    return f"{after / before:.3f}x" if before else ""
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def before_after_table(title: str, rows: Sequence[tuple[str, str, str, str]]) -> list[str]:
+    """``title`` then one aligned line per (name, before, after, ratio) row."""
+
+    def line(name: str, before: str, after: str, r: str) -> str:
+        return f"  {name:<22}{before:>16}{after:>16}{r:>10}"
+
+    return [title, line("", "before", "after", "ratio")] + [line(*row) for row in rows]
