@@ -15,12 +15,16 @@ Weighted layers
 
 Names (so that a model exported from PyTorch gets the names the PyTorch frontend gives)
     A layer is named by its weight initializer minus ``.weight`` when it has that form
-    (what ``torch.onnx.export`` keeps), else by the module path the PyTorch exporter
-    records in the node's ``pkg.torch.onnx.name_scopes`` metadata (the dynamo exporter
-    folds transposed weights into anonymous ``val_N`` initializers), else by the node
-    name, else by the weight tensor's name. ``LayerNode.ref`` is the node's *key*: its
-    name when unique and non-empty, else ``"{op_type}#{index}"`` (see :func:`node_keys`);
-    rewrite passes find the node again with the same function.
+    (what ``torch.onnx.export`` keeps), else by the module path a PyTorch exporter wrote
+    down (the dynamo exporter's ``pkg.torch.onnx.name_scopes`` node metadata: it folds
+    transposed weights into anonymous ``val_N`` initializers; the TorchScript exporter's
+    ``/blocks/blocks.0/conv1/Conv`` node names: it renames folded weights
+    ``onnx::Conv_N``), else by the node name, else by the weight tensor's name.
+    ``LayerNode.ref`` is the node's *key*: its name when unique and non-empty, else
+    ``"{op_type}#{index}"`` (see :func:`node_keys`); rewrite passes find the node again
+    with the same function. Outside blocks a module-path layer's role is its path with
+    numeric components wildcarded (as in the PyTorch frontend); any other layer's role is
+    its op kind, so that layers of one op, weight shape and attributes are compatible.
 
 Blocks (found from structure, never from names)
     A *residual unit* is an ``Add``/``Sum`` of two activations where one input is the
@@ -121,7 +125,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     except Exception as e:
         reason = " ".join(str(e).split())
         raise LfgraphError(f"{p} fails onnx.checker: {reason[:300]}") from None
-    if any(uses_external_data(t) for t in _all_tensors(model)):
+    if any(uses_external_data(t) for t in all_tensors(model)):
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
         except Exception as e:
@@ -129,7 +133,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every tensor stored in the model: initializers and tensor attributes, subgraphs included."""
     yield from model.graph.initializer
     for node in _all_nodes(model.graph):
@@ -158,7 +162,7 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if not uses_external_data(tensor):
             continue
         info = ExternalDataInfo(tensor)
@@ -509,7 +513,7 @@ def _find_constants(st: OnnxStructure) -> None:
                     st.const_producer[o] = j
 
 
-def _outer_names(node: onnx.NodeProto) -> set[str]:
+def outer_names(node: onnx.NodeProto) -> set[str]:
     """Tensors a node's subgraphs read from the enclosing scope (implicit inputs)."""
     used: set[str] = set()
     defined: set[str] = set()
@@ -519,7 +523,7 @@ def _outer_names(node: onnx.NodeProto) -> set[str]:
             defined |= {i.name for i in g.input} | {t.name for t in g.initializer}
             for n in g.node:
                 used |= {x for x in n.input if x}
-                used |= _outer_names(n)
+                used |= outer_names(n)
                 defined |= {o for o in n.output if o}
     return used - defined
 
@@ -531,7 +535,7 @@ def _build_activation_graph(st: OnnxStructure) -> None:
         if all(o in st.const for o in n.output if o) and any(n.output):
             continue
         st.act.add_node(i)
-        slots = [(s, t) for s, t in enumerate(n.input) if t] + [(-1, t) for t in sorted(_outer_names(n))]
+        slots = [(s, t) for s, t in enumerate(n.input) if t] + [(-1, t) for t in sorted(outer_names(n))]
         for s, t in slots:
             if t in st.const or t not in st.producer:
                 continue
@@ -746,8 +750,6 @@ def _link_units(st: OnnxStructure, units: list[ResidualUnit]) -> None:
             ops = tails.most_common(1)[0][0]
             if tuple(st.nodes[j].op_type for j in u.walk[: len(ops)]) == ops:
                 u.tail = u.walk[: len(ops)]
-    for u in units:
-        taken |= set(u.tail)
 
 
 def _wl_hash(st: OnnxStructure, nodes: set[int]) -> str:

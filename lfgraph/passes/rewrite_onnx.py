@@ -49,10 +49,10 @@ from ..frontends.onnx_graph import (
     BlockInfo,
     OnnxStructure,
     PermSpace,
-    _all_tensors,
-    _outer_names,
+    all_tensors,
     analyze_onnx,
     match_blocks,
+    outer_names,
 )
 from ..graph import LayerGraph
 from ..plan import Fusion, FusionPlan
@@ -426,7 +426,7 @@ class _Editor:
         g.node.extend(nodes)
         used = {o.name for o in g.output}
         for n in nodes:
-            used |= {x for x in n.input if x} | _outer_names(n)
+            used |= {x for x in n.input if x} | outer_names(n)
         for k in reversed(range(len(g.initializer))):
             if g.initializer[k].name not in used:
                 del g.initializer[k]  # deleted in place: rebuilding the list would re-serialise each tensor
@@ -501,7 +501,7 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Nod
     for n in reversed(nodes):
         if any(o in needed for o in n.output if o):
             live.append(n)
-            needed |= {x for x in n.input if x} | _outer_names(n)
+            needed |= {x for x in n.input if x} | outer_names(n)
     return live[::-1]
 
 
@@ -511,7 +511,7 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Nod
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
     total = 0
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         n = int(np.prod(t.dims)) if t.dims else 1
         total += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize if t.data_type else 0
     return total
