@@ -1100,7 +1100,8 @@ def _parameter_count(st: OnnxStructure) -> int:
     """Elements of the floating-point constants the compute nodes read, each stored tensor
     counted once (a transposed or cast weight counts as its source initializer), without
     BatchNorm running statistics (buffers, not parameters, as ``nn.Module.parameters``
-    counts them). Other buffers an exporter stores (rotary tables) are counted."""
+    counts them) and without scalars. Other buffers an exporter stores as constants
+    (rotary tables) are counted: the graph cannot tell them from parameters."""
     stats = {n.input[s] for n in st.nodes if n.op_type == "BatchNormalization" for s in (3, 4) if len(n.input) > s}
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
     counted: set[str] = set()
@@ -1111,9 +1112,10 @@ def _parameter_count(st: OnnxStructure) -> int:
                 continue
             sources = [s for s in st.const_sources(t) if _is_float_const(st, s, floats)]
             for name in sources or ([t] if _is_float_const(st, t, floats) else []):
-                if name not in counted:
+                size = _size_of(st, name)
+                if name not in counted and size > 1:  # scalars (eps, scales) are no parameters
                     counted.add(name)
-                    total += max(_size_of(st, name), 0)
+                    total += size
     return total
 
 

@@ -344,8 +344,8 @@ def test_exported_models_rewrite_and_run(exported, graphs, key):
 
 
 @pytest.mark.parametrize("key", ["cnn", "llama"])
-@pytest.mark.parametrize("mode,fuse", [("merge", "mean"), ("merge", "remove"), ("tie", "mean")])
-def test_round_trip_matches_the_pytorch_path(exported, graphs, torch_graphs, key, mode, fuse):
+@pytest.mark.parametrize("mode,fuse,kind", [("merge", "mean", "blocks"), ("merge", "remove", "blocks"), ("tie", "mean", "blocks"), ("tie", "mean", "params")])
+def test_round_trip_matches_the_pytorch_path(exported, graphs, torch_graphs, key, mode, fuse, kind):
     """Item 4: exported from PyTorch and compressed as ONNX = compressed in PyTorch."""
     rewrite_torch = pytest.importorskip("lfgraph.passes.rewrite_torch", reason="the PyTorch rewrite is not available")
     planner = pytest.importorskip("lfgraph.passes.planner", reason="the planner is not available")
@@ -353,8 +353,10 @@ def test_round_trip_matches_the_pytorch_path(exported, graphs, torch_graphs, key
     m, go = graphs[key]
     gt = torch_graphs(key)
     assert go.fingerprint() == gt.fingerprint()
-    po = planner.make_plan(go, metric="bures", target=0.34, mode=mode, fuse=fuse)
-    pt = planner.make_plan(gt, metric="bures", target=0.34, mode=mode, fuse=fuse)
+    # a parameter target reads total_params: the ONNX count adds buffers the exporter stored
+    # as constants (Llama's 8 rotary frequencies), too few to move this target
+    po = planner.make_plan(go, metric="bures", target=0.34, target_kind=kind, mode=mode, fuse=fuse)
+    pt = planner.make_plan(gt, metric="bures", target=0.34, target_kind=kind, mode=mode, fuse=fuse)
     assert po.fusions == pt.fusions
     torch_out = rewrite_torch.apply_plan(module, gt, pt).model
     with torch.no_grad():
