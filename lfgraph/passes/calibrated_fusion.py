@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -46,7 +46,7 @@ from .block_stack import remove_blocks, split_block_name
 PASS_NAME = "calibrated_fusion"
 
 #: Ridge strengths tried, relative to ``trace(G) / dim`` of the Gram matrix being fitted.
-DEFAULT_LAMBDAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+DEFAULT_LAMBDAS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
 #: Module names (inside a block) of the MLP's output projection, in the order tried.
 MLP_OUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "feed_forward.w2", "mlp.dense_4h_to_h")
 #: Module names (inside a block) of the attention output projection, in the order tried.
@@ -223,7 +223,7 @@ class _RunSpec:
     names: list[str]
     index: list[int]
     keep: int | None  # index into the container, None = decide ("best")
-    detail: dict[str, Any] = field(default_factory=dict)
+    repair: bool = False  # a block after a run, refitted towards the original model
 
 
 def _kind(block: nn.Module) -> str:
@@ -262,6 +262,7 @@ def calibrated_merge(
     token_weighting: str = "clip",
     clip: float = 4.0,
     target: str = "composite",
+    repair_next: int = 0,
     val_fraction: float = 0.25,
     batch_size: int = 4,
     mlp_proj: str | None = None,
@@ -289,6 +290,9 @@ def calibrated_merge(
         target: ``"composite"`` fits the run applied to the compressed model's hidden
             states; ``"original"`` fits the original model's hidden state after the run
             (also absorbing the error made below it).
+        repair_next: after each run, also refit the output projection(s) of up to this
+            many following (kept, unfused) blocks so that the hidden state after each of
+            them matches the original model's; they stay in the model.
         inplace: modify ``module`` itself; by default a deep copy is rewritten.
 
     Returns:
@@ -307,7 +311,12 @@ def calibrated_merge(
     specs = _run_specs(runs, keep)
     cpath = split_block_name(specs[0].names[0])[0]
     stack = list(model.get_submodule(cpath))
-    original = [copy.deepcopy(b) for b in stack] if target == "original" else None
+    track = target == "original" or repair_next > 0
+    original: list[nn.Module] | None = None
+    if track:
+        # the caller's blocks are the original ones unless they are rewritten in place
+        original = [copy.deepcopy(b) for b in stack] if inplace else list(module.get_submodule(cpath))
+    steps = _steps(specs, cpath, len(stack), target, repair_next)
     log = RewriteLog()
     t0 = time.perf_counter()
 
@@ -317,27 +326,28 @@ def calibrated_merge(
     for data, is_val in groups:
         for ids in batches(data, batch_size):
             x, kwargs = capture_block_input(model, stack[specs[0].index[0]], ids)
-            state.append(_Batch(ids, kwargs, x, x if target == "original" else None, bool(is_val)))
+            state.append(_Batch(ids, kwargs, x, x if track else None, bool(is_val)))
 
     pos = specs[0].index[0]
-    iterator = specs
+    iterator: Any = steps
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(specs, desc="calibrated fusion", leave=False)
-    for spec in iterator:
+        iterator = tqdm(steps, desc="calibrated fusion", leave=False)
+    for spec, use_original in iterator:
         first = spec.index[0]
         for b in state:  # bring the frontier up to this run through unchanged blocks
             b.x = _run_blocks(stack, range(pos, first), b.x, b.kwargs)
             if b.xo is not None:
                 b.xo = _run_blocks(original, range(pos, first), b.xo, b.kwargs)  # type: ignore[arg-type]
         kind = _kind(stack[first])
-        run_source = original if original is not None else stack
+        run_source = original if use_original else stack
         if kind == "conv":
-            _fit_conv_run(stack, run_source, spec, state, strengths, log, cpath)
+            _fit_conv_run(stack, run_source, spec, state, use_original, strengths, log, cpath)
         else:
             _fit_transformer_run(
-                stack, run_source, spec, state, strengths, log, cpath, fit_attention, token_weighting, clip, mlp_proj, attn_proj,
+                stack, run_source, spec, state, use_original, strengths, log, cpath, fit_attention, token_weighting, clip,
+                mlp_proj, attn_proj,
             )
         kept = stack[spec.keep]  # type: ignore[index]
         for b in state:
@@ -356,6 +366,18 @@ def calibrated_merge(
         if r.action == "refit":
             r.detail["seconds_total"] = round(time.perf_counter() - t0, 3)
     return PassResult(model, True, log)
+
+
+def _steps(specs: list[_RunSpec], cpath: str, n_blocks: int, target: str, repair_next: int) -> list[tuple[_RunSpec, bool]]:
+    """The fits in bottom-up order, each with whether it targets the original model: every
+    run, then up to ``repair_next`` unchanged blocks after it (never into the next run)."""
+    out: list[tuple[_RunSpec, bool]] = []
+    for k, spec in enumerate(specs):
+        out.append((spec, target == "original"))
+        stop = specs[k + 1].index[0] if k + 1 < len(specs) else n_blocks
+        for j in range(spec.index[-1] + 1, min(spec.index[-1] + 1 + repair_next, stop)):
+            out.append((_RunSpec([f"{cpath}.{j}"], [j], j, repair=True), True))
+    return out
 
 
 def _run_specs(runs: Sequence[Sequence[str]], keep: str | Sequence[str]) -> list[_RunSpec]:
@@ -387,8 +409,8 @@ def _run_specs(runs: Sequence[Sequence[str]], keep: str | Sequence[str]) -> list
 
 
 def _fit_transformer_run(
-    stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], strengths: Sequence[float],
-    log: RewriteLog, cpath: str, fit_attention: bool, token_weighting: str, clip: float, mlp_proj: str | None, attn_proj: str | None,
+    stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], use_original: bool,
+    strengths: Sequence[float], log: RewriteLog, cpath: str, fit_attention: bool, token_weighting: str, clip: float, mlp_proj: str | None, attn_proj: str | None,
 ) -> None:
     """Refit the kept block's attention output (optional) and MLP down projection."""
     t0 = time.perf_counter()
@@ -400,7 +422,7 @@ def _fit_transformer_run(
     attn_sum: list[torch.Tensor] = []
     attn_name = _find(stack[candidates[0]], ATTN_OUT_NAMES, "attention output projection", attn_proj)[0] if fit_attention else None
     for b in state:
-        src = b.xo if b.xo is not None else b.x
+        src = b.xo if use_original else b.x
         caps = [_Capture(run_source[i].get_submodule(attn_name)) for i in spec.index] if attn_name else []
         try:
             run_out.append(_run_blocks(run_source, spec.index, src, b.kwargs))
@@ -418,7 +440,7 @@ def _fit_transformer_run(
     if spec.keep is None:
         spec.keep = _best_keep(stack, candidates, mlp_name, state, run_out, weights, strengths)
     block = stack[spec.keep]
-    detail: dict[str, Any] = {}
+    goal = "original" if use_original else "composite"
     if attn_name:
         proj = block.get_submodule(attn_name)
         W0 = _proj_matrix(proj)
@@ -432,15 +454,19 @@ def _fit_transformer_run(
             z = _features(cap.inputs[0], W0.shape[1] != cap.inputs[0].shape[-1])
             y = attn_sum[k].reshape(-1, W0.shape[0])
             (val if b.val else fit).add(z, y, weights(k))
-        _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, attn_name, detail)
+        _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, attn_name, goal)
 
     proj = block.get_submodule(mlp_name)
     W0 = _proj_matrix(proj)
     fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0])
+    state_energy = 0.0
     for k, b in enumerate(state):
         z, y = _mlp_problem(block, proj, W0, b, run_out[k])
         (val if b.val else fit).add(z, y, weights(k))
-    _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, mlp_name, detail, seconds=time.perf_counter() - t0)
+        w = weights(k)
+        e = run_out[k].double().reshape(-1, run_out[k].shape[-1]).pow(2).sum(1)
+        state_energy += float(e.sum() if w is None else (e * w.double()).sum())
+    _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, mlp_name, goal, seconds=time.perf_counter() - t0, state_energy=state_energy)
 
 
 def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str) -> None:
@@ -500,7 +526,7 @@ def _best_keep(
 
 def _apply_fit(
     proj: nn.Module, W0: torch.Tensor, fit: RidgeStats, val: RidgeStats, strengths: Sequence[float], log: RewriteLog,
-    cpath: str, spec: _RunSpec, proj_name: str, detail: dict[str, Any], seconds: float | None = None,
+    cpath: str, spec: _RunSpec, proj_name: str, goal: str, seconds: float | None = None, state_energy: float | None = None,
 ) -> None:
     strength, losses = choose_strength(fit, val, W0, strengths)
     everything = fit + val
@@ -514,7 +540,12 @@ def _apply_fit(
         "relative_error_after": after / max(everything.S, 1e-30),
         "heldout_losses": {f"{k:g}": v for k, v in losses.items()},
         "keep": f"{cpath}.{spec.keep}",
+        "fit_target": goal,
+        "repair": spec.repair,
     }
+    if state_energy:
+        # the error left, relative to the hidden state itself (what the layers above see)
+        rec["error_vs_hidden_state"] = after / state_energy
     if seconds is not None:
         rec["seconds"] = round(seconds, 3)
     log.add(PASS_NAME, "refit", f"{cpath}.{spec.keep}.{proj_name}", spec.names, **rec)
@@ -572,8 +603,8 @@ def _conv_forward_parts(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _fit_conv_run(
-    stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], strengths: Sequence[float],
-    log: RewriteLog, cpath: str, iterations: int = 4,
+    stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], use_original: bool,
+    strengths: Sequence[float], log: RewriteLog, cpath: str, iterations: int = 4,
 ) -> None:
     """Refit the kept block's last convolution (folded with its BatchNorm) so that the kept
     block's output matches the run's output on the same input.
@@ -594,7 +625,7 @@ def _fit_conv_run(
     relu_mode: bool | None = None
     cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (patch source u, goal, skip x) per batch
     for b in state:
-        src = b.xo if b.xo is not None else b.x
+        src = b.xo if use_original else b.x
         goal = _run_blocks(run_source, spec.index, src, b.kwargs)
         u, pre, out = _conv_forward_parts(block, b.x)
         if relu_mode is None:
@@ -627,6 +658,7 @@ def _fit_conv_run(
     log.add(
         PASS_NAME, "refit", f"{cpath}.{spec.keep}.conv2", spec.names,
         strength=strength, tokens=everything.n, keep=f"{cpath}.{spec.keep}", final_relu=relu_mode,
+        fit_target="original" if use_original else "composite", repair=spec.repair,
         relative_error_before=everything.loss(W0) / max(everything.S, 1e-30),
         relative_error_after=everything.loss(W) / max(everything.S, 1e-30),
         heldout_losses={f"{k:g}": v for k, v in losses.items()}, seconds=round(time.perf_counter() - t0, 3),

@@ -164,3 +164,15 @@ def test_post_layernorm_blocks_are_refused() -> None:
         calibrated_merge(model, [run], ids, mlp_proj="output.dense")
     with pytest.raises(UnsupportedModelError, match="no MLP output projection"):
         calibrated_merge(model, [run], ids)
+
+
+def test_repair_refits_the_next_block_towards_the_original() -> None:
+    net = LinearNet(n=5).eval()
+    calib, test = torch.randn(12, 10, 5), torch.randn(4, 10, 5)
+    before = net(test)
+    out = calibrated_merge(net, [["layers.0", "layers.1"]], calib, repair_next=2, target="original", strengths=(1e-9,), token_weighting="none")
+    repairs = [r for r in out.log.records if r.action == "refit" and r.detail["repair"]]
+    assert [r.target for r in repairs] == ["layers.2.mlp.down_proj", "layers.3.mlp.down_proj"]
+    assert all(r.detail["fit_target"] == "original" for r in repairs)
+    assert len(out.model.layers) == 4
+    torch.testing.assert_close(out.model(test), before, rtol=1e-4, atol=1e-4)
