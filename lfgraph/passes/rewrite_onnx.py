@@ -39,7 +39,6 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from scipy.optimize import linear_sum_assignment
 
 from ..errors import LfgraphError
 from ..export import OutputCheck, VerifyReport
@@ -57,6 +56,7 @@ from ..frontends.onnx_graph import (
 from ..graph import LayerGraph
 from ..plan import Fusion, FusionPlan
 from .base import PassResult, RewriteLog
+from .metrics import row_assignment
 
 #: Above this many bytes of tensor data a model is saved with its tensors in a ``.data``
 #: file beside it: protobuf cannot serialise a message over 2 GB.
@@ -310,12 +310,7 @@ def hidden_unit_permutation(keep: Mapping[tuple[int, int], np.ndarray], other: M
     values under the block isomorphism). The matching minimises the summed squared
     distance between unit descriptions (optimal assignment), as in ``rewrite_torch``.
     """
-    a, b = _features(keep, space), _features(other, space)
-    cost = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(space.size, dtype=np.int64)
-    perm[rows] = cols
-    return perm
+    return row_assignment(_features(keep, space), _features(other, space))
 
 
 def permute_hidden_units(model: onnx.ModelProto, block: str, perms: list[np.ndarray] | None = None, seed: int = 0) -> onnx.ModelProto:
@@ -357,6 +352,7 @@ class _Editor:
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
         self.graph = self.model.graph
+        _fold_initializer_shapes(self.graph)
         self.removed: set[int] = set()
         self.subst: dict[str, str] = {}
         self.prologue: list[onnx.NodeProto] = []
@@ -469,6 +465,26 @@ class _Editor:
                 i.name = rename[i.name]
         for n in g.node:
             _rename(n, lambda x: rename.get(x, x))
+
+
+def _fold_initializer_shapes(g: onnx.GraphProto) -> None:
+    """Turn ``Shape(initializer)`` into a ``Constant`` in place (same index, same output).
+
+    Exporters emit such nodes for convolution shape arithmetic; left alone they keep a
+    replaced weight alive as an orphan (stored twice) just to read its shape.
+    """
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    for node in g.node:
+        if node.op_type != "Shape" or not node.input or node.input[0] not in dims:
+            continue
+        shape = dims[node.input[0]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+        value = numpy_helper.from_array(np.array(shape[slice(start, end)], dtype=np.int64))
+        node.op_type = "Constant"
+        del node.input[:]
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("value", value))
 
 
 def _tensor_names(g: onnx.GraphProto) -> set[str]:
