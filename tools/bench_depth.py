@@ -43,6 +43,7 @@ class Cell:
     select_s: float
     fuse_s: float
     runs: str
+    extra: str = ""
 
 
 def _apply_plan() -> Callable[..., Any] | None:
@@ -73,7 +74,7 @@ def fuse(model: nn.Module, graph: Any, runs: list[Run], container: str, fusion: 
 
 def run_grid(
     title: str, model: nn.Module, graph: Any, names: list[str], levels: list[int], selections: list[str], fusions: list[str],
-    select_data: torch.Tensor, sleb_data: torch.Tensor, calib: torch.Tensor, score: Callable[[nn.Module], float],
+    select_data: torch.Tensor, sleb_data: torch.Tensor, calib: torch.Tensor, score: Callable[[nn.Module], tuple[float, str]],
     metric: str, lower_is_better: bool, calib_options: dict, batch_size: int,
 ) -> dict[int, dict[tuple[str, str], Cell]]:
     """Select, fuse and score every combination; print one table per level as it completes."""
@@ -108,10 +109,10 @@ def run_grid(
             runs = similarity(model, names, None, n, graph=graph)
             selected["similarity"][n] = (runs, time.perf_counter() - t)
 
-    original = score(model)
+    original, _ = score(model)
     print(f"\n{title}: original {metric} {original:.3f}", flush=True)
     results: dict[int, dict[tuple[str, str], Cell]] = {}
-    cache: dict[tuple[str, str], tuple[float | str, float]] = {}
+    cache: dict[tuple[str, str], tuple[float | str, str, float]] = {}
     for n in levels:
         results[n] = {}
         for s in selections:
@@ -126,10 +127,11 @@ def run_grid(
                     t = time.perf_counter()
                     out = fuse(model, graph, runs, container, f, calib, calib_options)
                     fuse_s = time.perf_counter() - t
-                    cache[key] = (out if isinstance(out, str) else score(out), fuse_s)
+                    value, extra = (out, "") if isinstance(out, str) else score(out)
+                    cache[key] = (value, extra, fuse_s)
                     del out
-                value, fuse_s = cache[key]
-                results[n][(s, f)] = Cell(value, sel_s, fuse_s, desc)
+                value, extra, fuse_s = cache[key]
+                results[n][(s, f)] = Cell(value, sel_s, fuse_s, desc, extra)
         print_level(title, n, results[n], original, metric, lower_is_better, total_blocks=_stack_len(model, container))
     return results
 
@@ -143,7 +145,7 @@ def print_level(title: str, n: int, cells: dict[tuple[str, str], Cell], original
     print(f"{'selection':<16} {'fusion':<13} {metric:>9} {'select_s':>9} {'fuse_s':>8}  runs [first-last:kept]")
     for (s, f), c in cells.items():
         v = c.value if isinstance(c.value, str) else f"{c.value:.3f}"
-        print(f"{s:<16} {f:<13} {v:>9} {c.select_s:>9.1f} {c.fuse_s:>8.1f}  {c.runs}")
+        print(f"{s:<16} {f:<13} {v:>9} {c.select_s:>9.1f} {c.fuse_s:>8.1f}  {c.runs}{'  ' + c.extra if c.extra else ''}")
     numeric = {k: c.value for k, c in cells.items() if not isinstance(c.value, str)}
     if not numeric:
         return
@@ -189,7 +191,7 @@ def bench_lm(args: argparse.Namespace) -> None:
     )
     run_grid(
         "SmolLM2-135M", model, graph, names, args.levels, args.selections, args.fusions, select_data, sleb_data, calib,
-        lambda m: C.perplexity(m, held, batch_size=args.batch_size), "ppl", True, {"batch_size": args.batch_size}, args.batch_size,
+        lambda m: (C.perplexity(m, held, batch_size=args.batch_size), ""), "ppl", True, {"batch_size": args.batch_size}, args.batch_size,
     )
 
 
@@ -198,7 +200,7 @@ def bench_lm(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def synthetic_images(n: int, classes: int = 10, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_images(n: int, classes: int = 10, size: int = 16, seed: int = 0, noise: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of class-dependent smooth patterns, randomly shifted, scaled and noised."""
     g = torch.Generator().manual_seed(1234)  # the same templates for every split
     coarse = torch.randn(classes, 3, 4, 4, generator=g)
@@ -208,42 +210,53 @@ def synthetic_images(n: int, classes: int = 10, size: int = 16, seed: int = 0) -
     x = templates[y]
     shifts = torch.randint(-3, 4, (n, 2), generator=g)
     x = torch.stack([torch.roll(img, (int(a), int(b)), dims=(1, 2)) for img, (a, b) in zip(x, shifts)])
-    x = x * (0.5 + torch.rand(n, 1, 1, 1, generator=g)) + 1.0 * torch.randn(x.shape, generator=g)
+    x = x * (0.5 + torch.rand(n, 1, 1, 1, generator=g)) + noise * torch.randn(x.shape, generator=g)
     return x, y
 
 
-def train_cnn(seconds: float, seed: int = 0) -> tuple[nn.Module, float]:
+def train_cnn(steps: int, seed: int = 0) -> nn.Module:
+    """``zoo.ResNetCNN`` trained for a fixed number of Adam steps (deterministic; ~1 minute)."""
     from lfgraph.zoo import ResNetCNN
 
     torch.manual_seed(seed)
     model = ResNetCNN(stages=((16, 3), (32, 3)), num_classes=10)
     x, y = synthetic_images(6000, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    t0, steps = time.perf_counter(), 0
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
     model.train()
-    while time.perf_counter() - t0 < seconds:
-        idx = torch.randint(0, x.shape[0], (128,))
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (64,), generator=g)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        steps += 1
-    print(f"CNN trained {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-    return model.eval(), time.perf_counter() - t0
+    print(f"CNN trained {steps} steps (batch 64) in {time.perf_counter() - t0:.0f} s, last loss {float(loss.detach()):.3f}", flush=True)
+    return model.eval()
 
 
 def bench_cnn(args: argparse.Namespace) -> None:
     from lfgraph.frontends.torch_fx import build_layer_graph
 
-    model, _ = train_cnn(args.cnn_train_seconds)
+    model = train_cnn(args.cnn_train_steps)
     x_test, y_test = synthetic_images(3000, seed=2)
     x_cal, _ = synthetic_images(args.cnn_calib, seed=3)
     graph = build_layer_graph(model, (x_test[:2],), model_name="ResNetCNN")
+    with torch.no_grad():
+        reference = model(x_test).argmax(-1)
+
+    def score(m: nn.Module) -> tuple[float, str]:
+        # agreement with the original's predictions: how faithfully the compressed model
+        # reproduces it (accuracy alone can rise when an undertrained block is dropped)
+        with torch.no_grad():
+            agree = float((m(x_test).argmax(-1) == reference).float().mean())
+        return C.accuracy(m, x_test, y_test), f"agrees with original {agree:.3f}"
+
     names = [b.name for b in graph.removable_blocks()]
     print(f"ResNetCNN: removable blocks {names}; test {x_test.shape[0]} images, calibration {x_cal.shape[0]}", flush=True)
     run_grid(
         "ResNetCNN", model, graph, names, args.cnn_levels, args.selections, args.fusions, x_cal[:256], x_cal[:128], x_cal,
-        lambda m: C.accuracy(m, x_test, y_test), "accuracy", False, {"batch_size": 64}, 64,
+        score, "accuracy", False, {"batch_size": 64}, 64,
     )
 
 
@@ -262,7 +275,7 @@ def main() -> None:
     p.add_argument("--no-lm", action="store_true")
     p.add_argument("--no-cnn", action="store_true")
     p.add_argument("--cnn-levels", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--cnn-train-seconds", type=float, default=45.0)
+    p.add_argument("--cnn-train-steps", type=int, default=200)
     p.add_argument("--cnn-calib", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
