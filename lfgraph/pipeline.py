@@ -36,11 +36,13 @@ from .report import before_after_table, megabytes, ratio
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
 FUSIONS = ("remove", "mean", "aligned-mean", "calibrated")
-#: The best measured combination per model family (see README, "Depth reduction").
+#: The default (selection, fusion) per model family. Causal LMs: the best measured
+#: combination on SmolLM2-135M (README, "Depth reduction"). Encoders: BERT-style layers are
+#: post-LayerNorm, which the calibrated refit refuses, so ShortGPT-style deletion (not
+#: measured against the alternatives here). Others: the paper's rule, aligned mean.
 DEFAULT_RECIPES = {
     "causal-lm": ("block_influence", "calibrated"),
-    "encoder": ("block_influence", "calibrated"),
-    "vision": ("similarity", "calibrated"),
+    "encoder": ("block_influence", "remove"),
     "generic": ("similarity", "aligned-mean"),
 }
 
