@@ -101,13 +101,18 @@ def run_grid(
         for n in levels:
             selected["sleb"][n] = (runs_from_dropped([i for i, _ in order_sleb[:n]], allowed, dict(order_sleb[:n])), stamps[n - 1])
     if "similarity" in selections:
+        from lfgraph.passes.analysis import analyze
+
+        t = time.perf_counter()
+        analysis = analyze(graph, "bures", scope="adjacent") if graph is not None else None
+        dt = time.perf_counter() - t
         for n in levels:
             t = time.perf_counter()
             if graph is None:
                 selected["similarity"][n] = ([], 0.0)
                 continue
-            runs = similarity(model, names, None, n, graph=graph)
-            selected["similarity"][n] = (runs, time.perf_counter() - t)
+            runs = similarity(model, names, None, n, graph=graph, analysis=analysis)
+            selected["similarity"][n] = (runs, dt + time.perf_counter() - t)
 
     original, _ = score(model)
     print(f"\n{title}: original {metric} {original:.3f}", flush=True)
@@ -267,10 +272,10 @@ def main() -> None:
     p.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=FUSIONS)
     p.add_argument("--heldout-windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--calib-windows", type=int, default=32, help="windows for the calibrated fit (a quarter chooses the ridge strength)")
+    p.add_argument("--calib-windows", type=int, default=64, help="windows for the calibrated fit (a quarter chooses the ridge strength)")
     p.add_argument("--select-windows", type=int, default=8, help="calibration windows read by Block Influence and angular distance")
     p.add_argument("--sleb-windows", type=int, default=2)
-    p.add_argument("--sleb-seq-len", type=int, default=128)
+    p.add_argument("--sleb-seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-lm", action="store_true")
     p.add_argument("--no-cnn", action="store_true")

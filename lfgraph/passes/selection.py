@@ -307,18 +307,19 @@ def sleb(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_
 
 def similarity(
     module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor | None, n_drop: int, *,
-    graph: LayerGraph | None = None, metric: str = "bures", scope: str = "adjacent", **_: Any,
+    graph: LayerGraph | None = None, metric: str = "bures", scope: str = "adjacent", analysis: Any = None, **_: Any,
 ) -> list[Run]:
     """The core's weight-similarity planner (no data needed): fuse the most alike blocks by
-    ``metric`` within ``scope``. Needs the model's ``graph``; with ``scope="adjacent"`` the
-    planner's sets are runs of neighbours, each keeping its first block."""
+    ``metric`` within ``scope``. Needs the model's ``graph`` (and takes a precomputed
+    ``analysis`` of it, to plan several targets from one analysis); with
+    ``scope="adjacent"`` the planner's sets are runs of neighbours, each keeping its first block."""
     if graph is None:
         raise LfgraphError("selection 'similarity' reads weights from the layer graph: pass graph=build_layer_graph(...)")
     from .planner import make_plan
 
     _, _, idx = _stack(module, blocks)
     _check_n(n_drop, idx)
-    plan = make_plan(graph, metric=metric, target=n_drop / len(graph.blocks), target_kind="blocks", scope=scope, mode="merge", fuse="remove")
+    plan = make_plan(graph, metric=metric, target=n_drop / len(graph.blocks), target_kind="blocks", scope=scope, mode="merge", fuse="remove", analysis=analysis)
     runs = []
     for f in plan.fusions:
         members = sorted(split_block_name(n)[1] for n in [f.keep, *f.absorb])
