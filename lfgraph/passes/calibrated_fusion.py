@@ -23,7 +23,14 @@ redone on all windows. ``lam -> infinity`` gives back ``W0``.
 
 Each run is fitted on the hidden states of the model as already compressed below it, so
 later fits see (and can absorb) the error of earlier ones. The other blocks of each run are
-then deleted (:func:`~lfgraph.passes.block_stack.remove_blocks`).
+then deleted (:func:`~lfgraph.passes.block_stack.remove_blocks`). Optionally
+(``repair_next``) the blocks just above a run are refitted too, towards the original
+model's hidden states.
+
+Before fitting a transformer block, the pass checks that the block's output really is
+``rest + proj(z)`` (it shifts the projection's output and watches the block's output move
+by the same amount), so that post-LayerNorm blocks (BERT) are refused with a clear error
+instead of being fitted wrongly.
 """
 
 from __future__ import annotations
@@ -391,8 +398,8 @@ def _run_specs(runs: Sequence[Sequence[str]], keep: str | Sequence[str]) -> list
         if index != list(range(index[0], index[0] + len(index))):
             raise LfgraphError(f"run {names} is not a list of consecutive blocks in order")
         if isinstance(keep, str):
-            if keep not in ("first", "last", "best"):
-                raise LfgraphError(f"unknown keep policy {keep!r}: choose first, last, best, or give one block name per run")
+            if keep not in KEEP_POLICIES:
+                raise LfgraphError(f"unknown keep policy {keep!r}: choose {', '.join(KEEP_POLICIES)}, or give one block name per run")
             kept = {"first": index[0], "last": index[-1], "best": None}[keep]
         else:
             if len(keep) != len(runs) or keep[k] not in names:
