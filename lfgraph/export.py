@@ -284,6 +284,25 @@ def verify_onnx(
     return report
 
 
+def alternating_latency(paths: Sequence[str | os.PathLike], feed: Mapping[str, np.ndarray], runs: int = 10) -> list[tuple[float, float]]:
+    """(median, min) milliseconds of each ONNX file on ``feed``, run alternately.
+
+    Alternating the sessions run by run makes machine noise hit every model alike, so
+    the ratio of the medians is meaningful on a shared machine.
+    """
+    sessions = [ort_session(p) for p in paths]
+    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        s.run(None, f)  # warm-up
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for k, (s, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            s.run(None, f)
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return [(float(np.median(t)), float(min(t))) for t in times]
+
+
 def _median_ms(fn: Any, runs: int) -> float:
     fn()  # warm-up
     times = []

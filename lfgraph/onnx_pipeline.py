@@ -8,7 +8,6 @@ weights must match exactly, other fusions change the function and say by how muc
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import LfgraphError
-from .export import VerifyReport, ort_session
+from .export import VerifyReport, alternating_latency
 from .fileio import write_text_atomic
 from .frontends.onnx_graph import build_layer_graph, load_onnx
 from .plan import FusionPlan
@@ -62,17 +61,6 @@ def _files_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _latency_ms(path: Path, feed: dict[str, np.ndarray], runs: int = 10) -> float:
-    sess = ort_session(path)
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
-
-
 def compress_onnx(source: str | Path, out: str | Path, plan: FusionPlan, log_path: str | Path | None = None) -> OnnxCompressReport:
     """Apply ``plan`` to the ONNX file ``source`` and write the result to ``out``."""
     from .passes.rewrite_onnx import apply_plan, make_inputs, save_onnx, verify_against
@@ -100,6 +88,6 @@ def compress_onnx(source: str | Path, out: str | Path, plan: FusionPlan, log_pat
         source=source, out=out, plan=plan, blocks=(len(graph.blocks), len(graph.blocks) - removed),
         params=(_initializer_params(model), _initializer_params(result.model)),
         file_bytes=(_files_bytes(source), _files_bytes(out)),
-        latency_ms=(_latency_ms(source, feed), _latency_ms(out, feed)), verify=verify,
+        latency_ms=tuple(med for med, _ in alternating_latency([source, out], feed, runs=10)), verify=verify,
     )
 
