@@ -9,6 +9,9 @@ weighted nodes get their weights: ``"init"`` (an initializer), ``"constant"`` (a
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -184,3 +187,13 @@ def failing_checker(opset: int = ORT_OPSET) -> onnx.ModelProto:
     m = residual_mlp(opset)
     m.graph.node[0].input[0] = "nowhere"
     return m
+
+
+def export_torch(module, x, input_name: str, path: Path, **kwargs) -> Path:
+    """``torch.onnx.export`` of ``module`` on ``x`` to ``path`` (exporter options in kwargs)."""
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (x,), str(path), input_names=[input_name], output_names=["out"], verbose=False, **kwargs)
+    return path

@@ -9,7 +9,6 @@ the ResNet-50 that the onnx package ships (a foreign exporter, opset 9).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,9 @@ from lfgraph.frontends.onnx_graph import analyze_onnx, build_layer_graph, check_
 from lfgraph.models import CausalLMLogits, EncoderHidden
 
 # tests/ is on sys.path through its conftest.py (pytest's default "prepend" import mode)
-from onnx_builders import NEWEST_OPSET, ORT_OPSET, failing_checker, plain_mlp, residual_cnn, residual_mlp, single_layer, with_custom_op
+from onnx_builders import export_torch, NEWEST_OPSET, ORT_OPSET, failing_checker, plain_mlp, residual_cnn, residual_mlp, single_layer, with_custom_op
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-
-
-def _export(module: torch.nn.Module, x: torch.Tensor, input_name: str, path: Path, **kwargs) -> Path:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (x,), str(path), input_names=[input_name], output_names=["out"], verbose=False, **kwargs)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def exported(tmp_path_factory):
         "gpt2": (CausalLMLogits(zoo.tiny_gpt2()), ids, "input_ids", dict(optimize=False)),
         "bert": (EncoderHidden(zoo.tiny_bert()), ids, "input_ids", dict(dynamo=False)),
     }
-    return {k: (m, x, _export(m, x, name, d / f"{k}.onnx", **kw)) for k, (m, x, name, kw) in out.items()}
+    return {k: (m, x, export_torch(m, x, name, d / f"{k}.onnx", **kw)) for k, (m, x, name, kw) in out.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -162,7 +154,7 @@ def test_exported_cnn_with_folded_batchnorm(exported):
 def test_exported_cnn_dynamo_default(tmp_path):
     cnn = zoo.randomize_batchnorm(zoo.ResNetCNN())
     x = torch.randn(1, 3, 32, 32)
-    go = build_layer_graph(load_onnx(_export(cnn, x, "x", tmp_path / "cnn.onnx")))
+    go = build_layer_graph(load_onnx(export_torch(cnn, x, "x", tmp_path / "cnn.onnx")))
     gt = torch_fx.build_layer_graph(cnn, (x,))
     assert [n.name for n in go.nodes] == [n.name for n in gt.nodes]
     assert [(b.name, b.skip, b.members) for b in go.blocks] == [(b.name, b.skip, b.members) for b in gt.blocks]

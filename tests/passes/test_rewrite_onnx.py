@@ -9,7 +9,6 @@ export → ONNX rewrite equals PyTorch rewrite → same plan, same outputs).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from lfgraph.passes.rewrite_onnx import apply_plan, exact_expected, make_inputs,
 from lfgraph.plan import Fusion, FusionPlan
 
 # tests/ is on sys.path through its conftest.py (pytest's default "prepend" import mode)
-from onnx_builders import NEWEST_OPSET, ORT_OPSET, residual_cnn, residual_mlp
+from onnx_builders import export_torch, NEWEST_OPSET, ORT_OPSET, residual_cnn, residual_mlp
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 X = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
@@ -275,13 +274,6 @@ def test_unknown_names_and_foreign_plans_are_refused():
 # graphs exported from the project's models; the round trip with the PyTorch path
 
 
-def _export(module: torch.nn.Module, x: torch.Tensor, input_name: str, path: Path, **kwargs) -> Path:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (x,), str(path), input_names=[input_name], output_names=["out"], verbose=False, **kwargs)
-    return path
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("exported")
@@ -296,7 +288,7 @@ def exported(tmp_path_factory):
         "gpt2": (CausalLMLogits(zoo.tiny_gpt2(layers=3)), ids, "input_ids", dict(optimize=False)),
         "bert": (EncoderHidden(zoo.tiny_bert()), ids, "input_ids", dict(dynamo=False)),
     }
-    return {k: (m, x, name, _export(m, x, name, d / f"{k}.onnx", **kw)) for k, (m, x, name, kw) in models.items()}
+    return {k: (m, x, name, export_torch(m, x, name, d / f"{k}.onnx", **kw)) for k, (m, x, name, kw) in models.items()}
 
 
 @pytest.fixture(scope="module")
