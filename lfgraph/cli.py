@@ -178,17 +178,15 @@ def _make_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             rule, align = "mean", False
         return make_plan(graph, metric=args.metric, target=args.target, target_kind=args.target_kind, scope=args.scope,
                          mode=args.mode, fuse=rule, align=align, progress=True)
-    from .pipeline import DEFAULT_RECIPES, _calibration_for, load, plan_model, trace
+    from .pipeline import calibration_for, default_recipe, load, plan_model, trace
 
     model = load(args.model)
     graph = trace(model)
-    select, fuse = DEFAULT_RECIPES.get(model.family, DEFAULT_RECIPES["generic"])
-    if args.mode == "tie":
-        select, fuse = "similarity", "mean"
+    select, fuse = default_recipe(model, args.mode)
     select, fuse = args.select or select, args.fuse or fuse
     calibration = None
     if select != "similarity" or fuse == "calibrated":
-        calibration = _calibration_for(model, args.calibration_text, args.calibration_windows, args.calibration_seq_len)
+        calibration = calibration_for(model, args.calibration_text, args.calibration_windows, args.calibration_seq_len)
     return plan_model(model, graph, args.target, mode=args.mode, select=select, fuse=fuse, metric=args.metric,
                       scope=args.scope, target_kind=args.target_kind, calibration=calibration)
 

@@ -37,15 +37,27 @@ from .report import before_after_table, megabytes, ratio
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
 FUSIONS = ("remove", "mean", "aligned-mean", "calibrated")
-#: The default (selection, fusion) per model family. Causal LMs: the best measured
-#: combination on SmolLM2-135M (README, "Depth reduction"). Encoders: BERT-style layers are
-#: post-LayerNorm, which the calibrated refit refuses, so ShortGPT-style deletion (not
-#: measured against the alternatives here). Others: the paper's rule, aligned mean.
+#: The default (selection, fusion) per model family, from the measurements in README
+#: ("Which layers to fuse, and how"): causal LMs and the ResNet-style CNN do best with Block
+#: Influence selection and the calibrated refit. BERT-style encoders are post-LayerNorm,
+#: which the refit refuses, so they get ShortGPT-style deletion (not measured against the
+#: alternatives). Without calibration data only weight similarity can select, and deleting
+#: the selected blocks beat averaging them on both measured models.
 DEFAULT_RECIPES = {
     "causal-lm": ("block_influence", "calibrated"),
     "encoder": ("block_influence", "remove"),
-    "generic": ("similarity", "aligned-mean"),
+    "vision": ("block_influence", "calibrated"),
+    "generic": ("similarity", "remove"),
 }
+
+
+def default_recipe(model: LoadedModel, mode: str) -> tuple[str, str]:
+    """(selection, fusion) used when the user names neither."""
+    if mode == "tie":
+        return "similarity", "mean"  # tying shares the mean weight by definition
+    recipe = DEFAULT_RECIPES.get(model.family, DEFAULT_RECIPES["generic"])
+    has_data = model.family in ("causal-lm", "encoder") or model.calibration is not None
+    return recipe if has_data else DEFAULT_RECIPES["generic"]
 
 
 def _progress(msg: str, quiet: bool) -> None:
@@ -117,14 +129,19 @@ def plan_model(
         raise LfgraphError(f"target {target} is out of range: give a fraction strictly between 0 and 1 (e.g. 0.25)")
     if calibration is None:
         raise LfgraphError(f"selection {select!r} needs calibration data")
-    blocks = [b.name for b in graph.blocks]
-    n_drop = max(1, round(target * len(blocks)))
+    # only blocks with an identity skip can be dropped; the target counts all blocks
+    blocks = [b.name for b in graph.removable_blocks()]
+    if not blocks:
+        raise LfgraphError(f"{graph.model_name or 'the model'} has no blocks with an identity skip path: merge cannot remove any")
+    n_drop = max(1, round(target * len(graph.blocks)))
+    if n_drop > len(blocks) - 1:
+        raise LfgraphError(f"target {target} asks to remove {n_drop} of {len(graph.blocks)} blocks but only {len(blocks) - 1} can go: lower the target")
     runs = select_runs(select, model.module, blocks, calibration, n_drop, progress=progress)
     container = blocks[0].rpartition(".")[0]
     provenance = {
         "lfgraph_version": __version__, "model": graph.model_name, "model_fingerprint": graph.fingerprint(),
         "source": graph.source, "select": select, "target": target, "target_kind": "blocks",
-        "blocks_before": len(blocks), "blocks_after": len(blocks) - n_drop, "params_before": graph.total_params,
+        "blocks_before": len(graph.blocks), "blocks_after": len(graph.blocks) - n_drop, "params_before": graph.total_params,
     }
     return runs_to_plan(runs, container, fuse=rule, align=align, provenance=provenance)
 
@@ -262,17 +279,15 @@ def compress(
         plan.check_applies_to(graph.fingerprint())
         recipe = f"plan from file: mode {plan.mode}, fuse {plan.fuse}"
         if plan.fuse == "calibrated":
-            calibration = _calibration_for(model, calibration_text, calibration_windows, calibration_seq_len)
+            calibration = calibration_for(model, calibration_text, calibration_windows, calibration_seq_len)
     else:
-        default_select, default_fuse = DEFAULT_RECIPES.get(model.family, DEFAULT_RECIPES["generic"])
-        if mode == "tie":
-            default_select, default_fuse = "similarity", "mean"
+        default_select, default_fuse = default_recipe(model, mode)
         chosen_select = select or default_select
         chosen_fuse = fuse or default_fuse
         is_default = select is None and fuse is None
         needs_data = chosen_select != "similarity" or chosen_fuse == "calibrated"
         if needs_data:
-            calibration = _calibration_for(model, calibration_text, calibration_windows, calibration_seq_len)
+            calibration = calibration_for(model, calibration_text, calibration_windows, calibration_seq_len)
         _progress(f"planning: select {chosen_select}, fuse {chosen_fuse}, target {target} of {target_kind}", quiet)
         plan = plan_model(model, graph, target, mode=mode, select=chosen_select, fuse=chosen_fuse, metric=metric,
                           scope=scope, target_kind=target_kind, calibration=calibration, progress=not quiet)
@@ -317,7 +332,7 @@ def compress(
     )
 
 
-def _calibration_for(model: LoadedModel, text_file: str | None, n: int, seq_len: int) -> Any:
+def calibration_for(model: LoadedModel, text_file: str | None, n: int, seq_len: int) -> Any:
     if model.family in ("causal-lm", "encoder"):
         return calibration_tokens(model, n, seq_len, text_file)
     if model.calibration is None:
