@@ -35,6 +35,8 @@ from .report import before_after_table, megabytes, ratio
 
 #: Selection criteria beside the weight-similarity planner (``similarity``).
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
+#: SLEB's calibration budget (windows, tokens each) for language models.
+SLEB_WINDOWS, SLEB_TOKENS = 2, 64
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
 FUSIONS = ("remove", "mean", "aligned-mean", "calibrated")
 #: The default (selection, fusion) per model family, from the measurements in README
@@ -136,6 +138,10 @@ def plan_model(
     n_drop = max(1, round(target * len(graph.blocks)))
     if n_drop > len(blocks) - 1:
         raise LfgraphError(f"target {target} asks to remove {n_drop} of {len(graph.blocks)} blocks but only {len(blocks) - 1} can go: lower the target")
+    if select == "sleb" and isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+        # SLEB scores every remaining block at every step (layers² forward passes): on CPU
+        # it gets the budget that took 80-380 s in tools/bench_depth.py
+        calibration = calibration[:SLEB_WINDOWS, :SLEB_TOKENS]
     runs = select_runs(select, model.module, blocks, calibration, n_drop, progress=progress)
     container = blocks[0].rpartition(".")[0]
     provenance = {
