@@ -19,7 +19,7 @@ from .export import VerifyReport, alternating_latency
 from .fileio import write_text_atomic
 from .frontends.onnx_graph import build_layer_graph, load_onnx
 from .plan import FusionPlan
-from .report import before_after_table, megabytes, ratio
+from .report import before_after_table, size_rows
 
 
 @dataclass
@@ -36,10 +36,7 @@ class OnnxCompressReport:
     def table(self) -> str:
         v = self.verify
         rows = [
-            ("blocks", str(self.blocks[0]), str(self.blocks[1]), ratio(*self.blocks)),
-            ("parameters (unique)", f"{self.params[0]:,}", f"{self.params[1]:,}", ratio(*self.params)),
-            ("ONNX file", megabytes(self.file_bytes[0]), megabytes(self.file_bytes[1]), ratio(*self.file_bytes)),
-            ("ORT latency", f"{self.latency_ms[0]:.1f} ms", f"{self.latency_ms[1]:.1f} ms", ratio(*self.latency_ms)),
+            *size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms),
             ("max error vs input", "", f"{v.max_rel:.2e} rel", ""),
         ]
         lines = before_after_table(f"lfgraph compress {self.source.name}: mode {self.plan.mode}, fuse {self.plan.fuse} (ONNX path)", rows)

@@ -31,7 +31,7 @@ from .passes.base import PassResult
 from .passes.planner import make_plan
 from .passes.rewrite_torch import apply_plan, unique_parameter_count
 from .plan import FusionPlan
-from .report import before_after_table, megabytes, ratio
+from .report import before_after_table, ratio, size_rows
 
 #: Selection criteria beside the weight-similarity planner (``similarity``).
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
@@ -228,10 +228,7 @@ class CompressReport:
 
     def table(self) -> str:
         rows = [
-            ("blocks", str(self.blocks[0]), str(self.blocks[1]), ratio(*self.blocks)),
-            ("parameters (unique)", f"{self.params[0]:,}", f"{self.params[1]:,}", ratio(*self.params)),
-            ("ONNX file", megabytes(self.file_bytes[0]), megabytes(self.file_bytes[1]), ratio(*self.file_bytes)),
-            ("ORT latency (median)", f"{self.latency_ms[0]:.1f} ms", f"{self.latency_ms[1]:.1f} ms", ratio(*self.latency_ms)),
+            *size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms),
             ("max error vs torch", "", f"{self.verify.max_rel:.2e} rel", ""),
         ]
         if self.perplexity:

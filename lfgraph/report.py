@@ -20,3 +20,15 @@ def before_after_table(title: str, rows: Sequence[tuple[str, str, str, str]]) ->
         return f"  {name:<22}{before:>16}{after:>16}{r:>10}"
 
     return [title, line("", "before", "after", "ratio")] + [line(*row) for row in rows]
+
+
+def size_rows(
+    blocks: tuple[int, int], params: tuple[int, int], file_bytes: tuple[int, int], latency_ms: tuple[float, float]
+) -> list[tuple[str, str, str, str]]:
+    """The rows every compress table starts with: depth, parameters, file size, latency."""
+    return [
+        ("blocks", str(blocks[0]), str(blocks[1]), ratio(*blocks)),
+        ("parameters (unique)", f"{params[0]:,}", f"{params[1]:,}", ratio(*params)),
+        ("ONNX file", megabytes(file_bytes[0]), megabytes(file_bytes[1]), ratio(*file_bytes)),
+        ("ORT latency (median)", f"{latency_ms[0]:.1f} ms", f"{latency_ms[1]:.1f} ms", ratio(*latency_ms)),
+    ]
