@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lfgraph.export import export_onnx, verify_onnx
+from lfgraph.export import export_onnx
+from lfgraph.verify import verify_against_torch
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.passes.analysis import analyze
 from lfgraph.passes.planner import make_plan
@@ -74,7 +75,7 @@ def main() -> int:
     onnx_path = OUT / "cnn-merge.onnx"
     rep = export_onnx(compressed, (images,), onnx_path, ["images"], ["logits"], {"images": {0: "batch"}})
     print(f"   {onnx_path}: {rep.file_bytes / 1e3:.0f} kB in {rep.seconds:.1f} s")
-    check = verify_onnx(onnx_path, compressed, {"images": torch.randn(5, 3, 32, 32)})
+    check = verify_against_torch(onnx_path, compressed, {"images": torch.randn(5, 3, 32, 32)})
     print("\n".join(check.lines()))
 
     print("\n6. draw what the rewrite did")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lfgraph.export import export_onnx, verify_onnx
+from lfgraph.export import export_onnx
+from lfgraph.verify import verify_against_torch
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import EncoderHidden
 from lfgraph.passes.planner import make_plan
@@ -62,7 +63,7 @@ def main() -> int:
     check_ids = torch.randint(0, 128, (2, 11), generator=g)
     check_mask = torch.ones_like(check_ids)
     check_mask[1, 7:] = 0
-    check = verify_onnx(onnx_path, tied, {"input_ids": check_ids, "attention_mask": check_mask})
+    check = verify_against_torch(onnx_path, tied, {"input_ids": check_ids, "attention_mask": check_mask})
     print("\n".join(check.lines()))
 
     view = OUT / "bert-tie.html"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lfgraph.export import export_onnx, verify_onnx
+from lfgraph.export import export_onnx
+from lfgraph.verify import verify_against_torch
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import CausalLMLogits
 from lfgraph.passes.planner import make_plan
@@ -64,7 +65,7 @@ def main() -> int:
     check_ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(1))
     check_mask = torch.ones_like(check_ids)
     check_mask[2, 5:] = 0
-    check = verify_onnx(onnx_path, merged, {"input_ids": check_ids, "attention_mask": check_mask})
+    check = verify_against_torch(onnx_path, merged, {"input_ids": check_ids, "attention_mask": check_mask})
     print("\n".join(check.lines()))
 
     view = OUT / "llama-merge.html"

@@ -24,7 +24,9 @@ from lfgraph.errors import LfgraphError
 from lfgraph.frontends.onnx_graph import build_layer_graph, load_onnx
 from lfgraph.passes.analysis import analyze
 from lfgraph.passes.planner import make_plan
-from lfgraph.passes.rewrite_onnx import apply_plan, make_inputs, save_onnx, verify_against
+from lfgraph.onnx_io import save_onnx
+from lfgraph.passes.rewrite_onnx import apply_plan, make_inputs
+from lfgraph.verify import verify_against_onnx
 from lfgraph.pipeline import plan_summary
 from lfgraph.visualize import render_rewrite
 
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> int:
 
     # the merged network computes something else than the original: this run shows that the
     # edited graph is valid and runs, with the same outputs and shapes, and how far it moved
-    report = verify_against(model, result.model, make_inputs(model, batch=2))
+    report = verify_against_onnx(model, result.model, make_inputs(model, batch=2))
     for o in report.outputs:
         print(f"  {o.name}: runs on {report.provider}; change vs the original {o.max_rel:.3g} (relative)")
     runs = all(o.max_rel != float("inf") for o in report.outputs)

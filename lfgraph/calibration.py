@@ -117,6 +117,29 @@ def load_calibration_text(path: str | Path) -> str:
     return text
 
 
+def load_token_file(path: str | Path) -> torch.Tensor:
+    """Token ids from a ``.npy`` or ``.pt`` file (any shape; read as one sequence), for
+    models without a tokenizer. Raises ``LfgraphError`` for a missing, unreadable or
+    non-integer file."""
+    p = Path(path)
+    if not p.is_file():
+        raise LfgraphError(f"token file {p} does not exist: give a .npy or .pt file of token ids")
+    try:
+        if p.suffix == ".npy":
+            import numpy as np
+
+            ids = torch.from_numpy(np.load(p, allow_pickle=False))
+        elif p.suffix == ".pt":
+            ids = torch.load(p, weights_only=True)
+        else:
+            raise ValueError("not .npy or .pt")
+    except Exception as e:
+        raise LfgraphError(f"cannot read token ids from {p} ({str(e).splitlines()[0][:120]}): give a .npy or .pt file of integers") from None
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:
+        raise LfgraphError(f"{p} holds no integer token ids: give a .npy or .pt file of integers")
+    return ids.reshape(-1).long()
+
+
 def vision_samples(data: torch.Tensor | torch.utils.data.Dataset, n_samples: int | None = None) -> torch.Tensor:
     """The first ``n_samples`` inputs of ``data`` stacked into one tensor ``(N, ...)``.
 

@@ -1,8 +1,11 @@
-"""``lfgraph`` command line: analyze, plan, compress, verify.
+"""``lfgraph`` command line: one subcommand per capability, each a thin layer over the API.
 
-Every user error (bad path, corrupt file, impossible target, unsupported model) ends with
-one line on stderr that says what is wrong and what to do, and exit code 2; never a
-traceback. Set ``LFGRAPH_DEBUG=1`` to see the traceback of an unexpected failure.
+``lfgraph --help`` is the map of the product. Every user error (bad path, corrupt file,
+impossible target, unsupported model) ends with one line on stderr that names the stage,
+what is wrong and what to do, and exit code 2; never a traceback. A failed check (the
+written file does not compute what the rewritten model computes, or the quality gate
+fails) is exit code 1 on every path. Ctrl-C is exit code 130 and leaves no output. Set
+``LFGRAPH_DEBUG=1`` to see the traceback of an unexpected failure.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import LfgraphError
 
@@ -24,29 +27,26 @@ def _metric_names() -> list[str]:
     return sorted(METRICS)
 
 
-def _is_onnx(spec: str) -> bool:
-    return spec.lower().endswith(".onnx")
-
-
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    from .pipeline import FUSIONS, SELECTIONS
+    from .recipes import FUSION_RULES, SELECTIONS
 
     p.add_argument("--target", type=float, default=0.25, help="fraction to remove: of blocks (default) or of parameters (default 0.25)")
     p.add_argument("--target-kind", choices=["blocks", "params"], default="blocks", help="what --target counts (default blocks)")
     p.add_argument("--mode", choices=["merge", "tie"], default="merge", help="merge: remove blocks (shallower); tie: share weights (default merge)")
-    p.add_argument("--select", choices=SELECTIONS, default=None, help="which blocks to fuse (default: best measured for the model family)")
-    p.add_argument("--fuse", choices=FUSIONS, default=None, help="how fused blocks become one (default: best measured for the model family)")
-    p.add_argument("--metric", choices=_metric_names(), default="bures", help="weight-similarity metric for --select similarity (default bures)")
-    p.add_argument("--scope", choices=["adjacent", "global"], default="adjacent", help="fuse neighbours only, or any compatible pair (default adjacent)")
-    p.add_argument("--calibration-text", default=None, help="text file for calibration (default: a part of the bundled corpus kept apart from evaluation)")
+    p.add_argument("--select", choices=SELECTIONS, default=None, help="selection: which blocks to fuse (default: best measured for the model family)")
+    p.add_argument("--fuse", choices=FUSION_RULES, default=None, help="fusion rule: how a fused run becomes one block (default: best measured for the model family)")
+    p.add_argument("--metric", choices=_metric_names(), default=None, help="weight-similarity measure, for --select similarity (default bures)")
+    p.add_argument("--scope", choices=["adjacent", "global"], default=None, help="fuse neighbours only, or any compatible pair, for --select similarity (default adjacent)")
+    p.add_argument("--calibration-text", default=None, help="text file (or folder of *.txt) to calibrate on (default: a part of the bundled corpus kept apart from evaluation)")
+    p.add_argument("--calibration-tokens", default=None, metavar="FILE", help="token ids (.npy or .pt) to calibrate on, for models without a tokenizer")
     p.add_argument("--calibration-windows", type=int, default=16, help="number of calibration windows (default 16)")
     p.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lfgraph", description="Compress trained networks by layer fusion.", epilog=EPILOG)
+    parser = argparse.ArgumentParser(prog="lfgraph", description="Compress trained networks by layer fusion and export a dense, shallower ONNX model.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"lfgraph {__import__('lfgraph').__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("analyze", help="show compatible groups, blocks and the most alike layer/block pairs", epilog=EPILOG)
     a.add_argument("model")
@@ -54,35 +54,56 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--scope", choices=["adjacent", "global"], default="global")
     a.add_argument("--top", type=int, default=10, help="how many ranked pairs to print (default 10)")
     a.add_argument("--plot", default=None, help="write a PNG of the block distance matrix and per-group heatmaps")
+    a.set_defaults(run=_analyze)
 
     p = sub.add_parser("plan", help="make a FusionPlan (JSON) for a target", epilog=EPILOG)
     p.add_argument("model")
     _add_plan_options(p)
     p.add_argument("-o", "--output", default=None, help="where to write the plan JSON")
     p.add_argument("--dry-run", action="store_true", help="print the plan without writing it")
+    p.set_defaults(run=_plan)
 
-    c = sub.add_parser("compress", help="rewrite the model, export ONNX, verify on ONNX Runtime", epilog=EPILOG)
+    c = sub.add_parser("compress", help="rewrite the model, write ONNX, verify it and measure the cost against the original", epilog=EPILOG)
     c.add_argument("model")
     _add_plan_options(c)
     c.add_argument("--plan", default=None, help="apply this plan instead of making one")
     c.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
-    c.add_argument("--eval-perplexity", type=int, default=0, metavar="N", help="held-out perplexity on N windows before/after (language models)")
+    c.add_argument("--eval-windows", "--eval-perplexity", dest="eval_windows", type=int, default=4, metavar="N",
+                   help="held-out windows for the quality check of language models (default 4; 0 skips it)")
+    c.add_argument("--eval-seq-len", type=int, default=512, help="tokens per held-out window (default 512)")
+    c.add_argument("--max-quality-loss", type=float, default=None, metavar="X",
+                   help="fail (exit 1, file kept and marked) when the quality loss is above X: relative perplexity increase "
+                        "(LMs), 1 - embedding cosine (encoders), 1 - top-1 agreement (others)")
+    c.add_argument("--rtol", type=float, default=None, help="tolerance of the export check (default 1e-4)")
     c.add_argument("--log", default=None, help="write the rewrite log (JSON) here, for the visualizer")
     c.add_argument("--quiet", action="store_true")
+    c.set_defaults(run=_compress)
 
-    v = sub.add_parser("verify", help="re-check an lfgraph ONNX file against the PyTorch model it came from", epilog=EPILOG)
+    v = sub.add_parser("verify", help="re-check an lfgraph ONNX file against the model (PyTorch or ONNX) it came from", epilog=EPILOG)
     v.add_argument("onnx_file")
     v.add_argument("model", help="the original model the file was compressed from")
     v.add_argument("--rtol", type=float, default=1e-4)
+    v.set_defaults(run=_verify)
+
+    for module in _subcommand_modules():
+        module(sub)
     return parser
 
 
+def _subcommand_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """The ``add_subcommand`` of each package that brings its own subcommand."""
+    from .visualize import add_subcommand as visualize
+
+    return [visualize]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        args = build_parser().parse_args(argv)
+        return args.run(args)
     except LfgraphError as e:
-        print(f"lfgraph: error: {e}", file=sys.stderr)
+        where = getattr(e, "stage", None)
+        print(f"lfgraph: error: {where + ': ' if where else ''}{e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
@@ -98,26 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "analyze":
-        return _analyze(args)
-    if args.command == "plan":
-        return _plan(args)
-    if args.command == "compress":
-        return _compress(args)
-    return _verify(args)
-
-
-def _check_input(spec: str) -> None:
-    from .models import ALIASES
-
-    if spec not in ALIASES and not Path(spec).exists():
-        raise LfgraphError(f"model {spec!r} not found: give a Hugging Face model folder, a .gguf or .onnx file, or one of {sorted(ALIASES)}")
-
-
 def _analyze(args: argparse.Namespace) -> int:
-    _check_input(args.model)
-    graph, analysis = _graph_and_analysis(args.model, args.metric)
+    from .pipeline import analyze_model, check_inputs
+
+    check_inputs(args.model)
+    if args.plot and not Path(args.plot).parent.exists():
+        raise LfgraphError(f"folder of --plot {args.plot} does not exist: create it or choose another path")
+    _source, graph, analysis = analyze_model(args.model, args.metric, args.scope)
     print(graph.summary())
     print(f"\nmost alike layer pairs ({analysis.metric}, {args.scope}; score = distance / group median):")
     for score, a, b, _key in analysis.ranked_layer_pairs(args.scope)[: args.top]:
@@ -135,25 +143,27 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _graph_and_analysis(spec: str, metric: str):  # type: ignore[no-untyped-def]
-    from .passes.analysis import analyze
+def _calibration(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .model_types import CalibrationOptions
 
-    if _is_onnx(spec):
-        from .frontends.onnx_graph import build_layer_graph, load_onnx
-
-        graph = build_layer_graph(load_onnx(spec), model_name=Path(spec).stem)
-    else:
-        from .pipeline import load, trace
-
-        graph = trace(load(spec))
-    return graph, analyze(graph, metric, progress=True)
+    return CalibrationOptions(args.calibration_text, args.calibration_tokens, args.calibration_windows, args.calibration_seq_len)
 
 
 def _plan(args: argparse.Namespace) -> int:
-    _check_input(args.model)
-    from .pipeline import plan_summary
+    from .pipeline import check_inputs, check_recipe, graph_of, plan_model, plan_summary
+    from .recipes import ACTIVATION_SELECTIONS, default_recipe
 
-    plan = _make_plan(args)
+    check_inputs(args.model, calibration=_calibration(args))
+    check_recipe(args.target, args.mode, args.select or "similarity", args.fuse or "remove", args.target_kind)
+    if args.output and not Path(args.output).parent.exists():
+        raise LfgraphError(f"output folder {Path(args.output).parent} does not exist: create it or choose another -o path")
+    source, graph = graph_of(args.model)
+    options = _calibration(args)
+    select, fuse = default_recipe(source.family, args.mode, source.has_calibration(options))
+    select, fuse = args.select or select, args.fuse or fuse
+    calibration = source.calibration(options) if select in ACTIVATION_SELECTIONS or fuse == "calibrated" else None
+    plan = plan_model(source, graph, args.target, mode=args.mode, select=select, fuse=fuse, metric=args.metric or "bures",
+                      scope=args.scope or "adjacent", target_kind=args.target_kind, calibration=calibration)
     print(plan_summary(plan))
     if args.dry_run or not args.output:
         if not args.dry_run:
@@ -164,82 +174,31 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    if _is_onnx(args.model):
-        from .frontends.onnx_graph import build_layer_graph, load_onnx
-        from .passes.planner import make_plan
-
-        if args.select not in (None, "similarity") or args.fuse == "calibrated":
-            raise LfgraphError("activation-based selection and calibrated fusion need the PyTorch model; ONNX files support --select similarity")
-        graph = build_layer_graph(load_onnx(args.model), model_name=Path(args.model).stem)
-        fuse = args.fuse or "aligned-mean"
-        rule, align = ("mean", True) if fuse == "aligned-mean" else (fuse, False)
-        if args.mode == "tie":
-            rule, align = "mean", False
-        return make_plan(graph, metric=args.metric, target=args.target, target_kind=args.target_kind, scope=args.scope,
-                         mode=args.mode, fuse=rule, align=align, progress=True)
-    from .pipeline import calibration_for, default_recipe, load, plan_model, trace
-
-    model = load(args.model)
-    graph = trace(model)
-    select, fuse = default_recipe(model, args.mode)
-    select, fuse = args.select or select, args.fuse or fuse
-    calibration = None
-    if select != "similarity" or fuse == "calibrated":
-        calibration = calibration_for(model, args.calibration_text, args.calibration_windows, args.calibration_seq_len)
-    return plan_model(model, graph, args.target, mode=args.mode, select=select, fuse=fuse, metric=args.metric,
-                      scope=args.scope, target_kind=args.target_kind, calibration=calibration)
-
-
 def _compress(args: argparse.Namespace) -> int:
-    _check_input(args.model)
-    if _is_onnx(args.model):
-        return _compress_onnx(args)
     from .pipeline import compress
 
     report = compress(
         args.model, args.output, plan=args.plan, target=args.target, mode=args.mode, select=args.select,
         fuse=args.fuse, metric=args.metric, scope=args.scope, target_kind=args.target_kind,
-        calibration_text=args.calibration_text, calibration_windows=args.calibration_windows,
-        calibration_seq_len=args.calibration_seq_len, eval_perplexity=args.eval_perplexity, log_path=args.log,
-        quiet=args.quiet,
+        calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
+        calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
+        eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, max_quality_loss=args.max_quality_loss,
+        log_path=args.log, rtol=args.rtol, quiet=args.quiet,
     )
+    sys.stderr.flush()  # progress bars end before the table starts
     print(report.table())
-    return 0 if report.verify.ok else 1
-
-
-def _compress_onnx(args: argparse.Namespace) -> int:
-    from .onnx_pipeline import compress_onnx
-
-    plan = None
-    if args.plan:
-        from .plan import FusionPlan
-
-        plan = FusionPlan.load(args.plan)
-    else:
-        plan = _make_plan(args)
-    report = compress_onnx(args.model, args.output, plan, log_path=args.log)
-    print(report.table())
-    return 0
+    return report.exit_code
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .export import verify_onnx
-    from .pipeline import export_inputs, load, metadata_plan, rewrite, trace, verification_inputs
+    from .pipeline import check_inputs, verify
 
     if not Path(args.onnx_file).is_file():
         raise LfgraphError(f"ONNX file {args.onnx_file} does not exist")
-    _check_input(args.model)
-    plan = metadata_plan(args.onnx_file)
-    model = load(args.model)
-    graph = trace(model)
-    calibration = None
-    if plan.fuse == "calibrated":
-        raise LfgraphError("verify re-runs the rewrite; a calibrated plan depends on calibration data: verify right after compress instead")
-    compressed = rewrite(model, graph, plan, calibration=calibration).model
-    _args, names, _axes = export_inputs(model)
-    report = verify_onnx(args.onnx_file, compressed, verification_inputs(model, names), rtol=args.rtol)
+    check_inputs(args.model)
+    report = verify(args.onnx_file, args.model, rtol=args.rtol)
     print("\n".join(report.lines()))
+    print("✓ the file computes what the plan applied to the model computes" if report.ok else "✗ FAILED")
     return 0 if report.ok else 1
 
 

@@ -21,3 +21,9 @@ class NoCompatibleGroupsError(LfgraphError):
 
 class UnsupportedModelError(LfgraphError):
     """The model (or one of its ops) is outside what lfgraph can trace or rewrite."""
+
+
+class RewriteCheckError(LfgraphError):
+    """A rewrite produced an invalid graph: a bug in a pass, reported with its cause."""
+
+    exit_code = 1

@@ -47,6 +47,17 @@ class LoadedModel:
     output_names: tuple[str, ...] = ("output",)
     #: inputs for selection/calibration of non-text models (a tensor of samples)
     calibration: Any = None
+    #: size of the token vocabulary (language models), known also without a tokenizer
+    vocab_size: int = 0
+
+    def require_tokenizer(self, purpose: str) -> Any:
+        """The tokenizer, or a one-line error saying what to add for ``purpose``."""
+        if self.tokenizer is None:
+            raise LfgraphError(
+                f"{self.name} has no tokenizer files, and {purpose} needs text: add the tokenizer files "
+                "(tokenizer.json, tokenizer_config.json) to the model folder, or pass token ids with --calibration-tokens FILE.npy"
+            )
+        return self.tokenizer
 
 
 class CausalLMLogits(nn.Module):
@@ -135,10 +146,12 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
 
     Raises ``LfgraphError`` with a hint when the path is missing or not a model.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for a sub-second load is noise in CLI output
+    # load reports (e.g. an encoder's unused pooler) concern the library, not the user's compression
+    hf_logging.set_verbosity_error()
     if spec == "smollm2":
         folder = smollm2_folder()
     elif spec == "minilm":
@@ -161,7 +174,7 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     except Exception as e:  # a broken config.json
         raise LfgraphError(f"cannot read the model config in {folder}: {str(e).splitlines()[0]}") from None
     name = ALIASES.get(spec, Path(folder).name)
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = _tokenizer_or_none(folder)
     is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
     if is_causal:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -170,18 +183,51 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     else:
         hf = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         module, family, outputs = EncoderHidden(hf), "encoder", ("last_hidden_state",)
-    ids = example_token_ids(tok, seq_len)
+    check_finite_weights(hf, name)
+    vocab = int(getattr(hf.config, "vocab_size", 0) or 0)
+    ids = example_token_ids(tok, seq_len, vocab)
     return LoadedModel(
         module=module.eval(), example_inputs=(ids,), name=name, family=family, tokenizer=tok,
-        hf_model=hf, input_names=("input_ids",), output_names=outputs,
+        hf_model=hf, input_names=("input_ids",), output_names=outputs, vocab_size=vocab,
     )
 
 
-def example_token_ids(tokenizer: Any, seq_len: int) -> torch.Tensor:
-    """Deterministic real text, tokenised to ``(1, seq_len)``."""
+def check_finite_weights(module: nn.Module, name: str) -> None:
+    """Refuse weights holding NaN or Inf: every distance, refit and check would be meaningless."""
+    for pname, p in module.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise LfgraphError(f"{name}: weight {pname} contains NaN or Inf values: the checkpoint is damaged; re-save or re-train it")
+
+
+def _tokenizer_or_none(folder: Path) -> Any:
+    """The folder's tokenizer, or ``None`` when it has none (``save_pretrained`` of a model
+    alone writes no tokenizer files); commands that need text say so when they need it."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+    if not any((Path(folder) / n).is_file() for n in names):
+        return None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise LfgraphError(f"the tokenizer files in {folder} cannot be read ({str(e).splitlines()[0][:150]}): fix or remove them") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # lfgraph cuts long texts into windows itself: the "sequence is longer than" warning is noise
+    tok.model_max_length = int(1e12)
+    return tok
+
+
+def example_token_ids(tokenizer: Any, seq_len: int, vocab_size: int = 0) -> torch.Tensor:
+    """Deterministic ``(1, seq_len)`` token ids: real text when there is a tokenizer, else
+    a fixed sequence of ids below ``vocab_size``."""
+    if tokenizer is None:
+        return (torch.arange(seq_len, dtype=torch.long)[None, :] * 7 + 3) % max(vocab_size, 2)
     text = "Layer fusion compresses a trained network by merging similar layers. " * 8
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
-    return ids
+    return tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
 
 
 def wrap_module(

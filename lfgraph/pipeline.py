@@ -1,65 +1,51 @@
-"""The Python API behind the CLI: analyze → plan → rewrite → export → verify.
+"""The one pipeline, for PyTorch / Hugging Face / GGUF models and ``.onnx`` files alike::
 
-Each function takes a model *spec* (an alias such as ``smollm2``, a Hugging Face folder, a
-``.gguf`` file, or an ``.onnx`` file) or an already loaded :class:`~lfgraph.models.LoadedModel`,
-so that scripts and the CLI share one code path::
+    check options → load (Source) → LayerGraph → plan → rewrite → [heal] → write (staged)
+      → verify (file vs rewritten model) → quality (compressed vs original) → time → report
+
+What differs per source lives in :mod:`lfgraph.sources`, what differs per model type in
+:mod:`lfgraph.model_types`; this module never branches on either. Every stage's user
+errors are :class:`~lfgraph.errors.LfgraphError` naming the stage; one exit-code rule
+(:attr:`CompressReport.exit_code`): 0 when the file computes what the rewritten model
+computes (and the quality loss is within ``max_quality_loss`` when given), 1 otherwise.
 
     from lfgraph import pipeline
-    report = pipeline.compress("smollm2", "out/smollm2-lf.onnx", target=0.25, mode="merge")
+    report = pipeline.compress("smollm2", "out/smollm2-lf.onnx", target=0.25)
     print(report.table())
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from . import __version__
 from .errors import LfgraphError
-from .export import ExportReport, VerifyReport, alternating_latency, export_onnx, verify_onnx
+from .evaluate import QualityReport
 from .fileio import write_text_atomic
-from .frontends.torch_fx import build_layer_graph
 from .graph import LayerGraph
-from .models import LoadedModel, cache_dir, load_model
+from .model_types import CalibrationOptions
+from .models import LoadedModel, load_model
+from .onnx_io import file_bytes
 from .passes.analysis import Analysis, analyze
 from .passes.base import PassResult
-from .passes.planner import make_plan
-from .passes.rewrite_torch import apply_plan, unique_parameter_count
 from .plan import FusionPlan
-from .report import before_after_table, ratio, size_rows
+from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_recipe, describe, split_fusion_rule
+from .report import CompressReport
+from .sources import OnnxSource, Source, TorchSource, check_model_spec, is_onnx_spec, open_source
+from .verify import alternating_latency, compare_outputs
+from .onnx_io import runner
 
-#: Selection criteria beside the weight-similarity planner (``similarity``).
-SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
-#: SLEB's calibration budget (windows, tokens each) for language models.
+#: SLEB's calibration budget (windows, tokens each) for language models: SLEB scores every
+#: remaining block at every step (layers² forward passes); on CPU this budget took 80-380 s.
 SLEB_WINDOWS, SLEB_TOKENS = 2, 64
-#: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
-FUSIONS = ("remove", "mean", "aligned-mean", "calibrated")
-#: The default (selection, fusion) per model family, from the measurements in README
-#: ("Which layers to fuse, and how"): causal LMs and the ResNet-style CNN do best with Block
-#: Influence selection and the calibrated refit. BERT-style encoders are post-LayerNorm,
-#: which the refit refuses, so they get ShortGPT-style deletion (not measured against the
-#: alternatives). Without calibration data only weight similarity can select, and deleting
-#: the selected blocks beat averaging them on both measured models.
-DEFAULT_RECIPES = {
-    "causal-lm": ("block_influence", "calibrated"),
-    "encoder": ("block_influence", "remove"),
-    "vision": ("block_influence", "calibrated"),
-    "generic": ("similarity", "remove"),
-}
-
-
-def default_recipe(model: LoadedModel, mode: str) -> tuple[str, str]:
-    """(selection, fusion) used when the user names neither."""
-    if mode == "tie":
-        return "similarity", "mean"  # tying shares the mean weight by definition
-    recipe = DEFAULT_RECIPES.get(model.family, DEFAULT_RECIPES["generic"])
-    has_data = model.family in ("causal-lm", "encoder") or model.calibration is not None
-    return recipe if has_data else DEFAULT_RECIPES["generic"]
 
 
 def _progress(msg: str, quiet: bool) -> None:
@@ -67,36 +53,50 @@ def _progress(msg: str, quiet: bool) -> None:
         print(f"lfgraph: {msg}", flush=True)
 
 
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Name the pipeline stage in any user error raised inside it."""
+    try:
+        yield
+    except LfgraphError as e:
+        if not getattr(e, "stage", None):
+            e.stage = name  # type: ignore[attr-defined]
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# the stages, usable one by one
+
+
 def load(spec: str | LoadedModel) -> LoadedModel:
-    """A loaded model from a spec (or the given one unchanged)."""
+    """A loaded PyTorch model from a spec (or the given one unchanged)."""
     return spec if isinstance(spec, LoadedModel) else load_model(spec)
 
 
 def trace(model: LoadedModel) -> LayerGraph:
     """The model's LayerGraph (torch.export)."""
-    g = build_layer_graph(model.module, model.example_inputs, model_name=model.name)
-    return g
+    return TorchSource(model).graph()
 
 
-def analyze_model(spec: str | LoadedModel, metric: str = "bures", progress: bool = True) -> tuple[LoadedModel, LayerGraph, Analysis]:
-    model = load(spec)
-    graph = trace(model)
-    return model, graph, analyze(graph, metric, progress=progress)
+def graph_of(spec: str | LoadedModel | Source) -> tuple[Source, LayerGraph]:
+    """The source and its LayerGraph, for any spec (``.onnx`` files included)."""
+    source = open_source(spec)
+    return source, source.graph()
+
+
+def analyze_model(spec: str | LoadedModel | Source, metric: str = "bures", scope: str = "global", progress: bool = True) -> tuple[Source, LayerGraph, Analysis]:
+    source, graph = graph_of(spec)
+    return source, graph, analyze(graph, metric, progress=progress, scope=scope)
 
 
 def calibration_tokens(model: LoadedModel, n_windows: int = 16, seq_len: int = 256, text_file: str | None = None) -> torch.Tensor:
     """Calibration windows for a language model (a part of the bundled corpus kept apart
     from evaluation, or the user's text file)."""
-    from .calibration import calibration_windows, load_calibration_text
-
-    if model.tokenizer is None:
-        raise LfgraphError(f"{model.name} has no tokenizer: calibration text needs a language model")
-    text = load_calibration_text(text_file) if text_file else None
-    return calibration_windows(model.tokenizer, n_windows, seq_len, text=text)
+    return TorchSource(model).calibration(CalibrationOptions(text_file=text_file, windows=n_windows, seq_len=seq_len))
 
 
 def plan_model(
-    model: LoadedModel,
+    model: LoadedModel | Source,
     graph: LayerGraph,
     target: float,
     mode: str = "merge",
@@ -105,32 +105,37 @@ def plan_model(
     metric: str = "bures",
     scope: str = "adjacent",
     target_kind: str = "blocks",
-    calibration: torch.Tensor | None = None,
+    calibration: Any = None,
     analysis: Analysis | None = None,
     progress: bool = True,
 ) -> FusionPlan:
     """A FusionPlan by weight similarity (``select="similarity"``) or by an activation-based
-    selection criterion (Block Influence, Gromov angular distance, SLEB)."""
-    if select not in SELECTIONS:
-        raise LfgraphError(f"unknown selection {select!r}: choose one of {', '.join(SELECTIONS)}")
-    if fuse not in FUSIONS:
-        raise LfgraphError(f"unknown fusion {fuse!r}: choose one of {', '.join(FUSIONS)}")
-    rule, align = ("mean", True) if fuse == "aligned-mean" else (fuse, False)
+    selection (Block Influence, Gromov angular distance, SLEB; PyTorch sources only).
+
+    The plan's provenance states the fraction actually removed (a target is rounded to
+    whole blocks) and, for activation selections, each candidate block's score.
+    """
+    check_recipe(target, mode, select, fuse, target_kind)
+    rule, align = split_fusion_rule(fuse)
     if select == "similarity":
+        from .passes.planner import make_plan
+
         plan = make_plan(graph, metric=metric, target=target, target_kind=target_kind, scope=scope, mode=mode,
                          fuse=rule, align=align, analysis=analysis, progress=progress)
         plan.provenance["select"] = "similarity"
+        _state_achieved(plan, graph)
         return plan
+    source = model if isinstance(model, Source) else TorchSource(model)
+    if not isinstance(source, TorchSource):
+        raise LfgraphError(f"selection {select!r} needs activations, which lfgraph computes from the PyTorch model; ONNX files support --select similarity")
     if mode != "merge":
         raise LfgraphError(f"selection {select!r} picks blocks to remove: use it with --mode merge")
     if target_kind != "blocks":
         raise LfgraphError(f"selection {select!r} takes a fraction of blocks (--target-kind blocks)")
-    from .passes.selection import runs_to_plan, select_runs
-
-    if not (0.0 < target < 1.0):
-        raise LfgraphError(f"target {target} is out of range: give a fraction strictly between 0 and 1 (e.g. 0.25)")
     if calibration is None:
         raise LfgraphError(f"selection {select!r} needs calibration data")
+    from .passes.selection import runs_to_plan, select_runs
+
     # only blocks with an identity skip can be dropped; the target counts all blocks
     blocks = [b.name for b in graph.removable_blocks()]
     if not blocks:
@@ -139,213 +144,293 @@ def plan_model(
     if n_drop > len(blocks) - 1:
         raise LfgraphError(f"target {target} asks to remove {n_drop} of {len(graph.blocks)} blocks but only {len(blocks) - 1} can go: lower the target")
     if select == "sleb" and isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
-        # SLEB scores every remaining block at every step (layers² forward passes): on CPU
-        # it gets the budget that took 80-380 s in tools/bench_depth.py
         calibration = calibration[:SLEB_WINDOWS, :SLEB_TOKENS]
-    runs = select_runs(select, model.module, blocks, calibration, n_drop, progress=progress)
+    runs = select_runs(select, source.model.module, blocks, calibration, n_drop, progress=progress)
     container = blocks[0].rpartition(".")[0]
     provenance = {
         "lfgraph_version": __version__, "model": graph.model_name, "model_fingerprint": graph.fingerprint(),
         "source": graph.source, "select": select, "target": target, "target_kind": "blocks",
         "blocks_before": len(graph.blocks), "blocks_after": len(graph.blocks) - n_drop, "params_before": graph.total_params,
     }
-    return runs_to_plan(runs, container, fuse=rule, align=align, provenance=provenance)
+    plan = runs_to_plan(runs, container, fuse=rule, align=align, provenance=provenance)
+    _state_achieved(plan, graph)
+    return plan
 
 
-def rewrite(model: LoadedModel, graph: LayerGraph, plan: FusionPlan, calibration: torch.Tensor | None = None, progress: bool = True) -> PassResult:
+def _state_achieved(plan: FusionPlan, graph: LayerGraph) -> None:
+    """Record the fraction actually removed: targets round to whole blocks or layers."""
+    p = plan.provenance
+    if plan.mode == "merge" and graph.blocks:
+        removed = sum(len(f.absorb) for f in plan.fusions)
+        p["achieved"] = round(removed / len(graph.blocks), 4)
+        p["achieved_kind"] = "blocks"
+    elif graph.total_params:
+        p["achieved"] = round(int(p.get("params_saved", 0)) / graph.total_params, 4)
+        p["achieved_kind"] = "params"
+
+
+def rewrite(model: LoadedModel | Source, graph: LayerGraph, plan: FusionPlan, calibration: Any = None, progress: bool = True) -> PassResult:
     """Apply ``plan`` to a copy of the model (the loaded model is not modified)."""
-    return apply_plan(model.module, graph, plan, calibration=calibration, progress=progress)
+    source = model if isinstance(model, Source) else TorchSource(model)
+    plan.check_applies_to(graph.fingerprint())
+    return source.rewrite(plan, calibration=calibration, progress=progress)
 
 
-def export_inputs(model: LoadedModel) -> tuple[tuple[torch.Tensor, ...], list[str], dict[str, dict[int, str]]]:
-    """Example inputs, input names and dynamic axes used for export."""
-    if model.family in ("causal-lm", "encoder"):
-        ids = model.example_inputs[0]
-        mask = torch.ones_like(ids)
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-        return (ids, mask), ["input_ids", "attention_mask"], axes
-    names = list(model.input_names)[: len(model.example_inputs)]
-    return tuple(model.example_inputs), names, {n: {0: "batch"} for n in names}
+# ---------------------------------------------------------------------------------------
+# checks made before anything heavy
 
 
-def verification_inputs(model: LoadedModel, names: list[str]) -> dict[str, torch.Tensor]:
-    """Real inputs of another shape than the export example: two sequences of different
-    length (one padded) for language models, a new batch size for others."""
-    if model.family in ("causal-lm", "encoder"):
-        tok = model.tokenizer
-        texts = ["The quick brown fox jumps over the lazy dog near the river bank.",
-                 "Layer fusion merges similar layers of a trained network into one, so the model gets shallower and faster."]
-        enc = tok(texts, return_tensors="pt", padding=True) if tok.pad_token else None
-        if enc is None:
-            tok.pad_token = tok.eos_token
-            enc = tok(texts, return_tensors="pt", padding=True)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    x = model.example_inputs[0]
-    g = torch.Generator().manual_seed(0)
-    return {names[0]: torch.randn((3, *x.shape[1:]), generator=g, dtype=x.dtype)}
+def check_recipe(target: float, mode: str, select: str, fuse: str, target_kind: str) -> None:
+    """Refuse impossible option values with one line, before loading anything."""
+    if mode not in ("merge", "tie"):
+        raise LfgraphError(f"unknown mode {mode!r}: choose merge or tie")
+    if select not in SELECTIONS:
+        raise LfgraphError(f"unknown selection {select!r}: choose one of {', '.join(SELECTIONS)}")
+    if fuse not in FUSION_RULES:
+        raise LfgraphError(f"unknown fusion rule {fuse!r}: choose one of {', '.join(FUSION_RULES)}")
+    if target_kind not in ("blocks", "params"):
+        raise LfgraphError(f"unknown target kind {target_kind!r}: choose blocks or params")
+    if not (0.0 < target < 1.0):
+        raise LfgraphError(f"target {target} is out of range: give a fraction strictly between 0 and 1 (e.g. 0.25)")
 
 
-def latency_inputs(model: LoadedModel, names: list[str]) -> dict[str, "np.ndarray"]:
-    """A fixed input for timing: one sequence of 128 tokens for language models, else the
-    verification batch."""
-    if model.family in ("causal-lm", "encoder"):
-        vocab = min(len(model.tokenizer), 1000) if model.tokenizer is not None else 100
-        ids = np.arange(128, dtype=np.int64)[None, :] % vocab
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    return {k: v.numpy() for k, v in verification_inputs(model, names).items()}
+def check_output(out: Path, spec: Any) -> None:
+    if out.suffix != ".onnx":
+        raise LfgraphError(f"output {out} must end in .onnx")
+    if not out.parent.exists():
+        raise LfgraphError(f"output folder {out.parent} does not exist: create it or choose another -o path")
+    if is_onnx_spec(spec) and Path(spec).exists() and out.resolve() == Path(spec).resolve():
+        raise LfgraphError("the output would overwrite the input model: choose another -o path")
 
 
-def original_onnx(model: LoadedModel, graph: LayerGraph, quiet: bool = False) -> Path:
-    """The uncompressed model exported once and cached by weight fingerprint (for the
-    before/after comparison)."""
-    folder = cache_dir() / "onnx"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{graph.fingerprint()}.onnx"
-    if not path.is_file():
-        _progress(f"exporting the original {model.name} once for comparison (cached in {folder})", quiet)
-        args, names, axes = export_inputs(model)
-        export_onnx(model.module, args, path, names, list(model.output_names), axes)
-    return path
+def check_inputs(spec: Any, out: Path | None = None, plan: Any = None, calibration: CalibrationOptions | None = None) -> FusionPlan | None:
+    """Every check that needs no model: paths, output folder, plan file, calibration files.
+    Returns the plan when a plan file was given (parsed, not yet matched to the model)."""
+    if isinstance(spec, (str, os.PathLike)):
+        check_model_spec(str(spec))
+    if out is not None:
+        check_output(Path(out), spec)
+    if calibration is not None:
+        if calibration.text_file and not Path(calibration.text_file).exists():
+            raise LfgraphError(f"calibration text {calibration.text_file} does not exist: give a UTF-8 text file, or leave it out to use the bundled corpus")
+        if calibration.token_file and not Path(calibration.token_file).is_file():
+            raise LfgraphError(f"token file {calibration.token_file} does not exist: give a .npy or .pt file of token ids")
+        if calibration.windows < 1 or calibration.seq_len < 2:
+            raise LfgraphError(f"need at least one calibration window of at least 2 tokens, got {calibration.windows} x {calibration.seq_len}")
+    if plan is None or isinstance(plan, FusionPlan):
+        return plan
+    return FusionPlan.load(plan)
 
 
-@dataclass
-class CompressReport:
-    """Everything ``compress`` measured; ``table()`` renders the before/after table."""
-
-    model: str
-    plan: FusionPlan
-    out: Path
-    blocks: tuple[int, int]
-    params: tuple[int, int]
-    file_bytes: tuple[int, int]
-    verify: VerifyReport
-    latency_ms: tuple[float, float]
-    recipe: str
-    perplexity: tuple[float, float] | None = None
-    seconds: float = 0.0
-    log_records: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def table(self) -> str:
-        rows = [
-            *size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms),
-            ("max error vs torch", "", f"{self.verify.max_rel:.2e} rel", ""),
-        ]
-        if self.perplexity:
-            rows.append(("held-out perplexity", f"{self.perplexity[0]:.2f}", f"{self.perplexity[1]:.2f}", ratio(*self.perplexity)))
-        lines = before_after_table(f"lfgraph compress {self.model}: {self.recipe}", rows)
-        lines.append(f"  verification on {self.verify.provider}: {'✓ passed' if self.verify.ok else '✗ FAILED'}")
-        lines.extend(self.verify.lines())
-        lines.append(f"  written: {self.out}  ({self.seconds:.0f} s)")
-        return "\n".join(lines)
+# ---------------------------------------------------------------------------------------
+# compress
 
 
 def compress(
-    spec: str | LoadedModel,
+    spec: str | os.PathLike | LoadedModel | Source,
     out: str | Path,
     plan: FusionPlan | str | Path | None = None,
     target: float = 0.25,
     mode: str = "merge",
     select: str | None = None,
     fuse: str | None = None,
-    metric: str = "bures",
-    scope: str = "adjacent",
+    metric: str | None = None,
+    scope: str | None = None,
     target_kind: str = "blocks",
     calibration_text: str | None = None,
+    calibration_tokens: str | None = None,
     calibration_windows: int = 16,
     calibration_seq_len: int = 256,
-    eval_perplexity: int = 0,
+    eval_windows: int = 4,
+    eval_seq_len: int = 512,
+    max_quality_loss: float | None = None,
     log_path: str | Path | None = None,
+    rtol: float | None = None,
     quiet: bool = False,
 ) -> CompressReport:
-    """Compress a model to ``out`` (ONNX) and verify it on ONNX Runtime.
+    """Compress a model to ``out`` (ONNX), verify the file and measure the cost.
 
     With ``plan`` the given plan is applied (it must have been made for this model);
-    otherwise one is made from ``target`` and the selection/fusion options. ``select`` and
-    ``fuse`` default to the best measured recipe for the model family. With
-    ``eval_perplexity`` > 0, held-out perplexity on that many 512-token windows is measured
-    before and after (language models only).
+    otherwise one is made from ``target`` and the selection/fusion options, which default
+    to the best measured recipe for the model family. ``metric``/``scope`` apply to
+    ``select="similarity"`` only (given with another selection, the report says they were
+    ignored). ``eval_windows`` held-out windows of ``eval_seq_len`` tokens measure quality
+    against the original for language models (0 skips the quality check). With
+    ``max_quality_loss``, a larger loss makes the report fail (exit code 1; the file is
+    kept and marked in its metadata).
+
+    Guarantees: the model and input files are not modified; ``out`` (and its ``.data``)
+    appear only complete, after the export check ran.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if out.suffix != ".onnx":
-        raise LfgraphError(f"output {out} must end in .onnx")
-    if not out.parent.exists():
-        raise LfgraphError(f"output folder {out.parent} does not exist: create it or choose another -o path")
+    cal_opts = CalibrationOptions(calibration_text, calibration_tokens, calibration_windows, calibration_seq_len)
+    notes: list[str] = []
+    with stage("options"):
+        given_plan = check_inputs(spec, out, plan, cal_opts)
+        if given_plan is None:
+            check_recipe(target, mode, select or "similarity", fuse or "remove", target_kind)
+        if max_quality_loss is not None and max_quality_loss < 0:
+            raise LfgraphError(f"--max-quality-loss {max_quality_loss} is negative: give 0 or more (e.g. 0.5 for at most 50% higher perplexity)")
     _progress("loading the model", quiet)
-    model = load(spec)
-    _progress("tracing with torch.export", quiet)
-    graph = trace(model)
+    with stage("load"):
+        source = open_source(spec)
+    _progress("building the layer graph" + (" (torch.export)" if source.kind == "pytorch" else ""), quiet)
+    with stage("trace"):
+        graph = source.graph()
     calibration = None
-    if plan is not None:
-        plan = plan if isinstance(plan, FusionPlan) else FusionPlan.load(plan)
-        plan.check_applies_to(graph.fingerprint())
-        recipe = f"plan from file: mode {plan.mode}, fuse {plan.fuse}"
-        if plan.fuse == "calibrated":
-            calibration = calibration_for(model, calibration_text, calibration_windows, calibration_seq_len)
-    else:
-        default_select, default_fuse = default_recipe(model, mode)
-        chosen_select = select or default_select
-        chosen_fuse = fuse or default_fuse
-        is_default = select is None and fuse is None
-        needs_data = chosen_select != "similarity" or chosen_fuse == "calibrated"
-        if needs_data:
-            calibration = calibration_for(model, calibration_text, calibration_windows, calibration_seq_len)
-        _progress(f"planning: select {chosen_select}, fuse {chosen_fuse}, target {target} of {target_kind}", quiet)
-        plan = plan_model(model, graph, target, mode=mode, select=chosen_select, fuse=chosen_fuse, metric=metric,
-                          scope=scope, target_kind=target_kind, calibration=calibration, progress=not quiet)
-        recipe = (f"mode {mode}, select {chosen_select}"
-                  + (f" ({metric}, {scope})" if chosen_select == "similarity" else "")
-                  + f", fuse {chosen_fuse}" + (" [default for " + model.family + " models]" if is_default else ""))
+    with stage("plan"):
+        if given_plan is not None:
+            plan = given_plan
+            plan.check_applies_to(graph.fingerprint())
+            recipe = f"plan from file: mode {plan.mode}, fuse {plan.fuse}"
+            if plan.fuse == "calibrated":
+                calibration = source.calibration(cal_opts)
+        else:
+            d_select, d_fuse = default_recipe(source.family, mode, source.has_calibration(cal_opts))
+            chosen_select, chosen_fuse = select or d_select, fuse or d_fuse
+            if chosen_select != "similarity":
+                ignored = [o for o, v in (("--metric", metric), ("--scope", scope)) if v is not None]
+                if ignored:
+                    notes.append(f"{' and '.join(ignored)} ignored: they apply to --select similarity, not {chosen_select}")
+            if chosen_select in ACTIVATION_SELECTIONS or chosen_fuse == "calibrated":
+                calibration = source.calibration(cal_opts)
+            metric, scope = metric or "bures", scope or "adjacent"
+            _progress(f"planning: select {chosen_select}, fuse {chosen_fuse}, target {target} of {target_kind}", quiet)
+            plan = plan_model(source, graph, target, mode=mode, select=chosen_select, fuse=chosen_fuse, metric=metric,
+                              scope=scope, target_kind=target_kind, calibration=calibration, progress=not quiet)
+            recipe = describe(mode, chosen_select, chosen_fuse, metric, scope, select is None and fuse is None, source.family)
+        achieved = plan.provenance.get("achieved")
+        if achieved is not None and given_plan is None and abs(achieved - target) > 1e-6:
+            notes.append(f"target {target} of {target_kind} rounds to {achieved:.1%} of {plan.provenance.get('achieved_kind', target_kind)} actually removed")
     _progress(f"rewriting: {len(plan.fusions)} fusions", quiet)
-    result = rewrite(model, graph, plan, calibration=calibration, progress=not quiet)
-    compressed = result.model.eval()
-    metadata = {
-        "lfgraph.version": __version__,
-        "lfgraph.plan": plan.to_json(),
-        "lfgraph.recipe": recipe,
-        "lfgraph.source_model": model.name,
-    }
-    _progress(f"exporting to {out}", quiet)
-    args, names, axes = export_inputs(model)
-    rep: ExportReport = export_onnx(compressed, args, out, names, list(model.output_names), axes, metadata)
+    with stage("rewrite"):
+        result = rewrite(source, graph, plan, calibration=calibration, progress=not quiet)
+    compressed = result.model
+    metadata = {"lfgraph.version": __version__, "lfgraph.plan": plan.to_json(), "lfgraph.recipe": recipe,
+                "lfgraph.source_model": source.name}
+    with stage("write"), _staging(out) as staged:
+        _progress(f"writing {out.name}", quiet)
+        source.write(compressed, staged, metadata)
+        _progress("verifying the file on ONNX Runtime", quiet)
+        feed = source.verification_feed()
+        run = runner(staged)
+        parity = compare_outputs(source.reference_outputs(compressed, feed), run.run(feed), run.provider,
+                                 "the rewritten model", rtol or source.rtol, feed.get("attention_mask"))
+        del run
+        original = source.original_file(quiet)
+        size_before, size_after = file_bytes(original), file_bytes(staged)
+        if size_after > size_before:
+            raise LfgraphError(
+                f"the compressed file ({size_after / 1e6:.1f} MB) would be larger than the original ({size_before / 1e6:.1f} MB): "
+                "nothing was written; its weights are probably built by constant subgraphs the rewrite had to materialise"
+            )
+        quality = _quality(source, compressed, staged, feed, eval_windows, eval_seq_len, quiet)
+        failed_quality = max_quality_loss is not None and quality is not None and quality.loss > max_quality_loss
+        if failed_quality:
+            _mark_failed(staged, quality.loss, max_quality_loss)
+        _progress("timing both models on ONNX Runtime", quiet)
+        (before_ms, _), (after_ms, _) = alternating_latency([original, staged], source.latency_feed(), runs=10)
     if log_path:
         write_text_atomic(log_path, result.log.to_json())
-    _progress("verifying on ONNX Runtime", quiet)
-    vin = verification_inputs(model, names)
-    verify = verify_onnx(out, compressed, vin)
-    orig_path = original_onnx(model, graph, quiet)
-    _progress("timing both models on ONNX Runtime", quiet)
-    (before_ms, _), (after_ms, _) = alternating_latency([orig_path, out], latency_inputs(model, names), runs=10)
-    blocks_before = len(graph.blocks)
-    blocks_after = blocks_before - (sum(len(f.absorb) for f in plan.fusions) if plan.mode == "merge" else 0)
-    ppl = None
-    if eval_perplexity and model.family == "causal-lm":
-        from .calibration import heldout_windows, perplexity
-
-        _progress(f"held-out perplexity on {eval_perplexity} windows of 512 tokens", quiet)
-        windows = heldout_windows(model.tokenizer, eval_perplexity, 512)
-        ppl = (perplexity(model.module, windows, progress=not quiet), perplexity(compressed, windows, progress=not quiet))
+    removed = sum(len(f.absorb) for f in plan.fusions) if plan.mode == "merge" else 0
     return CompressReport(
-        model=model.name, plan=plan, out=out, blocks=(blocks_before, blocks_after),
-        params=(unique_parameter_count(model.module), unique_parameter_count(compressed)),
-        file_bytes=(_onnx_bytes(orig_path), rep.file_bytes), verify=verify,
-        latency_ms=(before_ms, after_ms), recipe=recipe, perplexity=ppl,
-        seconds=time.perf_counter() - t0, log_records=len(result.log.records),
+        model=source.name, source_kind=source.kind, recipe=recipe, plan=plan, out=out,
+        blocks=(len(graph.blocks), len(graph.blocks) - removed),
+        params=(source.parameter_count(None), source.parameter_count(compressed)),
+        file_bytes=(size_before, size_after), latency_ms=(before_ms, after_ms), parity=parity, quality=quality,
+        max_quality_loss=max_quality_loss, notes=notes, seconds=time.perf_counter() - t0, log_records=len(result.log.records),
+        compressed=compressed, graph=graph, log=result.log,
     )
 
 
-def calibration_for(model: LoadedModel, text_file: str | None, n: int, seq_len: int) -> Any:
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A path in a temporary folder beside ``out``; on success the written files (model and
+    ``.data``) move over ``out`` — the data file first — and on failure nothing is left."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = folder / out.name
+        yield staged
+        data = folder / (out.name + ".data")
+        if data.exists():
+            os.replace(data, out.with_name(out.name + ".data"))
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _mark_failed(path: Path, loss: float, limit: float) -> None:
+    """Keep the file but say in its metadata that it failed the quality gate."""
+    import onnx
+
+    from .onnx_io import add_metadata, save_onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    has_data = path.with_name(path.name + ".data").exists()
+    if has_data:  # rewrite only the small model file; the data file stays as it is
+        add_metadata(m, {"lfgraph.quality_gate": f"FAILED: loss {loss:.4f} > {limit}"})
+        onnx.save_model(m, str(path))
+        return
+    m = onnx.load(str(path))
+    add_metadata(m, {"lfgraph.quality_gate": f"FAILED: loss {loss:.4f} > {limit}"})
+    save_onnx(m, path)
+
+
+def _quality(source: Source, compressed: Any, staged: Path, feed: dict, eval_windows: int, eval_seq_len: int, quiet: bool) -> QualityReport | None:
+    """The compressed model against the original (see :mod:`lfgraph.evaluate`)."""
+    from . import evaluate
+
+    if isinstance(source, OnnxSource):
+        ref = runner(source.path).run(feed)
+        got = runner(staged).run(feed)
+        return evaluate.output_quality(ref, got, "verification inputs, input graph vs compressed graph on ONNX Runtime", "onnx")
+    model = source.model
     if model.family in ("causal-lm", "encoder"):
-        return calibration_tokens(model, n, seq_len, text_file)
-    if model.calibration is None:
-        raise LfgraphError(f"{model.name} needs calibration inputs for this selection/fusion: pass them in the Python API")
-    return model.calibration
+        if eval_windows <= 0:
+            return None
+        if model.tokenizer is None:
+            return QualityReport(kind=model.family, loss=float("nan"), loss_name="not measured", protocol="no tokenizer: quality needs held-out text",
+                                 skipped="the model folder has no tokenizer files")
+        from .calibration import heldout_windows
+
+        # a window never longer than the model takes (BERT-style position tables are fixed)
+        eval_seq_len = min(eval_seq_len, int(getattr(model.hf_model.config, "max_position_embeddings", eval_seq_len) or eval_seq_len))
+        _progress(f"quality vs the original on {eval_windows} held-out windows of {eval_seq_len} tokens", quiet)
+        windows = heldout_windows(model.tokenizer, eval_windows, eval_seq_len)
+        if model.family == "encoder":
+            return evaluate.encoder_quality(model.module, compressed, windows)
+        return evaluate.causal_lm_quality(model.module, compressed, windows, model.tokenizer, model.hf_model, getattr(compressed, "model", None))
+    inputs = model.calibration if isinstance(model.calibration, torch.Tensor) else None
+    data = {source.type.input_names[0]: inputs[:256]} if inputs is not None else {k: torch.from_numpy(v) for k, v in feed.items()}
+    from .verify import torch_outputs
+
+    names, outs = source.type.input_names[:1] if inputs is not None else list(data), source.type.output_names
+    ref = torch_outputs(model.module, data, names, outs)
+    got = torch_outputs(compressed, data, names, outs)
+    what = "calibration samples" if inputs is not None else "verification inputs"
+    return evaluate.output_quality(ref, got, f"{next(iter(data.values())).shape[0]} {what}, PyTorch", model.family)
 
 
-def _onnx_bytes(path: Path) -> int:
-    data = Path(str(path) + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+# ---------------------------------------------------------------------------------------
+# verify and helpers
+
+
+def verify(onnx_file: str | Path, spec: str | LoadedModel, rtol: float = 1e-4) -> Any:
+    """Re-check an lfgraph ONNX file: re-apply the plan in its metadata to ``spec`` (the
+    model it was compressed from, PyTorch or ONNX) and compare outputs by name."""
+    onnx_file = Path(onnx_file)
+    if not onnx_file.is_file():
+        raise LfgraphError(f"ONNX file {onnx_file} does not exist")
+    plan = metadata_plan(onnx_file)
+    if plan.fuse == "calibrated":
+        raise LfgraphError("verify re-runs the rewrite; a calibrated plan depends on calibration data: verify right after compress instead")
+    source, graph = graph_of(spec)
+    compressed = rewrite(source, graph, plan, progress=False).model
+    feed = source.verification_feed()
+    run = runner(onnx_file)
+    return compare_outputs(source.reference_outputs(compressed, feed), run.run(feed), run.provider, "the rewritten model",
+                           rtol, feed.get("attention_mask"))
 
 
 def plan_summary(plan: FusionPlan) -> str:
@@ -358,15 +443,16 @@ def plan_summary(plan: FusionPlan) -> str:
         lines.append(f"  keep {f.keep:<40} absorb {', '.join(f.absorb)}  (score {f.score:.4g}{', aligned' if f.align else ''})")
     if "blocks_before" in p:
         lines.append(f"  blocks {p['blocks_before']} -> {p.get('blocks_after')}; parameters saved {p.get('params_saved', '?')}")
+    if "achieved" in p:
+        lines.append(f"  removes {p['achieved']:.1%} of the {p.get('achieved_kind')} (target {p.get('target')})")
     return "\n".join(lines)
 
 
 def metadata_plan(onnx_path: str | Path) -> FusionPlan:
     """The plan stored in an lfgraph ONNX file's metadata."""
-    from .export import read_metadata
+    from .onnx_io import read_metadata
 
     meta = read_metadata(onnx_path)
     if "lfgraph.plan" not in meta:
         raise LfgraphError(f"{onnx_path} was not written by lfgraph compress (no plan in its metadata)")
     return FusionPlan.from_json(meta["lfgraph.plan"])
-

@@ -1,8 +1,11 @@
-"""The before/after table that ``lfgraph compress`` ends with (PyTorch and ONNX paths)."""
+"""The one report of ``lfgraph compress`` (PyTorch and ONNX sources alike) and its
+before/after table."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 
 def ratio(before: float, after: float) -> str:
@@ -32,3 +35,83 @@ def size_rows(
         ("ONNX file", megabytes(file_bytes[0]), megabytes(file_bytes[1]), ratio(*file_bytes)),
         ("ORT latency (median)", f"{latency_ms[0]:.1f} ms", f"{latency_ms[1]:.1f} ms", ratio(*latency_ms)),
     ]
+
+
+@dataclass
+class CompressReport:
+    """Everything ``compress`` measured, for both source kinds; ``table()`` renders it.
+
+    ``parity``: the written file against the rewritten model ("the file computes what the
+    rewritten model computes"). ``quality``: the compressed model against the original
+    ("this far from the original"). ``exit_code`` is the one rule every path uses.
+    """
+
+    model: str
+    source_kind: str
+    recipe: str
+    plan: Any
+    out: Path
+    blocks: tuple[int, int]
+    params: tuple[int, int]
+    file_bytes: tuple[int, int]
+    latency_ms: tuple[float, float]
+    parity: Any
+    quality: Any = None
+    max_quality_loss: float | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    log_records: int = 0
+    # in-memory results for the stages after compress (healing, deploy outputs, the visualizer)
+    compressed: Any = field(default=None, repr=False)
+    graph: Any = field(default=None, repr=False)
+    log: Any = field(default=None, repr=False)
+
+    @property
+    def quality_ok(self) -> bool:
+        if self.max_quality_loss is None or self.quality is None:
+            return True
+        return bool(self.quality.loss <= self.max_quality_loss)
+
+    @property
+    def ok(self) -> bool:
+        return self.parity.ok and self.quality_ok
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        rows = size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms)
+        if self.quality is not None:
+            rows.extend(self.quality.rows)
+        return rows
+
+    def table(self) -> str:
+        lines = before_after_table(f"lfgraph compress {self.model} ({self.source_kind}): {self.recipe}", self.rows())
+        achieved = self.plan.provenance.get("achieved")
+        if achieved is not None:
+            lines.append(f"  removed: {achieved:.1%} of the {self.plan.provenance.get('achieved_kind')}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        verdict = "✓ the file computes what the rewritten model computes" if self.parity.ok else "✗ FAILED: the file does not compute what the rewritten model computes"
+        lines.append(f"  export check on {self.parity.provider}: {verdict}")
+        lines.extend(self.parity.lines())
+        if self.quality is not None:
+            if self.quality.skipped:
+                lines.append(f"  quality vs the original: not measured ({self.quality.skipped})")
+            else:
+                lines.extend(self.quality.lines())
+                if self.max_quality_loss is not None:
+                    gate = "✓ within" if self.quality_ok else "✗ FAILED: above"
+                    lines.append(f"  quality gate: {gate} --max-quality-loss {self.max_quality_loss:g}"
+                                 + ("" if self.quality_ok else " (file kept, marked in its metadata)"))
+        lines.append(f"  written: {self.out}  ({self.seconds:.0f} s)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "source": self.source_kind, "recipe": self.recipe, "out": str(self.out),
+            "rows": [list(r) for r in self.rows()], "notes": self.notes, "ok": self.ok,
+            "parity": {"ok": self.parity.ok, "provider": self.parity.provider, "max_rel": self.parity.max_rel},
+            "quality": self.quality.to_dict() if self.quality is not None else None, "seconds": self.seconds,
+        }

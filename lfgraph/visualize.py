@@ -1055,3 +1055,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_subcommand(sub: "argparse._SubParsersAction") -> None:
+    """Register ``lfgraph visualize`` (the same options as :func:`build_parser`)."""
+    p = sub.add_parser("visualize", help="draw what a plan or rewrite did to a model (HTML or PNG)")
+    for action in build_parser()._actions[1:]:
+        p._add_action(action)
+    p.set_defaults(run=lambda args: main_args(args))
+
+
+def main_args(args: argparse.Namespace) -> int:
+    outputs = args.output or (["rewrite-demo.html"] if args.demo else ["rewrite.html"])
+    if args.demo:
+        if args.model or args.plan or args.log:
+            raise LfgraphError("--demo builds its own model and plan: leave out MODEL, --plan and --log")
+        if args.layers < 2:
+            raise LfgraphError("--layers must be at least 2: one block cannot be fused with anything")
+        plan = demo(outputs[0], mode=args.mode, layers=args.layers)
+        return 0 if plan.fusions else 1
+    if not args.model or not args.plan:
+        raise LfgraphError("give the model and --plan (and --log for what the rewrite did), or use --demo")
+    plan = FusionPlan.load(args.plan)
+    log = load_log(args.log) if args.log else None
+    graph = _graph_for(args.model)
+    plan.check_applies_to(graph.fingerprint())
+    for out in outputs:
+        render_rewrite(graph, plan, log, out, title=args.title)
+        print(f"visualize: wrote {out}")
+    return 0

@@ -16,9 +16,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lfgraph.onnx_io import ort_max_opset
+
 NEWEST_OPSET = onnx.defs.onnx_opset_version()
-#: The newest opset ONNX Runtime 1.31 runs (with IR 13).
-ORT_OPSET = 26
+#: The newest opset the installed ONNX Runtime runs, asked of ORT itself.
+ORT_OPSET = ort_max_opset()
 
 
 def ir_for(opset: int) -> int:

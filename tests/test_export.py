@@ -10,7 +10,9 @@ import torch
 
 from lfgraph import zoo
 from lfgraph.errors import LfgraphError
-from lfgraph.export import export_onnx, read_metadata, verify_onnx
+from lfgraph.export import export_onnx
+from lfgraph.onnx_io import read_metadata
+from lfgraph.verify import verify_against_torch
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import CausalLMLogits, EncoderHidden
 from lfgraph.passes.planner import make_plan
@@ -40,7 +42,7 @@ def _export_and_verify(model, kind, path, plan=None):
         check = {"input_ids": ids, "attention_mask": mask}
     meta = {"lfgraph.plan": plan.to_json()} if plan else None
     report = export_onnx(model, args, path, names, ["output"], axes, meta)
-    return report, verify_onnx(path, model, check)
+    return report, verify_against_torch(path, model, check)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -100,5 +102,5 @@ def test_verify_reports_a_wrong_model(tmp_path):
     other = zoo.MLP()
     with torch.no_grad():
         other.net[0].weight.add_(0.5)
-    report = verify_onnx(path, other, {"input": torch.randn(3, 16)})
+    report = verify_against_torch(path, other, {"input": torch.randn(3, 16)})
     assert not report.ok and "✗" in report.lines()[0]

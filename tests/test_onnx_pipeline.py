@@ -44,7 +44,7 @@ def test_compress_onnx_drops_exactly_the_planned_parameters(cnn_onnx, tmp_path, 
     assert main(["plan", str(src), "--mode", mode, *args, "-o", str(plan_path)]) == 0
     assert main(["compress", str(src), "--plan", str(plan_path), "-o", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "(ONNX path)" in table and "max error vs input" in table
+    assert "(onnx)" in table and "quality vs the original" in table
     import json
 
     plan = json.loads(plan_path.read_text())

@@ -19,7 +19,7 @@ def test_vision_default_with_calibration_data_is_block_influence_and_calibrated(
     report = pipeline.compress(model, tmp_path / "cnn.onnx", target=0.34, quiet=True)
     assert "select block_influence" in report.recipe and "fuse calibrated" in report.recipe
     assert report.blocks == (6, 4)
-    assert report.verify.ok
+    assert report.parity.ok
     assert report.params[1] < report.params[0]
 
 
@@ -27,4 +27,4 @@ def test_without_calibration_data_the_default_selects_by_weights(tmp_path):
     model = wrap_module(_cnn(), (torch.randn(1, 3, 16, 16),), name="cnn", family="vision")
     report = pipeline.compress(model, tmp_path / "cnn.onnx", target=0.34, quiet=True)
     assert "select similarity" in report.recipe and "fuse remove" in report.recipe
-    assert report.blocks == (6, 4) and report.verify.ok
+    assert report.blocks == (6, 4) and report.parity.ok

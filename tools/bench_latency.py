@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import numpy as np
 
-from lfgraph.export import alternating_latency
+from lfgraph.verify import alternating_latency
 
 
 def main() -> None:

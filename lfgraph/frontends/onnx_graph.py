@@ -1144,10 +1144,10 @@ def check_fusable(graph: LayerGraph, mode: str) -> None:
         if not graph.blocks:
             raise LfgraphError(
                 f"{graph.model_name or 'the model'} has no residual blocks (no Add joining a path with its skip connection): "
-                "merge cannot remove any; use --mode tie"
+                "merge cannot remove any; share weights instead with --mode tie --target-kind params"
             )
         if not kinds or max(kinds.values()) < 2:
             raise LfgraphError(
                 f"{graph.model_name or 'the model'} has no two residual blocks of one structure with an identity skip: "
-                "merge cannot remove any; use --mode tie"
+                "merge cannot remove any; share weights instead with --mode tie --target-kind params"
             )

@@ -112,7 +112,7 @@ def _plan_blocks(graph: LayerGraph, analysis: Analysis, target: float, target_ki
     if not removable:
         raise LfgraphError(
             f"{graph.model_name or 'the model'} has no blocks with an identity skip path: merge cannot remove any; "
-            "use --mode tie to share weights instead"
+            "share weights instead with --mode tie --target-kind params"
         )
     block_params = {b.name: sum(graph.node(m).num_params for m in b.members) for b in graph.blocks}
     if target_kind == "blocks":

@@ -30,10 +30,6 @@ why edits are made on the protobuf and not through onnx-graphsurgeon, whose expo
 
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -41,14 +37,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import LfgraphError
-from ..export import OutputCheck, VerifyReport
-from ..fileio import atomic_path
+from ..onnx_io import check_model
 from ..frontends.onnx_graph import (
     CONV,
     BlockInfo,
     OnnxStructure,
     PermSpace,
-    all_tensors,
     analyze_onnx,
     match_blocks,
     outer_names,
@@ -57,15 +51,6 @@ from ..graph import LayerGraph
 from ..plan import Fusion, FusionPlan
 from .base import PassResult, RewriteLog
 from .metrics import row_assignment
-
-#: Above this many bytes of tensor data a model is saved with its tensors in a ``.data``
-#: file beside it: protobuf cannot serialise a message over 2 GB.
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
-
-
-class RewriteCheckError(LfgraphError):
-    """The rewritten graph is not valid ONNX (a bug in a pass, reported with its cause)."""
-
 
 def apply_plan(model: onnx.ModelProto, graph: LayerGraph, plan: FusionPlan) -> PassResult:
     """Rewrite a copy of ``model`` as ``plan`` says; see the module docstring.
@@ -522,151 +507,7 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Nod
 
 
 # --------------------------------------------------------------------------------------
-# checking, saving, verifying
-
-
-def _tensor_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in all_tensors(model):
-        n = int(np.prod(t.dims)) if t.dims else 1
-        total += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize if t.data_type else 0
-    return total
-
-
-def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` full check (with shape inference); models over the protobuf limit
-    are checked from a temporary copy with external data. Raises ``RewriteCheckError``."""
-    try:
-        if _tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model, full_check=True)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "model.onnx"
-            _save_external(model, path, "model.onnx.data")
-            onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise RewriteCheckError(f"the rewritten model fails onnx.checker: {' '.join(str(e).split())[:300]}") from None
-
-
-def _save_external(model: onnx.ModelProto, path: Path, location: str) -> None:
-    """Save with large tensors in ``path.parent / location``; ``model`` is left as it was.
-
-    ``onnx.save_model`` moves tensor bytes out of the model it saves, so it saves a copy:
-    the copy's memory goes when it does, whereas bytes cleared from and read back into the
-    caller's model would stay allocated in its protobuf arena.
-    """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=1024)
-
-
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
-    """Write ``model`` to ``path`` atomically and return the files written.
-
-    With ``external_data`` (default: when the tensors exceed ~2 GB, the protobuf limit)
-    every tensor of 1 kB or more goes to ``<name>.data`` beside the model, itself written
-    atomically before the model file (no data file when no tensor is that large).
-    ``model`` is left as it was.
-    """
-    path = Path(path)
-    if external_data is None:
-        external_data = _tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    if not external_data:
-        with atomic_path(path) as tmp:
-            onnx.save_model(model, str(tmp))
-        return [path]
-    data = path.with_name(path.name + ".data")
-    if not path.parent.is_dir():
-        raise LfgraphError(f"output folder {path.parent} does not exist: create it or choose another -o path")
-    written = [path]
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as d:
-        staged, staged_data = Path(d) / path.name, Path(d) / data.name
-        _save_external(model, staged, data.name)
-        with atomic_path(path) as tmp_model:
-            if staged_data.exists():
-                # the data file lands first: the model file never points at missing data
-                with atomic_path(data) as tmp_data:
-                    os.replace(staged_data, tmp_data)
-                written.append(data)
-            os.replace(staged, tmp_model)
-    return written
-
-
-@dataclass
-class _Runner:
-    provider: str
-    run: Any
-    output_names: list[str]
-
-
-def _runner(model: onnx.ModelProto, tmpdir: str) -> _Runner:
-    """ONNX Runtime (CPU, graph optimisations off so that equal graphs give equal bits);
-    the ONNX reference evaluator when ORT refuses the model (opsets newer than it knows)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        if _tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-            sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        else:
-            path = Path(tmpdir) / f"m{len(os.listdir(tmpdir))}.onnx"
-            _save_external(model, path, path.name + ".data")
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        return _Runner("CPUExecutionProvider", lambda feed: sess.run(None, feed), [o.name for o in sess.get_outputs()])
-    except Exception as e:
-        ort_error = " ".join(str(e).split())[:200]
-    from onnx.reference import ReferenceEvaluator
-
-    try:
-        ref = ReferenceEvaluator(model)
-    except Exception as e:
-        raise LfgraphError(f"neither ONNX Runtime ({ort_error}) nor the ONNX reference evaluator ({str(e)[:150]}) can run the model") from None
-    return _Runner(f"onnx.reference (ONNX Runtime {ort.__version__} refused: {ort_error[:80]})", lambda feed: ref.run(None, feed), [o.name for o in model.graph.output])
-
-
-def verify_against(
-    original: onnx.ModelProto,
-    rewritten: onnx.ModelProto,
-    inputs: Mapping[str, np.ndarray] | None = None,
-    rtol: float = 1e-4,
-) -> VerifyReport:
-    """Run both models on ``inputs`` (default :func:`make_inputs`) and compare each output.
-
-    ``max_abs`` is the largest absolute difference, ``max_rel`` that divided by the largest
-    magnitude of the original's output; an output is ``ok`` when ``max_rel <= rtol``. The
-    report's ``max_abs == 0.0`` means bit-identical outputs. Errors are reported, never
-    hidden: a missing output or a shape change gives ``inf``.
-    """
-    feed = dict(inputs) if inputs is not None else make_inputs(original)
-    outputs, provider = [], ""
-    with tempfile.TemporaryDirectory() as d:
-        # one session at a time: each holds a copy of the weights
-        for model in (original, rewritten):
-            inits = {t.name for t in model.graph.initializer}
-            names = [i.name for i in model.graph.input if i.name not in inits]
-            missing = [n for n in names if n not in feed]
-            if missing:
-                raise LfgraphError(f"verification needs inputs {missing} that were not given")
-            runner = _runner(model, d)
-            provider = provider or runner.provider
-            outputs.append(dict(zip(runner.output_names, runner.run({n: feed[n] for n in names}))))
-            del runner
-    ref_out, new_out = outputs
-    report = VerifyReport(provider=provider)
-    for name, want in ref_out.items():
-        got = new_out.get(name)
-        want = np.asarray(want)
-        if got is None or np.asarray(got).shape != want.shape:
-            report.outputs.append(OutputCheck(name, float("inf"), float("inf"), False))
-            continue
-        diff = np.abs(np.asarray(got, dtype=np.float64) - want.astype(np.float64))
-        err = float(diff.max()) if diff.size else 0.0
-        scale = float(np.abs(want).max()) if want.size else 0.0
-        rel = err / scale if scale > 0 else err
-        report.outputs.append(OutputCheck(name, err, rel, rel <= rtol))
-    return report
+# example inputs
 
 
 def make_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 1, seq_len: int = 8) -> dict[str, np.ndarray]:

@@ -22,8 +22,10 @@ from lfgraph import zoo
 from lfgraph.errors import LfgraphError
 from lfgraph.frontends.onnx_graph import analyze_onnx, build_layer_graph, load_onnx
 from lfgraph.models import CausalLMLogits, EncoderHidden
-from lfgraph.passes import rewrite_onnx
-from lfgraph.passes.rewrite_onnx import apply_plan, exact_expected, make_inputs, permute_hidden_units, save_onnx, verify_against
+from lfgraph import onnx_io
+from lfgraph.onnx_io import save_onnx
+from lfgraph.passes.rewrite_onnx import apply_plan, exact_expected, make_inputs, permute_hidden_units
+from lfgraph.verify import verify_against_onnx
 from lfgraph.plan import Fusion, FusionPlan
 
 # tests/ is on sys.path through its conftest.py (pytest's default "prepend" import mode)
@@ -84,7 +86,7 @@ def test_tie_of_identical_weights_is_exact(opset, weights):
     before = m.SerializeToString()
     r = apply_plan(m, g, _tie_all())
     assert m.SerializeToString() == before  # the input model is never modified
-    report = verify_against(m, r.model, {"x": X})
+    report = verify_against_onnx(m, r.model, {"x": X})
     assert report.max_abs == 0.0, report.lines()
     assert report.provider.startswith("onnx.reference" if opset > ORT_OPSET else "CPUExecutionProvider")
     matmuls = [n for n in r.model.graph.node if n.op_type == "MatMul"]
@@ -101,7 +103,7 @@ def test_tie_of_different_weights_reports_the_error():
     m = residual_mlp(ORT_OPSET)
     assert not exact_expected(build_layer_graph(m), _tie_all())
     r = apply_plan(m, build_layer_graph(m), _tie_all())
-    report = verify_against(m, r.model, {"x": X})
+    report = verify_against_onnx(m, r.model, {"x": X})
     assert np.isfinite(report.max_abs) and report.max_abs > 1e-3
     assert report.lines() and not report.ok
 
@@ -111,7 +113,7 @@ def test_tie_on_ir3_model_keeps_initializers_as_inputs():
     r = apply_plan(m, build_layer_graph(m), _tie_all())
     inputs = {i.name for i in r.model.graph.input}
     assert all(t.name in inputs for t in r.model.graph.initializer)
-    assert verify_against(m, r.model, {"x": X}).max_abs == 0.0
+    assert verify_against_onnx(m, r.model, {"x": X}).max_abs == 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def test_merge_of_block_producing_the_graph_output():
     r = apply_plan(m, build_layer_graph(m), _merge("layers.1", ["layers.2"], fuse="remove"))
     assert [o.name for o in r.model.graph.output] == ["y"]
     assert r.model.graph.node[-1].op_type == "Identity"
-    assert verify_against(m, r.model, {"x": X}).outputs[0].name == "y"
+    assert verify_against_onnx(m, r.model, {"x": X}).outputs[0].name == "y"
 
 
 def test_merge_mean_of_identical_blocks_equals_removal():
@@ -159,7 +161,7 @@ def test_merge_mean_of_identical_blocks_equals_removal():
     g = build_layer_graph(m)
     mean = apply_plan(m, g, _merge("layers.0", ["layers.1", "layers.2"]))
     removed = apply_plan(m, g, _merge("layers.0", ["layers.1", "layers.2"], fuse="remove"))
-    assert verify_against(removed.model, mean.model, {"x": X}).max_abs == 0.0
+    assert verify_against_onnx(removed.model, mean.model, {"x": X}).max_abs == 0.0
     assert mean.log.count("fuse") == 1 and mean.log.count("permute") == 0
 
 
@@ -208,7 +210,7 @@ def test_cnn_merge_remove_equals_zeroed_block(opset):
 def test_cnn_merge_mean_aligned_runs():
     m = residual_cnn(ORT_OPSET)
     r = apply_plan(m, build_layer_graph(m), _merge("block0", ["block1"]))
-    report = verify_against(m, r.model)
+    report = verify_against_onnx(m, r.model)
     assert np.isfinite(report.max_abs)
     assert r.log.count("permute") == 1  # conv1's channels (with BatchNorm) aligned
 
@@ -222,7 +224,7 @@ def test_permuted_hidden_units_compute_the_same_function(builder, block):
     m = builder()
     p = permute_hidden_units(m, block, seed=3)
     assert build_layer_graph(p).fingerprint() != build_layer_graph(m).fingerprint()
-    report = verify_against(m, p)
+    report = verify_against_onnx(m, p)
     assert report.max_rel < 1e-5, report.lines()
 
 
@@ -237,7 +239,7 @@ def test_aligned_merge_of_a_permuted_copy_gives_back_the_block():
         np.testing.assert_array_equal(g2.node(f"layers.0.{role}").bias, g.node(f"layers.0.{role}").bias)
     assert r.log.count("permute") == 1
     removed = apply_plan(m, g, _merge("layers.0", ["layers.1"], fuse="remove"))
-    assert verify_against(removed.model, r.model, {"x": X}).max_abs == 0.0
+    assert verify_against_onnx(removed.model, r.model, {"x": X}).max_abs == 0.0
     # without alignment the mean mixes unrelated units
     unaligned = build_layer_graph(apply_plan(m, g, _merge("layers.0", ["layers.1"], align=False)).model)
     assert not np.array_equal(unaligned.node("layers.0.fc1").weight, g.node("layers.0.fc1").weight)
@@ -326,7 +328,7 @@ def test_exported_models_rewrite_and_run(exported, graphs, key):
     for mode in ("merge", "tie"):
         plan = make_plan(g, metric="euclidean", target=0.25, mode=mode, fuse="mean")
         r = apply_plan(m, g, plan)  # checked with onnx.checker inside
-        report = verify_against(m, r.model, feed)
+        report = verify_against_onnx(m, r.model, feed)
         assert report.outputs and all(np.isfinite(o.max_abs) for o in report.outputs)
         after = build_layer_graph(r.model)
         if mode == "merge":
@@ -361,7 +363,7 @@ def test_foreign_resnet50_merge_runs():
     m = load_onnx(LIGHT / "light_resnet50.onnx")
     g = build_layer_graph(m)
     r = apply_plan(m, g, _merge("block1", ["block2"], fuse="remove"))
-    report = verify_against(m, r.model)
+    report = verify_against_onnx(m, r.model)
     assert [o.name for o in report.outputs] == [o.name for o in m.graph.output]
     assert len(r.model.graph.node) < len(m.graph.node)
 
@@ -386,11 +388,11 @@ def test_save_with_external_data(tmp_path, monkeypatch):
     assert m.SerializeToString() == before  # the caller's model keeps its data
     assert build_layer_graph(load_onnx(tmp_path / "ext.onnx")).fingerprint() == build_layer_graph(m).fingerprint()
     # above the protobuf limit (made small here) external data is chosen by itself
-    monkeypatch.setattr(rewrite_onnx, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1024)
     assert save_onnx(m, tmp_path / "big.onnx")[1].name == "big.onnx.data"
     r = apply_plan(m, build_layer_graph(m), _tie_all())  # checker and ORT read the big model from files
     x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
-    assert verify_against(m, r.model, {"x": x}).max_abs > 0
+    assert verify_against_onnx(m, r.model, {"x": x}).max_abs > 0
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data", "ext.onnx", "ext.onnx.data"]
 
 
@@ -415,7 +417,7 @@ def test_make_inputs_respects_embedding_tables(graphs):
     m = graphs["llama"][0]
     feed = make_inputs(m)
     assert feed["input_ids"].dtype == np.int64 and feed["input_ids"].max() < 128
-    assert verify_against(m, m, feed).max_abs == 0.0
+    assert verify_against_onnx(m, m, feed).max_abs == 0.0
 
 
 def _two_layer_model(alpha: float) -> onnx.ModelProto:
@@ -440,7 +442,7 @@ def test_tie_across_layouts_and_gemm_alpha_is_exact():
     g = build_layer_graph(m)
     np.testing.assert_array_equal(g.node("net.0").weight, g.node("net.1").weight)  # alpha folded in
     r = apply_plan(m, g, _plan("tie", [Fusion("net.0", ["net.1"], unit="layer", align=False)]))
-    assert verify_against(m, r.model, {"x": X}).max_abs == 0.0
+    assert verify_against_onnx(m, r.model, {"x": X}).max_abs == 0.0
     assert len(r.model.graph.initializer) == 1
     gemm = next(n for n in r.model.graph.node if n.op_type == "Gemm")
     assert onnx.helper.get_attribute_value(next(a for a in gemm.attribute if a.name == "alpha")) == 1.0
@@ -454,7 +456,7 @@ def test_tie_of_transposed_layouts_shares_through_one_transpose():
     m.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), "net.1.weight"))
     g = build_layer_graph(m)
     r = apply_plan(m, g, _plan("tie", [Fusion("net.0", ["net.1"], unit="layer", align=False)]))
-    assert verify_against(m, r.model, {"x": X}).max_abs == 0.0
+    assert verify_against_onnx(m, r.model, {"x": X}).max_abs == 0.0
     assert len(r.model.graph.initializer) == 1
     assert [n.op_type for n in r.model.graph.node].count("Transpose") == 1
 
@@ -484,7 +486,7 @@ def test_model_over_the_protobuf_limit(tmp_path):
     graph = build_layer_graph(m)
     assert [b.name for b in graph.blocks] == ["layers.0", "layers.1", "layers.2"]
     r = apply_plan(m, graph, _merge("layers.0", ["layers.1"]))
-    report = verify_against(m, r.model, {"ids": np.array([1, rows - 1], dtype=np.int64)})
+    report = verify_against_onnx(m, r.model, {"ids": np.array([1, rows - 1], dtype=np.int64)})
     assert np.isfinite(report.max_abs)
     out = tmp_path / "merged.onnx"
     assert save_onnx(r.model, out) == [out, tmp_path / "merged.onnx.data"]

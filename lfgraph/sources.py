@@ -1,0 +1,227 @@
+"""Sources: what the one pipeline needs from a PyTorch model or an ONNX file.
+
+A :class:`Source` turns a model spec into a LayerGraph, applies a plan with the rewrite
+of its own kind (torch or ONNX), writes the result as ONNX, and says what the written file
+must compute (the parity reference) and how far the result is from the original (the
+quality check's raw outputs). Everything else — planning, verification, timing, the
+report, exit codes — is the pipeline's and is the same for both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from . import __version__
+from .errors import LfgraphError
+from .graph import LayerGraph
+from .model_types import CalibrationOptions, ModelType, model_type
+from .models import ALIASES, LoadedModel, cache_dir, load_model
+from .onnx_io import file_bytes, runner, save_onnx
+from .passes.base import PassResult
+from .plan import FusionPlan
+
+
+class Source:
+    """A model the pipeline compresses. Subclasses: :class:`TorchSource`, :class:`OnnxSource`."""
+
+    kind: str = ""
+    name: str = ""
+    family: str = ""
+
+    def graph(self) -> LayerGraph:
+        raise NotImplementedError
+
+    def has_calibration(self, options: CalibrationOptions) -> bool:
+        return False
+
+    def calibration(self, options: CalibrationOptions) -> Any:
+        raise LfgraphError(f"{self.name}: activation-based selection and the calibrated fusion rule need the PyTorch model; ONNX files support --select similarity")
+
+    def rewrite(self, plan: FusionPlan, calibration: Any = None, progress: bool = True) -> PassResult:
+        raise NotImplementedError
+
+    def write(self, compressed: Any, out: Path, metadata: Mapping[str, str]) -> list[Path]:
+        raise NotImplementedError
+
+    def verification_feed(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def reference_outputs(self, compressed: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the written file must compute on ``feed``: the rewritten model's outputs."""
+        raise NotImplementedError
+
+    def original_file(self, quiet: bool = True) -> Path:
+        """The uncompressed model as an ONNX file (for timing and file size)."""
+        raise NotImplementedError
+
+    def latency_feed(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def parameter_count(self, compressed: Any) -> int:
+        raise NotImplementedError
+
+    @property
+    def rtol(self) -> float:
+        return 1e-4
+
+
+class TorchSource(Source):
+    """A PyTorch / Hugging Face model (traced with ``torch.export``)."""
+
+    kind = "pytorch"
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.type: ModelType = model_type(model)
+        self.name, self.family = model.name, model.family
+        self._graph: LayerGraph | None = None
+
+    def graph(self) -> LayerGraph:
+        if self._graph is None:
+            from .frontends.torch_fx import build_layer_graph
+
+            self._graph = build_layer_graph(self.model.module, self.model.example_inputs, model_name=self.model.name)
+        return self._graph
+
+    def has_calibration(self, options: CalibrationOptions) -> bool:
+        return self.type.has_calibration(options)
+
+    def calibration(self, options: CalibrationOptions) -> Any:
+        return self.type.calibration(options)
+
+    def rewrite(self, plan: FusionPlan, calibration: Any = None, progress: bool = True) -> PassResult:
+        from .passes.rewrite_torch import apply_plan
+
+        result = apply_plan(self.model.module, self.graph(), plan, calibration=calibration, progress=progress)
+        result.model.eval()
+        return result
+
+    def write(self, compressed: torch.nn.Module, out: Path, metadata: Mapping[str, str]) -> list[Path]:
+        from .export import export_onnx
+
+        export_onnx(compressed, self.type.export_args(), out, self.type.input_names, self.type.output_names,
+                    self.type.dynamic_axes(), metadata)
+        return [p for p in (out, out.with_name(out.name + ".data")) if p.exists()]
+
+    def verification_feed(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.type.verification_inputs().items()}
+
+    def reference_outputs(self, compressed: torch.nn.Module, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .verify import torch_outputs
+
+        inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}
+        return torch_outputs(compressed, inputs, self.type.input_names, self.type.output_names)
+
+    def original_file(self, quiet: bool = True) -> Path:
+        """The uncompressed model exported once and cached by weight fingerprint."""
+        folder = cache_dir() / "onnx"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.graph().fingerprint()}.onnx"
+        if not path.is_file():
+            if not quiet:
+                print(f"lfgraph: exporting the original {self.name} once for comparison (cached in {folder})", flush=True)
+            self.write(self.model.module, path, {"lfgraph.version": __version__})
+        return path
+
+    def latency_feed(self) -> dict[str, np.ndarray]:
+        return self.type.latency_feed()
+
+    def parameter_count(self, compressed: torch.nn.Module | None = None) -> int:
+        from .passes.rewrite_torch import unique_parameter_count
+
+        return unique_parameter_count(self.model.module if compressed is None else compressed)
+
+    @property
+    def rtol(self) -> float:
+        return self.type.rtol
+
+
+class OnnxSource(Source):
+    """An ``.onnx`` file from any exporter, rewritten as a graph (no framework involved)."""
+
+    kind = "onnx"
+    family = "onnx"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from .frontends.onnx_graph import load_onnx
+
+        self.path = Path(path)
+        self.name = self.path.stem
+        self.model: onnx.ModelProto = load_onnx(self.path)
+        self._graph: LayerGraph | None = None
+
+    def graph(self) -> LayerGraph:
+        if self._graph is None:
+            from .frontends.onnx_graph import build_layer_graph
+
+            self._graph = build_layer_graph(self.model, model_name=self.name)
+        return self._graph
+
+    def rewrite(self, plan: FusionPlan, calibration: Any = None, progress: bool = True) -> PassResult:
+        from .passes.rewrite_onnx import apply_plan
+
+        return apply_plan(self.model, self.graph(), plan)
+
+    def write(self, compressed: onnx.ModelProto, out: Path, metadata: Mapping[str, str]) -> list[Path]:
+        from .onnx_io import add_metadata
+
+        if out.resolve() == self.path.resolve():
+            raise LfgraphError("the output would overwrite the input model: choose another -o path")
+        add_metadata(compressed, metadata)
+        return save_onnx(compressed, out)
+
+    def verification_feed(self) -> dict[str, np.ndarray]:
+        from .passes.rewrite_onnx import make_inputs
+
+        return make_inputs(self.model, batch=2)
+
+    def reference_outputs(self, compressed: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return runner(compressed, exact=True).run(feed)
+
+    def original_file(self, quiet: bool = True) -> Path:
+        return self.path
+
+    def latency_feed(self) -> dict[str, np.ndarray]:
+        from .passes.rewrite_onnx import make_inputs
+
+        return make_inputs(self.model, batch=1, seq_len=128)
+
+    def parameter_count(self, compressed: onnx.ModelProto | None = None) -> int:
+        if compressed is None:
+            return self.graph().total_params
+        from .frontends.onnx_graph import build_layer_graph
+
+        return build_layer_graph(compressed).total_params
+
+
+def is_onnx_spec(spec: Any) -> bool:
+    return isinstance(spec, (str, os.PathLike)) and str(spec).lower().endswith(".onnx")
+
+
+def check_model_spec(spec: str) -> None:
+    """Cheap checks before any loading: the path exists (or is an alias)."""
+    if spec not in ALIASES and not Path(spec).exists():
+        raise LfgraphError(f"model {spec!r} not found: give a Hugging Face model folder, a .gguf or .onnx file, or one of {sorted(ALIASES)}")
+
+
+def open_source(spec: str | os.PathLike | LoadedModel | Source) -> Source:
+    """The :class:`Source` for a spec: an ``.onnx`` path, an alias, a Hugging Face folder,
+    a ``.gguf`` file, or an already loaded model."""
+    if isinstance(spec, Source):
+        return spec
+    if isinstance(spec, LoadedModel):
+        return TorchSource(spec)
+    check_model_spec(str(spec))
+    if is_onnx_spec(spec):
+        return OnnxSource(spec)
+    return TorchSource(load_model(str(spec)))
+
+
+def onnx_size(path: Path) -> int:
+    return file_bytes(path)

@@ -1,0 +1,200 @@
+"""Checks that come before the heavy work, results a user can trust, and models without a
+tokenizer: one line, exit 2, input untouched, no output left."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from lfgraph import models, pipeline, zoo
+from lfgraph.cli import main
+
+
+def _one_line(capsys, code, match, want=2):
+    err = capsys.readouterr().err.strip()
+    assert code == want, err
+    lines = [line for line in err.splitlines() if line.startswith("lfgraph: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+
+
+def _digest(folder):
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model is loaded: these checks must come first."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr("lfgraph.sources.load_model", refuse)
+
+
+@pytest.mark.parametrize("case,args,match", [
+    ("missing plan", ["--plan", "{tmp}/nope.json"], "nope.json"),
+    ("missing calibration text", ["--calibration-text", "{tmp}/none.txt"], "none.txt"),
+    ("missing token file", ["--calibration-tokens", "{tmp}/none.npy"], "none.npy"),
+    ("target out of range", ["--target", "1.5"], "out of range"),
+    ("missing output folder", ["-o", "{tmp}/missing/out.onnx"], "does not exist"),
+    ("negative quality gate", ["--max-quality-loss", "-1"], "negative"),
+])
+def test_compress_options_are_checked_before_loading(tiny_llama_folder, tmp_path, capsys, no_loading, case, args, match):
+    before = _digest(tiny_llama_folder)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = [] if "-o" in args else ["-o", str(tmp_path / "out.onnx")]
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), *out, *args]), match)
+    assert _digest(tiny_llama_folder) == before
+    assert not list(tmp_path.glob("*.onnx*")) and not list(tmp_path.glob(".*"))
+
+
+def test_malformed_plan_file(tiny_llama_folder, tmp_path, capsys, no_loading):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "--plan", str(bad), "-o", str(tmp_path / "o.onnx")]), "plan")
+
+
+def test_missing_plot_folder_is_checked_before_loading(tiny_llama_folder, tmp_path, capsys, no_loading):
+    _one_line(capsys, main(["analyze", str(tiny_llama_folder), "--plot", str(tmp_path / "no" / "x.png")]), "does not exist")
+
+
+@pytest.mark.parametrize("content", [b"", b"these are my notes\n"])
+def test_verify_with_a_file_that_is_not_onnx(tiny_llama_folder, tmp_path, capsys, content):
+    f = tmp_path / "notes.onnx"
+    f.write_bytes(content)
+    _one_line(capsys, main(["verify", str(f), str(tiny_llama_folder)]), "notes.onnx")
+    txt = tmp_path / "notes.txt"
+    txt.write_bytes(content or b"x")
+    _one_line(capsys, main(["verify", str(txt), str(tiny_llama_folder)]), "notes.txt")
+
+
+def test_interrupt_at_any_stage_exits_130_without_output(tiny_llama_folder, tmp_path, capsys, monkeypatch):
+    import lfgraph.sources as sources
+
+    for target in ("lfgraph.sources.TorchSource.graph", "lfgraph.sources.TorchSource.rewrite", "lfgraph.sources.TorchSource.write",
+                   "lfgraph.pipeline.alternating_latency"):
+        monkeypatch.undo()
+        monkeypatch.setenv("LFGRAPH_CACHE", str(tmp_path / "cache"))
+
+        def interrupt(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(target, interrupt)
+        code = main(["compress", str(tiny_llama_folder), "--select", "similarity", "--fuse", "remove", "-o", str(tmp_path / "o.onnx"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 130 and "Traceback" not in err, (target, err)
+        assert not (tmp_path / "o.onnx").exists() and not list(tmp_path.glob(".o.onnx*")), target
+    assert sources  # imported for the patch targets
+
+
+def test_quality_against_the_original_and_the_gate(tiny_llama_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "lm.onnx"
+    args = ["compress", str(tiny_llama_folder), "--target", "0.5", "--select", "similarity", "--fuse", "remove",
+            "--eval-windows", "2", "--eval-seq-len", "32", "-o", str(out), "--quiet"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "held-out perplexity" in table and "top-1 agreement" in table and "quality vs the original" in table
+    assert "original:" in table and "compressed:" in table  # greedy completions of both
+    # the random tiny model may even improve when blocks go: give the gate a loss it must refuse
+    from lfgraph import evaluate
+
+    measured = evaluate.causal_lm_quality
+
+    def worse(*a, **k):
+        q = measured(*a, **k)
+        q.loss = 0.5
+        return q
+
+    monkeypatch.setattr(evaluate, "causal_lm_quality", worse)
+    code = main(args + ["--max-quality-loss", "0.25"])
+    table = capsys.readouterr().out
+    assert code == 1 and "✗ FAILED: above --max-quality-loss" in table
+    assert out.exists()  # kept, but marked
+    from lfgraph.onnx_io import read_metadata
+
+    assert read_metadata(out)["lfgraph.quality_gate"].startswith("FAILED")
+
+
+def test_perplexity_of_the_quality_check_equals_a_second_computation(tiny_llama_folder):
+    from lfgraph import evaluate
+    from lfgraph.calibration import heldout_windows, perplexity
+
+    lm = models.load_model(str(tiny_llama_folder))
+    windows = heldout_windows(lm.tokenizer, 2, 32)
+    half = zoo.tiny_llama(layers=6, vocab_size=lm.vocab_size)
+    from lfgraph.models import CausalLMLogits
+
+    other = CausalLMLogits(half).eval()
+    q = evaluate.causal_lm_quality(lm.module, other, windows)
+    before, after = perplexity(lm.module, windows), perplexity(other, windows)
+    assert q.rows[0][1] == f"{before:.2f}" and q.rows[0][2] == f"{after:.2f}"
+    assert q.loss == pytest.approx(after / before - 1, rel=1e-4)
+    assert evaluate.causal_lm_quality(lm.module, lm.module, windows).rows[1][2] == "1.000"
+
+
+def test_report_states_the_fraction_actually_removed(tiny_llama_folder, tmp_path):
+    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "x.onnx", target=0.25, select="similarity", fuse="remove",
+                               eval_windows=0, quiet=True)
+    # 0.25 of 6 blocks rounds to 2 blocks = 33.3%
+    assert report.plan.provenance["achieved"] == pytest.approx(2 / 6, abs=1e-3)
+    assert any("rounds to 33.3%" in n for n in report.notes)
+
+
+def test_metric_under_an_activation_selection_is_said_to_be_ignored(tiny_llama_folder, tmp_path):
+    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "x.onnx", target=0.34, select="block_influence", fuse="remove",
+                               metric="kl", calibration_windows=2, calibration_seq_len=16, eval_windows=0, quiet=True)
+    assert any("--metric ignored" in n for n in report.notes)
+
+
+@pytest.fixture(scope="module")
+def folder_without_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("no-tokenizer")
+    zoo.tiny_llama(layers=4, vocab_size=300).save_pretrained(folder)
+    return folder
+
+
+def test_folder_without_tokenizer_compresses_where_no_text_is_needed(folder_without_tokenizer, tmp_path, capsys):
+    out = tmp_path / "tie.onnx"
+    assert main(["compress", str(folder_without_tokenizer), "--mode", "tie", "--target", "0.2", "--target-kind", "params",
+                 "-o", str(out), "--quiet"]) == 0
+    assert "quality vs the original: not measured" in capsys.readouterr().out
+    assert main(["compress", str(folder_without_tokenizer), "--target", "0.25", "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 0
+    assert "select similarity" in capsys.readouterr().out  # no text: the weights select
+
+
+def test_folder_without_tokenizer_says_what_to_add_where_text_is_needed(folder_without_tokenizer, tmp_path, capsys):
+    code = main(["compress", str(folder_without_tokenizer), "--select", "block_influence", "-o", str(tmp_path / "m.onnx")])
+    _one_line(capsys, code, "tokenizer")
+    ids = tmp_path / "ids.npy"
+    import numpy as np
+
+    np.save(ids, np.arange(4000) % 300)
+    assert main(["compress", str(folder_without_tokenizer), "--select", "block_influence", "--fuse", "remove",
+                 "--calibration-tokens", str(ids), "--calibration-windows", "2", "--calibration-seq-len", "16",
+                 "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 0
+
+
+def test_damaged_weights_are_refused(tmp_path, capsys):
+    folder = tmp_path / "nan"
+    model = zoo.tiny_llama(layers=2, vocab_size=300)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    _one_line(capsys, main(["analyze", str(folder)]), "NaN")
+
+
+def test_named_dynamic_axes(tiny_llama_folder, tmp_path):
+    import onnx
+
+    out = tmp_path / "x.onnx"
+    pipeline.compress(str(tiny_llama_folder), out, target=0.34, select="similarity", fuse="remove", eval_windows=0, quiet=True)
+    g = onnx.load(str(out)).graph
+    dims = {vi.name: [d.dim_param for d in vi.type.tensor_type.shape.dim] for vi in [*g.input, *g.output]}
+    assert dims["input_ids"] == ["batch", "sequence"] == dims["attention_mask"]
+    assert dims["logits"][:2] == ["batch", "sequence"]
+    assert json.loads(dict((p.key, p.value) for p in onnx.load(str(out)).metadata_props)["lfgraph.plan"])["fusions"]
