@@ -125,8 +125,12 @@ def _analyze(args: argparse.Namespace) -> int:
     check_inputs(args.model)
     if args.plot and not Path(args.plot).parent.exists():
         raise LfgraphError(f"folder of --plot {args.plot} does not exist: create it or choose another path")
+    from .pipeline import weight_warnings
+
     _source, graph, analysis = analyze_model(args.model, args.metric, args.scope)
     print(graph.summary())
+    for warning in weight_warnings(graph):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"\nmost alike layer pairs ({analysis.metric}, {args.scope}; score = distance / group median):")
     for score, a, b, _key in analysis.ranked_layer_pairs(args.scope)[: args.top]:
         print(f"  {score:8.4f}  {a}  ~  {b}")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -169,6 +170,19 @@ def _state_achieved(plan: FusionPlan, graph: LayerGraph) -> None:
         p["achieved_kind"] = "params"
 
 
+def weight_warnings(graph: LayerGraph) -> list[str]:
+    """Say when weights carry no information: every distance is then 0 and any ranking
+    falls back to layer order (structure-only test graphs, e.g. the onnx package's light
+    models, build every weight from one constant)."""
+    uniform = [n.name for n in graph.nodes if n.weight.size and float(np.ptp(n.weight)) == 0.0]
+    if uniform and len(uniform) == len(graph.nodes):
+        return [f"every weight of {graph.model_name or 'the model'} is one repeated value (a structure-only graph?): "
+                "all distances are 0 and the ranking falls back to layer order"]
+    if len(uniform) > len(graph.nodes) // 2:
+        return [f"{len(uniform)} of {len(graph.nodes)} layers have weights of one repeated value (e.g. {uniform[0]}): their distances say nothing"]
+    return []
+
+
 def rewrite(model: LoadedModel | Source, graph: LayerGraph, plan: FusionPlan, calibration: Any = None, progress: bool = True) -> PassResult:
     """Apply ``plan`` to a copy of the model (the loaded model is not modified)."""
     source = model if isinstance(model, Source) else TorchSource(model)
@@ -279,6 +293,9 @@ def compress(
     with stage("trace"):
         graph = source.graph()
     calibration = None
+    notes.extend(weight_warnings(graph))
+    for note in notes:
+        _progress(f"warning: {note}", quiet)
     with stage("plan"):
         if given_plan is not None:
             plan = given_plan
@@ -320,7 +337,9 @@ def compress(
         del run
         original = source.original_file(quiet)
         size_before, size_after = file_bytes(original), file_bytes(staged)
-        if size_after > size_before:
+        # the plan and recipe written into the metadata are lfgraph's own few kB, not the model
+        added = sum(len(k) + len(v) for k, v in metadata.items())
+        if size_after - added > size_before:
             raise LfgraphError(
                 f"the compressed file ({size_after / 1e6:.1f} MB) would be larger than the original ({size_before / 1e6:.1f} MB): "
                 "nothing was written; its weights are probably built by constant subgraphs the rewrite had to materialise"

@@ -326,6 +326,11 @@ def permute_hidden_units(model: onnx.ModelProto, block: str, perms: list[np.ndar
 # editing
 
 
+#: Tensors of at least this many elements holding one repeated value are written as
+#: ``ConstantOfShape`` instead of an initializer, so a rewrite never materialises them.
+UNIFORM_MIN_SIZE = 16
+
+
 class _Editor:
     """Edits a copy of a model by node index (the indices of :class:`OnnxStructure`).
 
@@ -355,6 +360,8 @@ class _Editor:
         return name
 
     def add_initializer(self, array: np.ndarray, wanted: str) -> str:
+        if array.size >= UNIFORM_MIN_SIZE and self._opset() >= 9 and np.all(array == array.flat[0]):
+            return self._add_uniform(array, wanted)
         name = self._fresh(wanted)
         self.created.add(name)
         if name != wanted:
@@ -365,6 +372,18 @@ class _Editor:
         if self.model.ir_version < 4:
             # before IR 4 every initializer must also be a graph input
             self.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
+        return name
+
+    def _opset(self) -> int:
+        return max((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+    def _add_uniform(self, array: np.ndarray, wanted: str) -> str:
+        """A tensor of one repeated value as ``ConstantOfShape`` (as the input graph may have
+        built it): a few bytes, where an initializer would store every element."""
+        name = self._fresh(wanted)
+        shape = self.add_initializer(np.asarray(array.shape, dtype=np.int64), f"{wanted}.shape")
+        value = numpy_helper.from_array(np.asarray([array.flat[0]], dtype=array.dtype), "")
+        self.prologue.append(helper.make_node("ConstantOfShape", [shape], [name], name=self._fresh(f"lfgraph_constant_{wanted}"), value=value))
         return name
 
     def add_prologue_transpose(self, source: str) -> str:
