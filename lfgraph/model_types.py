@@ -8,12 +8,13 @@ The pipeline never branches on a model family; it asks the model's :class:`Model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from .errors import LfgraphError
+from .evaluate import QualityReport, causal_lm_quality, encoder_quality, output_quality
 from .models import LoadedModel
 
 #: Two sentences of different length: verification sees real text, padding and a batch.
@@ -68,6 +69,21 @@ class ModelType:
     def has_calibration(self, options: CalibrationOptions) -> bool:
         return self.model.calibration is not None
 
+    def quality(self, compressed: torch.nn.Module, feed: Mapping[str, np.ndarray], eval_windows: int, eval_seq_len: int) -> QualityReport:
+        """Top-1 agreement and output error against the original, on the calibration
+        samples when there are some (up to 256), else on the verification inputs."""
+        from .verify import torch_outputs
+
+        samples = self.model.calibration if isinstance(self.model.calibration, torch.Tensor) else None
+        if samples is not None:
+            data, names = {self.input_names[0]: samples[:256]}, self.input_names[:1]
+        else:
+            data, names = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}, list(feed)
+        reference = torch_outputs(self.model.module, data, names, self.output_names)
+        got = torch_outputs(compressed, data, names, self.output_names)
+        what = "calibration samples" if samples is not None else "verification inputs"
+        return output_quality(reference, got, f"{next(iter(data.values())).shape[0]} {what}, PyTorch", self.model.family)
+
     def calibration(self, options: CalibrationOptions) -> Any:
         if self.model.calibration is None:
             raise LfgraphError(f"{self.model.name} needs calibration inputs for this selection/fusion rule: pass them in the Python API (wrap_module(..., calibration=samples))")
@@ -100,6 +116,24 @@ class TextModelType(ModelType):
             tok.pad_token = tok.eos_token
         enc = tok(list(VERIFICATION_TEXTS), return_tensors="pt", padding=True)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def quality(self, compressed: torch.nn.Module, feed: Mapping[str, np.ndarray], eval_windows: int, eval_seq_len: int) -> QualityReport | None:
+        """Held-out perplexity, top-1 agreement and completions (causal LMs) or embedding
+        cosine (encoders) against the original; ``None`` when ``eval_windows`` is 0."""
+        if eval_windows <= 0:
+            return None
+        model = self.model
+        if model.tokenizer is None:
+            return QualityReport(kind=model.family, loss=float("nan"), loss_name="not measured",
+                                 protocol="no tokenizer", skipped="the model folder has no tokenizer files, and held-out text needs one")
+        from .calibration import heldout_windows
+
+        # a window never longer than the model takes (BERT-style position tables are fixed)
+        limit = int(getattr(model.hf_model.config, "max_position_embeddings", 0) or eval_seq_len)
+        windows = heldout_windows(model.tokenizer, eval_windows, min(eval_seq_len, limit))
+        if model.family == "encoder":
+            return encoder_quality(model.module, compressed, windows)
+        return causal_lm_quality(model.module, compressed, windows, model.tokenizer, model.hf_model, getattr(compressed, "model", None))
 
     def latency_feed(self) -> dict[str, np.ndarray]:
         """One sequence of 128 tokens."""

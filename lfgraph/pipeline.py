@@ -29,20 +29,18 @@ import torch
 
 from . import __version__
 from .errors import LfgraphError
-from .evaluate import QualityReport
 from .fileio import write_text_atomic
 from .graph import LayerGraph
 from .model_types import CalibrationOptions
 from .models import LoadedModel, load_model
-from .onnx_io import file_bytes
+from .onnx_io import file_bytes, runner
 from .passes.analysis import Analysis, analyze
 from .passes.base import PassResult
 from .plan import FusionPlan
 from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_recipe, describe, split_fusion_rule
 from .report import CompressReport
-from .sources import OnnxSource, Source, TorchSource, check_model_spec, is_onnx_spec, open_source
+from .sources import Source, TorchSource, check_model_spec, is_onnx_spec, open_source
 from .verify import alternating_latency, compare_outputs
-from .onnx_io import runner
 
 #: SLEB's calibration budget (windows, tokens each) for language models: SLEB scores every
 #: remaining block at every step (layers² forward passes); on CPU this budget took 80-380 s.
@@ -344,7 +342,9 @@ def compress(
                 f"the compressed file ({size_after / 1e6:.1f} MB) would be larger than the original ({size_before / 1e6:.1f} MB): "
                 "nothing was written; its weights are probably built by constant subgraphs the rewrite had to materialise"
             )
-        quality = _quality(source, compressed, staged, feed, eval_windows, eval_seq_len, quiet)
+        if eval_windows > 0 or source.family not in ("causal-lm", "encoder"):
+            _progress("measuring quality against the original", quiet)
+        quality = source.quality(compressed, staged, feed, eval_windows, eval_seq_len)
         failed_quality = max_quality_loss is not None and quality is not None and quality.loss > max_quality_loss
         if failed_quality:
             _mark_failed(staged, quality.loss, max_quality_loss)
@@ -394,41 +394,6 @@ def _mark_failed(path: Path, loss: float, limit: float) -> None:
     m = onnx.load(str(path))
     add_metadata(m, {"lfgraph.quality_gate": f"FAILED: loss {loss:.4f} > {limit}"})
     save_onnx(m, path)
-
-
-def _quality(source: Source, compressed: Any, staged: Path, feed: dict, eval_windows: int, eval_seq_len: int, quiet: bool) -> QualityReport | None:
-    """The compressed model against the original (see :mod:`lfgraph.evaluate`)."""
-    from . import evaluate
-
-    if isinstance(source, OnnxSource):
-        ref = runner(source.path).run(feed)
-        got = runner(staged).run(feed)
-        return evaluate.output_quality(ref, got, "verification inputs, input graph vs compressed graph on ONNX Runtime", "onnx")
-    model = source.model
-    if model.family in ("causal-lm", "encoder"):
-        if eval_windows <= 0:
-            return None
-        if model.tokenizer is None:
-            return QualityReport(kind=model.family, loss=float("nan"), loss_name="not measured", protocol="no tokenizer: quality needs held-out text",
-                                 skipped="the model folder has no tokenizer files")
-        from .calibration import heldout_windows
-
-        # a window never longer than the model takes (BERT-style position tables are fixed)
-        eval_seq_len = min(eval_seq_len, int(getattr(model.hf_model.config, "max_position_embeddings", eval_seq_len) or eval_seq_len))
-        _progress(f"quality vs the original on {eval_windows} held-out windows of {eval_seq_len} tokens", quiet)
-        windows = heldout_windows(model.tokenizer, eval_windows, eval_seq_len)
-        if model.family == "encoder":
-            return evaluate.encoder_quality(model.module, compressed, windows)
-        return evaluate.causal_lm_quality(model.module, compressed, windows, model.tokenizer, model.hf_model, getattr(compressed, "model", None))
-    inputs = model.calibration if isinstance(model.calibration, torch.Tensor) else None
-    data = {source.type.input_names[0]: inputs[:256]} if inputs is not None else {k: torch.from_numpy(v) for k, v in feed.items()}
-    from .verify import torch_outputs
-
-    names, outs = source.type.input_names[:1] if inputs is not None else list(data), source.type.output_names
-    ref = torch_outputs(model.module, data, names, outs)
-    got = torch_outputs(compressed, data, names, outs)
-    what = "calibration samples" if inputs is not None else "verification inputs"
-    return evaluate.output_quality(ref, got, f"{next(iter(data.values())).shape[0]} {what}, PyTorch", model.family)
 
 
 # ---------------------------------------------------------------------------------------

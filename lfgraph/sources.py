@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .errors import LfgraphError
+from .evaluate import QualityReport
 from .graph import LayerGraph
 from .model_types import CalibrationOptions, ModelType, model_type
 from .models import ALIASES, LoadedModel, cache_dir, load_model
@@ -64,6 +65,10 @@ class Source:
         raise NotImplementedError
 
     def parameter_count(self, compressed: Any) -> int:
+        raise NotImplementedError
+
+    def quality(self, compressed: Any, written: Path, feed: Mapping[str, np.ndarray], eval_windows: int, eval_seq_len: int) -> QualityReport | None:
+        """The compressed model against the original (see :mod:`lfgraph.evaluate`)."""
         raise NotImplementedError
 
     @property
@@ -137,6 +142,9 @@ class TorchSource(Source):
 
         return unique_parameter_count(self.model.module if compressed is None else compressed)
 
+    def quality(self, compressed: torch.nn.Module, written: Path, feed: Mapping[str, np.ndarray], eval_windows: int, eval_seq_len: int) -> QualityReport | None:
+        return self.type.quality(compressed, feed, eval_windows, eval_seq_len)
+
     @property
     def rtol(self) -> float:
         return self.type.rtol
@@ -191,6 +199,14 @@ class OnnxSource(Source):
         from .passes.rewrite_onnx import make_inputs
 
         return make_inputs(self.model, batch=1, seq_len=128)
+
+    def quality(self, compressed: onnx.ModelProto, written: Path, feed: Mapping[str, np.ndarray], eval_windows: int, eval_seq_len: int) -> QualityReport:
+        """Input graph vs compressed graph on the verification inputs, both on ORT."""
+        from .evaluate import output_quality
+
+        reference = runner(self.path).run(feed)
+        got = runner(written).run(feed)
+        return output_quality(reference, got, "verification inputs, input graph vs compressed graph on ONNX Runtime", "onnx")
 
     def parameter_count(self, compressed: onnx.ModelProto | None = None) -> int:
         if compressed is None:

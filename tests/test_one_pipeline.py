@@ -103,3 +103,20 @@ def test_sources_share_one_interface():
         assert issubclass(cls, Source)
         for method in ("graph", "rewrite", "write", "verification_feed", "reference_outputs", "original_file", "latency_feed", "parameter_count"):
             assert getattr(cls, method) is not getattr(Source, method), f"{cls.__name__} lacks {method}"
+
+
+def test_verify_re_checks_a_file_against_either_source(pair, tmp_path, capsys):
+    loaded, onnx_path = pair
+    out = tmp_path / "from-onnx.onnx"
+    plan_args = ["--target", "0.34", "--select", "similarity", "--fuse", "remove", "--quiet", "--eval-windows", "0"]
+    assert main(["compress", str(onnx_path), "-o", str(out), *plan_args]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), str(onnx_path)]) == 0
+    assert "✓" in capsys.readouterr().out
+    # the same file checked against another model's graph is refused, not compared
+    other = tmp_path / "other.onnx"
+    import onnx
+    from onnx_builders import residual_mlp
+
+    onnx.save(residual_mlp(), other)
+    assert main(["verify", str(out), str(other)]) == 2
