@@ -11,11 +11,13 @@ adapter) and loads the overlays to see what lfgraph did to each node:
   nodes of scored blocks appear, so removed nodes carry their fate (in the first) and
   their score (in the second).
 
+Keys are node names; a node without a (unique) name is keyed by its first output tensor
+name, which Model Explorer's builder documents as the other way to address a node.
+
 Both are built with ``model_explorer.node_data_builder`` (the ``ai-edge-model-explorer``
 package), not by hand. The ONNX graph is mapped to lfgraph's layers with lfgraph's own
 ONNX frontend (``analyze_onnx``): weighted nodes by their layer names (module paths for
-an export of a PyTorch model), every other node by the block whose body holds it. Only
-nodes with a unique non-empty name get an entry (an unnamed node has no stable id).
+an export of a PyTorch model), every other node by the block whose body holds it.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class NodeFate:
 
 
 def node_fates(onnx_model: onnx.ModelProto, data: Mapping[str, Any]) -> dict[str, NodeFate]:
-    """Fate of every uniquely named node of ``onnx_model`` (the ORIGINAL model) from the
+    """Fate of every node (by name, else by first output tensor) of ``onnx_model`` (the ORIGINAL model) from the
     report ``data`` (:func:`lfgraph.visualize.data.report_data`).
 
     Expects ``onnx_model`` to be the model the plan was made for, or the ONNX export of
@@ -90,8 +92,15 @@ def node_fates(onnx_model: onnx.ModelProto, data: Mapping[str, Any]) -> dict[str
             node_block.update(dict.fromkeys(b.members, owner))
     counts = Counter(n.name for n in st.nodes)
     out: dict[str, NodeFate] = {}
+    outputs = Counter(t for n in st.nodes for t in n.output)
     for i, node in enumerate(st.nodes):
-        if not node.name or counts[node.name] != 1:
+        # Model Explorer matches a key to a node id or to an output tensor name
+        # (node_data_builder.GraphNodeData.results): unnamed nodes go by their first output
+        if node.name and counts[node.name] == 1:
+            key = node.name
+        elif node.output and node.output[0] and outputs[node.output[0]] == 1:
+            key = node.output[0]
+        else:
             continue
         block = node_block.get(i)
         layer = found[i][1] if i in found else None
@@ -104,7 +113,7 @@ def node_fates(onnx_model: onnx.ModelProto, data: Mapping[str, Any]) -> dict[str
                 fate = "refitted"
             elif layer["tie"] is not None and not layer["tie_keep"]:
                 fate = "tied"
-        out[node.name] = NodeFate(fate, block, layer["name"] if layer else None, row["absorbed_by"] if row else None, score(block))
+        out[key] = NodeFate(fate, block, layer["name"] if layer else None, row["absorbed_by"] if row else None, score(block))
     return out
 
 

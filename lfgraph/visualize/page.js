@@ -91,7 +91,7 @@
       dots, ...badges,
     ]);
     const layers = el("div", { cls: "layers" }, r.layers.map((l) => layerChip(l, side, r)));
-    const row = el("div", { cls: "row " + r.kind + " " + r.fate + (r.refit ? " refitted" : ""), "data-row": r.name, "data-side": side, "data-fate": r.fate }, [head, layers]);
+    const row = el("div", { cls: "row k-" + r.kind + " " + r.fate + (r.refit ? " refitted" : ""), "data-row": r.name, "data-side": side, "data-fate": r.fate }, [head, layers]);
     head.addEventListener("click", () => toggle(r.name));
     head.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); toggle(r.name); } });
     return row;
