@@ -62,7 +62,7 @@
         (l.tie !== null ? "\ntie set " + (l.tie + 1) + (l.tie_keep ? " (its weight is kept)" : ": shares the weight of " + D.tie_sets[l.tie].keep) : "") +
         (l.refit ? "\nrefitted on calibration data" : "") }, [
       el("span", { cls: "swatch", style: l.tie !== null ? "background:" + tieColor(l.tie) : null }),
-      el("span", { cls: "role", text: shortRole(l.role, l.name) }),
+      el("span", { cls: "role", text: shortRole(row.kind === "layers" ? l.name : l.role, l.name) }),
       el("span", { cls: "shape", text: l.shape.join("×") }),
       l.refit ? el("span", { cls: "badge refit", text: "refit" }) : null,
       l.tie !== null && !l.tie_keep && side === "after" ? el("span", { cls: "badge tie", style: "border-color:" + tieColor(l.tie), text: "= " + short(D.tie_sets[l.tie].keep) }) : null,
@@ -232,6 +232,11 @@
     const names = blockRows.map((r) => r.name).filter((n) => n in per);
     if (!names.length) continue;
     const vals = names.map((n) => per[n]).filter((v) => v !== null);
+    if (vals.length && Math.max(...vals) === Math.min(...vals)) { // nothing to compare: say so instead of empty bars
+      scoreBox.appendChild(el("div", { cls: "scorecard" }, [el("div", { cls: "caption", text: D.score_labels[crit] || crit }),
+        el("span", { cls: "note", text: "all " + vals.length + " blocks score " + fmt(vals[0]) + " (no block stands out)" })]));
+      continue;
+    }
     const hi = Math.max(...vals, 0), lo = Math.min(...vals, 0), bw = Math.max(6, Math.min(22, Math.floor(760 / names.length))), H0 = 110;
     const s = svg("svg", { width: names.length * bw + 50, height: H0 + 34, class: "bars" });
     const y = (v) => 6 + (hi - v) / ((hi - lo) || 1) * H0;
