@@ -11,8 +11,8 @@ adapter) and loads the overlays to see what lfgraph did to each node:
   nodes of scored blocks appear, so removed nodes carry their fate (in the first) and
   their score (in the second).
 
-Keys are node names; a node without a (unique) name is keyed by its first output tensor
-name, which Model Explorer's builder documents as the other way to address a node.
+Keys are the node ids Model Explorer's ONNX adapter shows: node names, and
+``<node_{i}>`` (i = index in the graph) for unnamed nodes, as the adapter names them.
 
 Both are built with ``model_explorer.node_data_builder`` (the ``ai-edge-model-explorer``
 package), not by hand. The ONNX graph is mapped to lfgraph's layers with lfgraph's own
@@ -60,8 +60,16 @@ class NodeFate:
     score: float | None
 
 
+def node_id(node: onnx.NodeProto, index: int) -> str:
+    """The id Model Explorer's ONNX adapter (``model-explorer-onnx``) gives a node of the
+    main graph: its name, or ``<node_{index}>`` for an unnamed one (``create_graph`` in
+    its ``main.py`` names unnamed nodes so). Output tensor names would not do: the
+    adapter writes them as ``__tensor_tag``, not the ``tensor_name`` the app matches."""
+    return node.name or f"<node_{index}>"
+
+
 def node_fates(onnx_model: onnx.ModelProto, data: Mapping[str, Any]) -> dict[str, NodeFate]:
-    """Fate of every node (by name, else by first output tensor) of ``onnx_model`` (the ORIGINAL model) from the
+    """Fate of every node (keyed by :func:`node_id`) of ``onnx_model`` (the ORIGINAL model) from the
     report ``data`` (:func:`lfgraph.visualize.data.report_data`).
 
     Expects ``onnx_model`` to be the model the plan was made for, or the ONNX export of
@@ -92,16 +100,10 @@ def node_fates(onnx_model: onnx.ModelProto, data: Mapping[str, Any]) -> dict[str
             node_block.update(dict.fromkeys(b.members, owner))
     counts = Counter(n.name for n in st.nodes)
     out: dict[str, NodeFate] = {}
-    outputs = Counter(t for n in st.nodes for t in n.output)
     for i, node in enumerate(st.nodes):
-        # Model Explorer matches a key to a node id or to an output tensor name
-        # (node_data_builder.GraphNodeData.results): unnamed nodes go by their first output
-        if node.name and counts[node.name] == 1:
-            key = node.name
-        elif node.output and node.output[0] and outputs[node.output[0]] == 1:
-            key = node.output[0]
-        else:
-            continue
+        key = node_id(node, i)
+        if node.name and counts[node.name] > 1:
+            continue  # a repeated name is no id: Model Explorer could not tell the nodes apart
         block = node_block.get(i)
         layer = found[i][1] if i in found else None
         if block is None and i in found and found[i][0]["kind"] == "block":
