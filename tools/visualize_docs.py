@@ -5,8 +5,11 @@
 
 - ``smollm2``: SmolLM2-135M, 25 % of blocks merged: Block Influence selection, fuse
   ``remove`` (lfgraph.pipeline's load/trace/plan_model/rewrite), angular and BI scores.
+- ``smollm2-calibrated``: the same plan with fuse ``calibrated`` (kept blocks refitted on
+  4 x 128 calibration tokens).
 - ``cnn``: lfgraph.zoo.ResNetCNN (random weights, stages (16, 3), (32, 3)), Block Influence
-  on random images, fuse ``mean``.
+  on random images, fuse ``mean``, then healed: 80 steps of distillation from the original
+  (the loss curve on the page).
 - ``resnet50``: the onnx package's light ResNet-50 (weights are placeholders, so the
   distances are all equal), weight-similarity plan, ONNX rewrite.
 
@@ -28,7 +31,7 @@ from lfgraph.visualize import write_report
 from lfgraph.visualize.browser import console_errors, headless, open_page, screenshot
 
 
-def smollm2(out: Path) -> Path:
+def smollm2(out: Path, fuse: str = "remove") -> Path:
     from lfgraph.passes.analysis import analyze
     from lfgraph.pipeline import calibration_tokens, load, plan_model, rewrite, trace
     from lfgraph.visualize.scores import selection_scores
@@ -36,14 +39,18 @@ def smollm2(out: Path) -> Path:
     model = load("smollm2")
     graph = trace(model)
     cal = calibration_tokens(model, 4, 128)
-    plan = plan_model(model, graph, 0.25, select="block_influence", fuse="remove", calibration=cal, progress=False)
-    result = rewrite(model, graph, plan, progress=False)
+    plan = plan_model(model, graph, 0.25, select="block_influence", fuse=fuse, calibration=cal, progress=False)
+    result = rewrite(model, graph, plan, calibration=cal if fuse == "calibrated" else None, progress=False)
     scores = selection_scores(model.module, graph, cal)
     analysis = analyze(graph, "euclidean")
-    path = out / "smollm2.html"
+    path = out / ("smollm2.html" if fuse == "remove" else f"smollm2-{fuse}.html")
     write_report(path, graph, plan, result.log, analysis=analysis, scores=scores,
-                 title="SmolLM2-135M: 25 % of blocks removed (Block Influence, fuse remove)")
+                 title=f"SmolLM2-135M: 25 % of blocks removed (Block Influence, fuse {fuse})")
     return path
+
+
+def smollm2_calibrated(out: Path) -> Path:
+    return smollm2(out, "calibrated")
 
 
 def cnn(out: Path) -> Path:
@@ -51,6 +58,8 @@ def cnn(out: Path) -> Path:
     from lfgraph.passes.analysis import analyze
     from lfgraph.passes.rewrite_torch import apply_plan
     from lfgraph.passes.selection import runs_to_plan, select_runs
+    from lfgraph.retrain.loop import retrain
+    from lfgraph.retrain.objectives import OBJECTIVES
     from lfgraph.visualize.scores import selection_scores
     from lfgraph.zoo import ResNetCNN, randomize_batchnorm
 
@@ -62,9 +71,19 @@ def cnn(out: Path) -> Path:
     runs = select_runs("block_influence", model, blocks, x, 2)
     plan = runs_to_plan(runs, "blocks", fuse="mean", align=True, provenance={"select": "block_influence", "model": "ResNetCNN"})
     result = apply_plan(model, graph, plan)
+    # heal: distil the merged model from the original for a few steps, recording the loss
+    curve: list[tuple[int, float]] = []
+
+    def recording(student: torch.nn.Module, batch: torch.Tensor, teacher: torch.nn.Module) -> torch.Tensor:
+        loss = OBJECTIVES["distill"](student, batch, teacher)
+        curve.append((len(curve), float(loss.detach())))
+        return loss
+
+    retrain(result.model, [], data=[x[i:i + 8] for i in range(0, len(x), 8)], steps=80, objective=recording, teacher=model,
+            lr=2e-3, progress=False)
     path = out / "cnn.html"
     write_report(path, graph, plan, result.log, analysis=analyze(graph, "bures"), scores=selection_scores(model, graph, x),
-                 title="ResNetCNN (lfgraph.zoo): 2 blocks merged (Block Influence, aligned mean)")
+                 loss_curve=curve, title="ResNetCNN (lfgraph.zoo): 2 blocks merged (Block Influence, aligned mean), healed by distillation")
     return path
 
 
@@ -88,7 +107,7 @@ def resnet50(out: Path) -> Path:
     return path
 
 
-MAKERS = {"smollm2": smollm2, "cnn": cnn, "resnet50": resnet50}
+MAKERS = {"smollm2": smollm2, "smollm2-calibrated": smollm2_calibrated, "cnn": cnn, "resnet50": resnet50}
 
 
 def main() -> int:

@@ -43,6 +43,7 @@ def write_report(
     title: str = "",
     format: str | None = None,
     original_onnx: str | Path | None = None,
+    healed: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write the rewrite report to ``path``; returns the files written.
 
@@ -63,6 +64,7 @@ def write_report(
             page's data) or ``model-explorer`` (node-data overlays; needs ``original_onnx``;
             writes ``path`` (fate) and, with scores, ``<stem>.score.json``).
         original_onnx: the ONNX file of the original model (for ``model-explorer``).
+        healed: blocks or layers that healing updated (marked like refitted ones).
 
     Raises ``LfgraphError`` on names the graph lacks, an unknown format or an unwritable
     path. Nothing passed in is modified.
@@ -70,7 +72,7 @@ def write_report(
     fmt = format or ("json" if str(path).lower().endswith(".json") else "html")
     if fmt not in FORMATS:
         raise LfgraphError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    data = report_data(graph, plan, log, analysis=analysis, scores=scores, table=table, loss_curve=loss_curve, title=title)
+    data = report_data(graph, plan, log, analysis=analysis, scores=scores, table=table, loss_curve=loss_curve, title=title, healed=healed)
     out = Path(path)
     if fmt == "html":
         write_html(data, out)

@@ -35,7 +35,7 @@ def add_subcommand(subparsers: Any) -> None:
                     "before/after table, rewrite log. One HTML file, no network needed to open it.",
         epilog="MODEL is the original model (alias, Hugging Face folder, .gguf or .onnx). OUT_DIR is a folder holding "
                "plan.json and rewrite.json (optional: scores.json {criterion: {block: score}}, report.json "
-               "{\"table\": [[name, before, after, ratio], ...], \"loss_curve\": [[step, loss], ...]}).")
+               "{\"table\": [[name, before, after, ratio], ...], \"loss_curve\": [[step, loss], ...], \"healed\": [block, ...]}).")
     v.add_argument("model", help="the original model the plan was made for")
     v.add_argument("out_dir", nargs="?", default=None, help="a folder with plan.json and rewrite.json (instead of --plan/--log)")
     v.add_argument("--plan", default=None, help="plan JSON (lfgraph plan -o), or an ONNX file written by lfgraph compress (plan read from its metadata)")
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             original_onnx = export_original(model, graph)
     written = write_report(args.output, graph, plan, log, analysis=analysis, scores=scores,
                            table=[tuple(r) for r in report["table"]] if "table" in report else None,
-                           loss_curve=[tuple(p) for p in report.get("loss_curve", [])], title=args.title,
+                           loss_curve=[tuple(p) for p in report.get("loss_curve", [])], healed=report.get("healed"), title=args.title,
                            format=fmt, original_onnx=original_onnx)
     for p in written:
         print(f"visualize: wrote {p}")

@@ -150,7 +150,7 @@ def _finite(x: float) -> float | None:
     return float(f"{x:.6g}") if x is not None and math.isfinite(x) else None
 
 
-def _rows(graph: LayerGraph, ch: Changes, tie_of: Mapping[str, int]) -> list[dict[str, Any]]:
+def _rows(graph: LayerGraph, ch: Changes, tie_of: Mapping[str, int], healed: set[str]) -> list[dict[str, Any]]:
     """Blocks, and runs of layers outside blocks, in graph order; each with its layers."""
 
     def layer(n: Any) -> dict[str, Any]:
@@ -159,6 +159,7 @@ def _rows(graph: LayerGraph, ch: Changes, tie_of: Mapping[str, int]) -> list[dic
             "name": n.name, "role": n.role, "op": n.op, "shape": list(n.weight.shape), "params": n.num_params,
             "tie": t, "tie_keep": t is not None and ch.tie_sets[t][0] == n.name,
             "refit": n.name in ch.refit_layers,
+            "healed": n.name in healed or (n.block is not None and graph.blocks[n.block].name in healed),
         }
 
     rows: list[dict[str, Any]] = []
@@ -182,7 +183,7 @@ def _rows(graph: LayerGraph, ch: Changes, tie_of: Mapping[str, int]) -> list[dic
             "fate": "removed" if b.name in ch.absorbed_by else ("keeper" if absorbs else "kept"),
             "absorbed_by": ch.absorbed_by.get(b.name), "absorbs": absorbs,
             "fused": ch.fused.get(b.name), "permuted": ch.permuted.get(b.name),
-            "refit": ch.refit_blocks.get(b.name, 0), "plan_score": _finite(f.score) if f is not None else None,
+            "refit": ch.refit_blocks.get(b.name, 0), "healed": b.name in healed, "plan_score": _finite(f.score) if f is not None else None,
             "params": sum(m.num_params for m in members), "layers": [layer(m) for m in members],
         })
     for r in rows:
@@ -190,6 +191,8 @@ def _rows(graph: LayerGraph, ch: Changes, tie_of: Mapping[str, int]) -> list[dic
             names = [x["name"] for x in r["layers"]]
             r["name"] = names[0] if len(names) == 1 else f"{len(names)} layers outside blocks"
             r["fate"] = "kept"
+            r["healed"] = any(x["healed"] for x in r["layers"])
+            r["refit"] = sum(1 for x in r["layers"] if x["refit"])
             r["params"] = sum(x["params"] for x in r["layers"])
     return rows
 
@@ -287,6 +290,7 @@ def report_data(
     table: Sequence[TableRow] | None = None,
     loss_curve: Sequence[tuple[int, float]] | None = None,
     title: str = "",
+    healed: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Everything the report page shows, as JSON-able data (schema :data:`SCHEMA`).
 
@@ -301,14 +305,20 @@ def report_data(
             parameters computed from the graph and the changes.
         loss_curve: healing loss as ``(step, loss)`` pairs, when healing ran.
         title: the page heading (default: model, mode, fuse rule).
+        healed: names of the blocks or layers that healing (retraining after the rewrite)
+            updated; they are marked like refitted ones.
 
     Guarantees: the counts (``removed``, ``merged``, ``tied``, ``refitted``) are those of
     the log (or the plan without one); every name is checked against ``graph``. Raises
     ``LfgraphError`` on names the graph lacks. Nothing passed in is modified.
     """
     ch = read_changes(graph, plan, log)
+    known = {b.name for b in graph.blocks} | {n.name for n in graph.nodes}
+    for name in healed or []:
+        if name not in known:
+            raise LfgraphError(f"healed names {name!r}, which is no block or layer of {graph.model_name or 'this model'}")
     tie_of = {m: i for i, s in enumerate(ch.tie_sets) for m in s}
-    rows = _rows(graph, ch, tie_of)
+    rows = _rows(graph, ch, tie_of, set(healed or []))
     fusion_of = ch.fusion_of
     counts = {
         "blocks_before": len(graph.blocks),
@@ -318,6 +328,7 @@ def report_data(
         "tied": sum(len(s) - 1 for s in ch.tie_sets),
         "tie_sets": len(ch.tie_sets),
         "refitted": len(ch.refit_layers),
+        "healed": sum(1 for r in rows for x in r["layers"] if x["healed"] and r["fate"] != "removed"),
         "permuted": len(ch.permuted),
         "layers": len(graph.nodes),
     }

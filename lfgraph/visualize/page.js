@@ -38,7 +38,7 @@
   const facts = [
     ["blocks", c.blocks_before + " → " + c.blocks_after],
     ["removed", c.removed], ["merged into", c.merged], ["tied layers", c.tied + (c.tie_sets ? " in " + c.tie_sets + " sets" : "")],
-    ["refitted layers", c.refitted], ["permuted blocks", c.permuted],
+    ["refitted layers", c.refitted], ["permuted blocks", c.permuted], ...(c.healed ? [["healed layers", c.healed]] : []),
   ];
   const factBox = $("#facts");
   for (const [k, v] of facts) factBox.appendChild(el("span", { cls: "fact", "data-count": k }, [el("b", { text: String(v) }), " " + k]));
@@ -56,7 +56,7 @@
   const overlay = $("#links");
 
   function layerChip(l, side, row) {
-    const chip = el("div", { cls: "layer" + (l.tie !== null ? " tied" : "") + (l.refit ? " refit" : ""), "data-layer": l.name,
+    const chip = el("div", { cls: "layer" + (l.tie !== null ? " tied" : "") + (l.refit && side === "after" ? " refit" : ""), "data-layer": l.name,
       "data-tie": l.tie !== null ? l.tie : null,
       title: l.name + "\n" + l.op + " " + l.shape.join("×") + ", " + fmtInt(l.params) + " parameters" +
         (l.tie !== null ? "\ntie set " + (l.tie + 1) + (l.tie_keep ? " (its weight is kept)" : ": shares the weight of " + D.tie_sets[l.tie].keep) : "") +
@@ -64,7 +64,8 @@
       el("span", { cls: "swatch", style: l.tie !== null ? "background:" + tieColor(l.tie) : null }),
       el("span", { cls: "role", text: shortRole(row.kind === "layers" ? l.name : l.role, l.name) }),
       el("span", { cls: "shape", text: l.shape.join("×") }),
-      l.refit ? el("span", { cls: "badge refit", text: "refit" }) : null,
+      l.refit && side === "after" ? el("span", { cls: "badge refit", text: "refit" }) : null,
+      l.healed && side === "after" ? el("span", { cls: "badge refit", text: "healed" }) : null,
       l.tie !== null && !l.tie_keep && side === "after" ? el("span", { cls: "badge tie", style: "border-color:" + tieColor(l.tie), text: "= " + short(D.tie_sets[l.tie].keep) }) : null,
     ]);
     return chip;
@@ -79,6 +80,7 @@
       if (r.absorbs.length && side === "before") badges.push(el("span", { cls: "badge keeper", text: "keeps " + r.absorbs.length }));
       if (side === "after" && r.fused) badges.push(el("span", { cls: "badge", text: "fused: " + (r.fused.rule || D.fuse) + (r.fused.aligned ? ", aligned" : "") }));
       if (side === "after" && r.refit) badges.push(el("span", { cls: "badge refit", text: "refit " + r.refit }));
+      if (side === "after" && r.healed) badges.push(el("span", { cls: "badge refit", text: "healed" }));
       if (side === "after" && r.permuted) badges.push(el("span", { cls: "badge", title: r.permuted[0] + " of " + r.permuted[1] + " hidden units moved to align", text: "permuted" }));
       if (r.plan_score !== null && (removed || r.absorbs.length) && side === "before") badges.push(el("span", { cls: "score", text: "score " + fmt(r.plan_score) }));
     }
@@ -91,7 +93,7 @@
       dots, ...badges,
     ]);
     const layers = el("div", { cls: "layers" }, r.layers.map((l) => layerChip(l, side, r)));
-    const row = el("div", { cls: "row k-" + r.kind + " " + r.fate + (r.refit ? " refitted" : ""), "data-row": r.name, "data-side": side, "data-fate": r.fate }, [head, layers]);
+    const row = el("div", { cls: "row k-" + r.kind + " " + r.fate + (r.refit || r.healed ? " refitted" : ""), "data-row": r.name, "data-side": side, "data-fate": r.fate }, [head, layers]);
     head.addEventListener("click", () => toggle(r.name));
     head.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); toggle(r.name); } });
     return row;

@@ -97,3 +97,32 @@ def test_light_resnet50_unnamed_nodes_are_keyed_as_model_explorer_names_them(tmp
     assert len(fate["results"]) == len(m.graph.node)  # every node has an id, named or not
     gone = removed_keys(LIGHT_RESNET50, graph, plan)
     assert gone and all(fate["results"][k]["value"] == FATES["removed"][0] for k in gone)
+
+
+@pytest.mark.slow
+def test_pytorch_model_overlay_is_keyed_by_its_cached_onnx_export(tmp_path: Path, tiny_llama_folder: Path) -> None:
+    """A PyTorch source: the command line exports the original once (lfgraph's cache) and
+    keys the overlay by that export's nodes; removed blocks' nodes are all marked removed."""
+    import argparse
+
+    from lfgraph.pipeline import load, original_onnx, plan_model, rewrite, trace
+    from lfgraph.visualize import add_subcommand, run
+
+    model = load(str(tiny_llama_folder))
+    graph = trace(model)
+    plan = plan_model(model, graph, 0.34, select="similarity", fuse="aligned-mean", metric="euclidean", progress=False)
+    plan.save(tmp_path / "plan.json")
+    (tmp_path / "rewrite.json").write_text(rewrite(model, graph, plan, progress=False).log.to_json())
+    p = argparse.ArgumentParser()
+    add_subcommand(p.add_subparsers(dest="command"))
+    out = tmp_path / "me.json"
+    args = ["visualize", str(tiny_llama_folder), str(tmp_path), "-o", str(out), "--format", "model-explorer", "--no-heatmaps"]
+    assert run(p.parse_args(args)) == 0
+    text = out.read_text()
+    assert text == rebuilt(text)
+    m = load_onnx(original_onnx(model, graph))  # cached: the file the overlay was made for
+    ids = {n.name or f"<node_{i}>" for i, n in enumerate(m.graph.node)}
+    fate = json.loads(text)["results"]
+    assert set(fate) <= ids
+    gone = removed_keys(original_onnx(model, graph), graph, plan)
+    assert gone and {k for k, v in fate.items() if v["value"] == FATES["removed"][0]} == gone

@@ -193,9 +193,19 @@ def test_command_line_on_an_onnx_model(tmp_path: Path, capsys: pytest.CaptureFix
     out_dir.mkdir()
     plan.save(out_dir / "plan.json")
     (out_dir / "rewrite.json").write_text(onnx_apply(m, graph, plan).log.to_json())
+    report = {"table": [["latency", "2 ms", "1 ms", "0.5×"]], "loss_curve": [[0, 1.5], [1, 1.0]], "healed": [plan.fusions[0].keep]}
+    (out_dir / "report.json").write_text(json.dumps(report))
+    (out_dir / "scores.json").write_text(json.dumps({"sleb": {b.name: float(b.index) for b in graph.blocks}}))
     assert run(parser().parse_args(["visualize", str(src), str(out_dir), "-o", str(tmp_path / "r.html")])) == 0
     d = read_page_data((tmp_path / "r.html").read_text())
     assert d["counts"]["removed"] == len(plan.absorbed) and d["from_log"] and d["heatmaps"]["metric"] == "euclidean"
+    assert d["table"] == report["table"] and d["loss_curve"] == report["loss_curve"]
+    assert [r["name"] for r in d["rows"] if r.get("healed")] == report["healed"]
+    assert d["scores"]["sleb"] == {b.name: float(b.index) for b in graph.blocks}
+    assert run(parser().parse_args(["visualize", str(src), str(out_dir), "-o", str(tmp_path / "me.json"), "--format", "model-explorer"])) == 0
+    ids = {n.name or f"<node_{i}>" for i, n in enumerate(m.graph.node)}
+    assert set(json.loads((tmp_path / "me.json").read_text())["results"]) <= ids
+    assert json.loads((tmp_path / "me.score.json").read_text())["name"] == "lfgraph selection score: sleb"
     assert run(parser().parse_args(["visualize", str(src), "--plan", str(out_dir / "plan.json"), "-o", str(tmp_path / "r.json"), "--no-heatmaps"])) == 0
     assert json.loads((tmp_path / "r.json").read_text())["heatmaps"] is None
     with pytest.raises(LfgraphError, match="no plan"):
@@ -203,3 +213,14 @@ def test_command_line_on_an_onnx_model(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(LfgraphError, match="does not exist"):
         run(parser().parse_args(["visualize", str(src), "--plan", str(tmp_path / "none.json"), "-o", str(tmp_path / "x.html")]))
     assert "wrote" in capsys.readouterr().out
+
+
+def test_healed_blocks_are_marked(llama, merged) -> None:
+    graph = llama[1]
+    plan, log = merged
+    keepers = [f.keep for f in plan.fusions]
+    d = report_data(graph, plan, log, healed=keepers, loss_curve=[(0, 1.0), (1, 0.5)])
+    assert sorted(r["name"] for r in d["rows"] if r.get("healed")) == sorted(keepers)
+    assert d["counts"]["healed"] == sum(len(graph.blocks[0].members) for _ in keepers)
+    with pytest.raises(LfgraphError, match="healed"):
+        report_data(graph, plan, log, healed=["no.such.block"])
