@@ -2,8 +2,24 @@
 
 :func:`report_data` reads what a rewrite did from its :class:`RewriteLog` (the plan adds
 the scores, the fuse rule and the provenance), checks every name against the graph, and
-returns one dict (schema ``lfgraph.visualize/1``, documented in :data:`SCHEMA`). Without a
-log (a plan on its own) it shows what the plan asks for, and says so (``from_log``).
+returns one dict (schema ``lfgraph.visualize/1``). Without a log (a plan on its own) it
+shows what the plan asks for, and says so (``from_log``).
+
+Keys: ``schema``, ``lfgraph_version``, ``title``, ``model``, ``source``, ``mode``, ``fuse``,
+``from_log``, ``provenance`` (the plan's); ``counts`` (``blocks_before``, ``blocks_after``,
+``removed``, ``merged``, ``tied``, ``tie_sets``, ``refitted``, ``healed``, ``permuted``,
+``layers``); ``rows`` (graph order: ``kind`` ``block`` with ``name``, ``index``, ``fate``
+(``kept``/``keeper``/``removed``), ``absorbed_by``, ``absorbs``, ``fused``, ``permuted``,
+``refit``, ``healed``, ``plan_score``, ``params``; or ``kind`` ``layers`` for a run of
+layers outside blocks; each with ``layers``: ``name``, ``role``, ``op``, ``shape``,
+``params``, ``tie`` (tie set index or null), ``tie_keep``, ``refit``, ``healed``);
+``tie_sets`` (``id``, ``keep``, ``members``, ``color``, ``score``); ``fusions`` (the
+plan's); ``heatmaps`` (null, or ``metric``, ``groups`` [``key``, ``role``, ``op``, ``shape``,
+``family``, ``names``, ``labels``, ``axis``, ``values`` (matrix, null = not computed),
+``chosen`` (fused cells i < j)], ``hidden``, ``blocks`` (the block matrix)); ``scores``
+(``{criterion: {block: score}}``), ``score_labels``; ``table`` (``[quantity, before,
+after, ratio]`` strings); ``loss_curve`` (``[step, loss]``); ``log`` (records: ``pass``,
+``action``, ``target``, ``sources``, ``detail``).
 """
 
 from __future__ import annotations
