@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from ..errors import LfgraphError
 from ..graph import LayerGraph
@@ -98,6 +98,8 @@ def write_report(
 def render_rewrite(graph: LayerGraph, plan: FusionPlan, log: RewriteLog | None, path: str | Path, title: str = "") -> None:
     """The page for ``plan`` (as recorded in ``log``) applied to ``graph`` (older name of
     :func:`write_report` without the optional sections)."""
+    if str(path).lower().endswith(".png"):
+        raise LfgraphError(f"{path}: the view is an HTML page now; write .html (tools/visualize_docs.py shows how to screenshot it)")
     write_report(path, graph, plan, log, title=title, format="html")
 
 
