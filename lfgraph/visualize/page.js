@@ -27,7 +27,8 @@
   function fmt(v) { return v === null || v === undefined ? "–" : Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toPrecision(4).replace(/\.?0+$/, ""); }
   function short(name) { const p = name.split("."); return p.length > 2 ? p.slice(-2).join(".") : name; }
   function shortRole(role, name) {
-    const r = role || name; const p = r.split("."); const s = p.length > 2 ? p.slice(-2).join(".") : r;
+    const r = role || name; if (r.length <= 28) return r;
+    const p = r.split("."); const s = p.length > 2 ? p.slice(-2).join(".") : r;
     return s.length > 26 ? "…" + s.slice(-25) : s;
   }
 
@@ -50,6 +51,10 @@
 
   // ------------------------------------------------------------------ the two columns
   const tieColor = (t) => D.tie_sets[t].color;
+  const rowOfLayer = {};
+  for (const r of D.rows) for (const l of r.layers) rowOfLayer[l.name] = r;
+  // where a tied layer's shared weight lives: the kept layer's block (its role is the same)
+  const keepLabel = (t) => { const k = D.tie_sets[t].keep, r = rowOfLayer[k]; return r && r.kind === "block" ? short(r.name) : short(k); };
   const expanded = new Set();
   const grid = $("#graph");
   const before = $("#before"), after = $("#after");
@@ -66,7 +71,7 @@
       el("span", { cls: "shape", text: l.shape.join("×") }),
       l.refit && side === "after" ? el("span", { cls: "badge refit", text: "refit" }) : null,
       l.healed && side === "after" ? el("span", { cls: "badge refit", text: "healed" }) : null,
-      l.tie !== null && !l.tie_keep && side === "after" ? el("span", { cls: "badge tie", style: "border-color:" + tieColor(l.tie), text: "= " + short(D.tie_sets[l.tie].keep) }) : null,
+      l.tie !== null && !l.tie_keep && side === "after" ? el("span", { cls: "badge tie", style: "border-color:" + tieColor(l.tie), text: "= " + keepLabel(l.tie), title: "shares the weight of " + D.tie_sets[l.tie].keep }) : null,
     ]);
     return chip;
   }
