@@ -17,7 +17,7 @@ from lfgraph.models import CausalLMLogits
 from lfgraph.passes.analysis import analyze
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan
-from lfgraph.visualize import write_report
+from lfgraph.visualize import read_page_data, write_report
 from lfgraph.visualize.browser import console_errors, find_chromium, headless, open_page, screenshot
 from lfgraph.zoo import tiny_llama
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no chromium + c
 
 def test_page_in_headless_chromium(tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     torch.manual_seed(0)
     model = CausalLMLogits(tiny_llama(layers=8, hidden=32)).eval()
@@ -65,4 +66,18 @@ def test_page_in_headless_chromium(tmp_path: Path) -> None:
         assert console_errors(d) == []
         shot = tmp_path / "report.png"
         screenshot(d, shot)
+        # a tie plan: one lane per tie set joins its members; nothing is drawn as removed
+        tie = make_plan(graph, metric="euclidean", target=0.3, target_kind="params", mode="tie", scope="global", analysis=analysis)
+        tie_page = tmp_path / "tie.html"
+        write_report(tie_page, graph, tie, apply_plan(model, graph, tie).log)
+        open_page(d, tie_page)
+        d.find_element(By.ID, "expand-all").click()
+        n_sets = len(read_page_data(tie_page.read_text())["tie_sets"])
+        assert n_sets > 0
+        # lanes are redrawn on the next animation frame after the layout changes
+        WebDriverWait(d, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#links g.lane")) == n_sets)
+        members = d.find_elements(By.CSS_SELECTOR, "#after .layer.tied")
+        assert len(members) == sum(len(f.absorb) + 1 for f in tie.fusions)
+        assert not d.find_elements(By.CSS_SELECTOR, ".row.removed")
+        assert console_errors(d) == []
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
