@@ -3,7 +3,7 @@
     python examples/01_cnn_merge.py          (about 20 s on a CPU)
 
 Writes to examples/out/: cnn-analysis.png (distance heatmaps), cnn-merge.onnx (the
-shallower network), cnn-merge.html and cnn-merge.png (what the rewrite did).
+shallower network) and cnn-merge.html (what the rewrite did).
 
 The weights are random (nothing is downloaded), so the merged network computes something
 else than the original; on a trained network one retrains it (``lfgraph.retrain``). What
@@ -27,7 +27,7 @@ from lfgraph.passes.analysis import analyze
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan, unique_parameter_count
 from lfgraph.pipeline import plan_summary
-from lfgraph.plots import plot_analysis
+from lfgraph.visualize.plots import plot_analysis
 from lfgraph.visualize import render_rewrite
 from lfgraph.zoo import ResNetCNN, randomize_batchnorm
 
@@ -79,9 +79,9 @@ def main() -> int:
     print("\n".join(check.lines()))
 
     print("\n6. draw what the rewrite did")
-    for name in ("cnn-merge.html", "cnn-merge.png"):
-        render_rewrite(graph, plan, result.log, OUT / name, title="ResNetCNN: merge a third of the blocks")
-        print(f"   {OUT / name}")
+    view = OUT / "cnn-merge.html"
+    render_rewrite(graph, plan, result.log, view, title="ResNetCNN: merge a third of the blocks")
+    print(f"   {view}")
     return 0 if check.ok else 1
 
 

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _subcommand_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     """The ``add_subcommand`` of each package that brings its own subcommand."""
-    from .visualize import add_subcommand as visualize
+    from .visualize.command import add_subcommand as visualize
 
     return [visualize]
 
@@ -140,7 +140,7 @@ def _analyze(args: argparse.Namespace) -> int:
         for score, a, b in pairs[: args.top]:
             print(f"  {score:8.4f}  {a}  ~  {b}")
     if args.plot:
-        from .plots import plot_analysis
+        from .visualize.plots import plot_analysis
 
         plot_analysis(analysis, args.plot, graph=graph)
         print(f"\nwrote {args.plot}")

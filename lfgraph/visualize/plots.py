@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LfgraphError
-from .fileio import atomic_path
-from .graph import LayerGraph
-from .passes.analysis import Analysis, GroupAnalysis
+from ..errors import LfgraphError
+from ..fileio import atomic_path
+from ..graph import LayerGraph
+from ..passes.analysis import Analysis, GroupAnalysis
 
 #: More groups than this are left out (the largest are kept) so the image stays readable.
 MAX_GROUPS = 24

@@ -12,7 +12,7 @@ import pytest
 from lfgraph.errors import LfgraphError
 from lfgraph.graph import Block, LayerGraph, LayerNode
 from lfgraph.passes.analysis import Analysis, GroupAnalysis, analyze
-from lfgraph.plots import _layer_labels, plot_analysis
+from lfgraph.visualize.plots import _layer_labels, plot_analysis
 
 
 def toy_graph(n_blocks: int) -> LayerGraph:
