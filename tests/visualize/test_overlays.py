@@ -105,7 +105,8 @@ def test_pytorch_model_overlay_is_keyed_by_its_cached_onnx_export(tmp_path: Path
     keys the overlay by that export's nodes; removed blocks' nodes are all marked removed."""
     import argparse
 
-    from lfgraph.pipeline import load, original_onnx, plan_model, rewrite, trace
+    from lfgraph.pipeline import load, plan_model, rewrite, trace
+    from lfgraph.sources import TorchSource
     from lfgraph.visualize import add_subcommand, run
 
     model = load(str(tiny_llama_folder))
@@ -120,9 +121,9 @@ def test_pytorch_model_overlay_is_keyed_by_its_cached_onnx_export(tmp_path: Path
     assert run(p.parse_args(args)) == 0
     text = out.read_text()
     assert text == rebuilt(text)
-    m = load_onnx(original_onnx(model, graph))  # cached: the file the overlay was made for
+    m = load_onnx(TorchSource(model).original_file())  # cached: the file the overlay was made for
     ids = {n.name or f"<node_{i}>" for i, n in enumerate(m.graph.node)}
     fate = json.loads(text)["results"]
     assert set(fate) <= ids
-    gone = removed_keys(original_onnx(model, graph), graph, plan)
+    gone = removed_keys(TorchSource(model).original_file(), graph, plan)
     assert gone and {k for k, v in fate.items() if v["value"] == FATES["removed"][0]} == gone
