@@ -1,20 +1,20 @@
-"""Retraining of fused models: fusion modes, compression schedules, objectives, loops."""
+"""Retraining of fused models: retraining modes, compression schedules, objectives, loops."""
 
-from .fusion_modes import FUSION_MODES, FusionHandle, install_fusion, js_gamma
+from .modes import RETRAIN_MODES, RetrainHandle, install_retrain_mode, js_gamma
 from .loop import CompressionRecord, iterative_compress, retrain
 from .objectives import OBJECTIVES, Objective, distillation_loss, make_objective, task_loss
 from .schedule import SCHEDULE_KINDS, compression_schedule, retraining_steps
 
 __all__ = [
-    "FUSION_MODES",
+    "RETRAIN_MODES",
     "OBJECTIVES",
     "SCHEDULE_KINDS",
     "CompressionRecord",
-    "FusionHandle",
+    "RetrainHandle",
     "Objective",
     "compression_schedule",
     "distillation_loss",
-    "install_fusion",
+    "install_retrain_mode",
     "iterative_compress",
     "js_gamma",
     "make_objective",
