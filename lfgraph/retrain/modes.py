@@ -410,7 +410,14 @@ def _install_freeze(model: nn.Module, group: _Group, options: dict[str, Any]) ->
         trainable = max(range(len(members)), key=lambda k: (spread(k), -k))
     else:
         raise LfgraphError(f"freeze_by={freeze_by!r} is not one of ('middle', 'divergence')")
-    gammas = {k: js_gamma(members[trainable].weight, members[k].weight) for k in range(len(members)) if k != trainable}
+    override = options.get("gamma")
+    if override is not None and not 0.0 <= float(override) <= 1.0:
+        raise LfgraphError(f"gamma must be in [0, 1], got {override}")
+    # ``gamma`` overrides eq. 6's value (for measuring whether it matters)
+    gammas = {
+        k: float(override) if override is not None else js_gamma(members[trainable].weight, members[k].weight)
+        for k in range(len(members)) if k != trainable
+    }
     n_frozen = len(gammas)
     own_scale = 1.0 - sum(gammas.values()) / n_frozen
     state = _GroupState(group)
@@ -465,7 +472,7 @@ RETRAIN_MODES: dict[str, RetrainMode] = {
     "mean": RetrainMode("mean", "members shared from their average; each gets the average gradient", _install_mean),
     "freeze": RetrainMode(
         "freeze", "one member trains with the JS-weighted gradient of eq. 6, the others are frozen",
-        _install_freeze, options=("freeze_by", "positions"),
+        _install_freeze, options=("freeze_by", "positions", "gamma"),
     ),
     "mix": RetrainMode("mix", "rows drawn from a random member before each forward; biases averaged", _install_mix, options=("seed",)),
 }
@@ -533,7 +540,8 @@ def install_retrain_mode(model: nn.Module, fused_sets: Sequence[FusedSet], mode:
     no layer in two sets. Options: ``freeze``: ``freeze_by="middle"`` (freeze the member
     nearest the middle of the network; default) or ``"divergence"`` (train the member with the
     largest ``KL(W_k ‖ W̄)`` to its mixture with the others, freeze the rest), ``positions`` (module
-    path → depth index, default :func:`layer_positions`); ``mix``: ``seed``.
+    path → depth index, default :func:`layer_positions`), ``gamma`` (a fixed value in [0, 1] instead of
+    eq. 6's); ``mix``: ``seed``.
     Modifies ``model`` in place (parameters replaced or parametrized). Raises
     ``LfgraphError`` for an unknown mode or an invalid set.
     """
