@@ -176,8 +176,9 @@ def _say(msg: str, quiet: bool) -> None:
         print(f"lfgraph: {msg}", flush=True)
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Any, nn.Module, nn.Module, FusionPlan | None, list[list[str]]]:
-    """(loaded model for its tokenizer, teacher module, student module, plan, fused sets).
+def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module, nn.Module, FusionPlan | None, list[list[str]], torch.Tensor]:
+    """(loaded model for its tokenizer, teacher module, student module, plan, fused sets,
+    training windows of ``text``).
 
     With ``--mode tie --retrain-mode M`` the student is the *untied* original and the fused
     sets are the plan's layer sets: the retraining mode trains them and ties them at the end
@@ -190,8 +191,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, nn.Module, nn.Module, Fusio
     if args.teacher:
         student_model = pipeline.load(args.model)
         teacher_model = pipeline.load(args.teacher)
-        return teacher_model, teacher_model.module, student_model.module, None, []
+        windows = training_windows(teacher_model.tokenizer, text, args.windows, args.seq_len, max_positions(student_model.module))
+        return teacher_model, teacher_model.module, student_model.module, None, [], windows
     model = pipeline.load(args.model)
+    windows = training_windows(model.tokenizer, text, args.windows, args.seq_len, max_positions(model.module))
     if model.family != "causal-lm":
         raise LfgraphError(f"{model.name} is a {model.family} model: lfgraph heal trains causal language models from the CLI; use lfgraph.retrain.heal in Python")
     graph = pipeline.trace(model)
@@ -212,12 +215,40 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, nn.Module, nn.Module, Fusio
     if plan.mode == "tie" and args.retrain_mode:
         sets = [[graph.node(n).ref or n for n in (f.keep, *f.absorb)] for f in plan.fusions]
         _say(f"{len(sets)} tie sets trained under retraining mode {args.retrain_mode}", args.quiet)
-        return model, model.module, copy.deepcopy(model.module), plan, sets
+        return model, model.module, copy.deepcopy(model.module), plan, sets, windows
     if args.retrain_mode:
         raise LfgraphError("--retrain-mode trains tie sets: use it with --mode tie")
     _say(f"rewriting: {len(plan.fusions)} fusions", args.quiet)
     student = pipeline.rewrite(model, graph, plan, calibration=calibration, progress=False).model
-    return model, model.module, student, plan, []
+    return model, model.module, student, plan, [], windows
+
+
+def untied_copy(hf: nn.Module) -> tuple[nn.Module, list[list[str]]]:
+    """``(hf, [])``, or for a tie plan's model a copy whose tied layers hold equal but separate
+    tensors, plus the tied sets (parameter names).
+
+    Hugging Face folders (safetensors) cannot store weights shared between layers (only the
+    embedding/head tie the config declares), so a tied model is written untied: it computes
+    the same function, and ``heal.json`` lists the sets; the ONNX export (``compress --heal``)
+    stores each set once.
+    """
+    embedding = {id(m.weight) for m in hf.modules() if isinstance(m, nn.Embedding)}
+    users: dict[int, list[str]] = {}
+    for name, p in hf.named_parameters(remove_duplicate=False):
+        if id(p) not in embedding:
+            users.setdefault(id(p), []).append(name)
+    tied = [names for names in users.values() if len(names) > 1]
+    if not tied:
+        return hf, []
+    import copy
+
+    out = copy.deepcopy(hf)
+    for names in tied:
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            module = out.get_submodule(owner)
+            setattr(module, attr, nn.Parameter(getattr(module, attr).detach().clone()))
+    return out, tied
 
 
 def save_healed(module: nn.Module, tokenizer: Any, out: str | Path, curve: dict[str, Any]) -> Path:
@@ -229,6 +260,9 @@ def save_healed(module: nn.Module, tokenizer: Any, out: str | Path, curve: dict[
     hf = getattr(module, "model", module)
     if not hasattr(hf, "save_pretrained"):
         raise LfgraphError(f"{type(module).__name__} is not a Hugging Face model: save it with torch.save in Python")
+    hf, tied = untied_copy(hf)
+    if tied:
+        curve = {**curve, "tied_sets": tied}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         hf.save_pretrained(tmp)
@@ -254,16 +288,17 @@ def run(args: argparse.Namespace) -> int:
     """``lfgraph heal``: 0 on success; user errors raise ``LfgraphError`` (the CLI prints one line)."""
     if args.steps < 0:
         raise LfgraphError(f"--steps must be >= 0, got {args.steps}")
+    if args.resume and not args.checkpoint_dir:
+        raise LfgraphError("--resume needs --checkpoint-dir (where the interrupted run wrote its checkpoints)")
     torch.manual_seed(args.seed)
-    _say("loading the model", args.quiet)
-    model, teacher, student, plan, fused_sets = _prepare(args)
-    limit = max_positions(student)
     text = None
     if args.text:
         from ..calibration import load_calibration_text
 
         text = load_calibration_text(args.text)
-    windows = training_windows(model.tokenizer, text, args.windows, args.seq_len, limit)
+    _say("loading the model", args.quiet)
+    # the data is checked before the (slow) planning and rewriting
+    model, teacher, student, plan, fused_sets, windows = _prepare(args, text)
     eval_windows = None
     if args.eval_every:
         from ..calibration import heldout_windows
