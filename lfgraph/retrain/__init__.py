@@ -2,6 +2,7 @@
 
 from .modes import RETRAIN_MODES, RetrainHandle, install_retrain_mode, js_gamma
 from .heal import DEFAULT_LORA_LR, DEFAULT_LR, HEAL_OBJECTIVES, HealConfig, HealResult, heal
+from .iterative import HealStep, iterative_heal
 from .loop import CompressionRecord, iterative_compress, retrain
 from .objectives import OBJECTIVES, Objective, distillation_loss, make_objective, task_loss
 from .schedule import SCHEDULE_KINDS, compression_schedule, retraining_steps
@@ -13,6 +14,8 @@ __all__ = [
     "HEAL_OBJECTIVES",
     "HealConfig",
     "HealResult",
+    "HealStep",
+    "iterative_heal",
     "TRAINABLE_SETS",
     "heal",
     "neighbor_blocks",
