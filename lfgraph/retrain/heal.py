@@ -316,6 +316,9 @@ def heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: HealC
 
 
 def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: HealConfig, par: D.Parallel) -> HealResult:
+    if par.kind == "fsdp" and config.fused_sets:
+        # parametrizations and parameters shared across positions do not survive FSDP's sharding
+        raise LfgraphError("retraining modes on tie sets are not supported under FSDP: use DDP (--strategy ddp)")
     torch.manual_seed(config.seed)
     device = par.device
     student.to(device)
@@ -463,8 +466,6 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
     if config.trainable == "lora":
         model = merge_lora(model)
     if handle is not None:
-        if par.kind == "fsdp":
-            raise LfgraphError("retraining modes under FSDP are not supported: use DDP (--strategy ddp)")
         handle.finalize()
     for p in model.parameters():
         p.requires_grad_(True)
