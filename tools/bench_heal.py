@@ -84,17 +84,19 @@ def run_lm(args: argparse.Namespace) -> dict:
 
 
 def table(out: dict) -> str:
-    lines = ["| removed | trainable | lr | trainable params | step | CPU-min | held-out ppl | gap closed | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| removed | trainable | lr | trainable params | step | CPU-min | held-out ppl | gap closed | tokens/CPU-s | tokens/s (wall) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = out["original_ppl"]
+    per_step = out["settings"]["batch_size"] * out["settings"]["seq_len"]
     for fraction, f in out["fractions"].items():
         one = f["one_shot_ppl"]
-        lines.append(f"| {float(fraction):.0%} | one-shot | | | 0 | 0 | {one:.2f} | 0 % | |")
+        lines.append(f"| {float(fraction):.0%} | one-shot | | | 0 | 0 | {one:.2f} | 0 % | | |")
         for trainable, r in f["rows"].items():
             for c in r["curve"]:
                 closed = (one - c["ppl"]) / (one - base) if one != base else float("nan")
                 lines.append(f"| {float(fraction):.0%} | {trainable} | {r['lr']:.0e} | {r['trainable_params'] / 1e6:.1f} M | {c['step']} | "
-                             f"{c['cpu_min']:.1f} | {c['ppl']:.2f} | {closed:.0%} | {r['tokens_per_s']:.0f} |")
+                             f"{c['cpu_min']:.1f} | {c['ppl']:.2f} | {closed:.0%} | {c['step'] * per_step / (60 * c['cpu_min']):.0f} | "
+                             f"{r['tokens_per_s']:.0f} |")
     return f"original held-out ppl {base:.2f}\n\n" + "\n".join(lines)
 
 
