@@ -151,6 +151,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", choices=STRATEGIES, default="auto", help="under torchrun: ddp (auto) or fsdp")
 
 
+def add_compress_options(p: argparse.ArgumentParser) -> None:
+    """``compress``'s healing options (``--heal STEPS`` and ``--heal-*``); read them back with
+    :func:`compress_heal_options`."""
+    g = p.add_argument_group("healing (fine-tune the rewritten model before export)")
+    g.add_argument("--heal", type=int, default=0, metavar="STEPS", help="heal for STEPS optimizer steps by distillation from the original (default 0: off)")
+    g.add_argument("--heal-trainable", choices=TRAINABLE_SETS, default=HEAL_DEFAULTS["trainable"], help="what trains (default all)")
+    g.add_argument("--heal-lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 for lora)")
+    g.add_argument("--heal-batch-size", type=int, default=HEAL_DEFAULTS["batch_size"], help="windows per step (default 4)")
+    g.add_argument("--heal-seq-len", type=int, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
+    g.add_argument("--heal-windows", type=int, default=HEAL_DEFAULTS["windows"], help="training windows from the calibration text (default 128)")
+    g.add_argument("--heal-eval-every", type=int, default=0, help="held-out perplexity every K steps, best state kept")
+    g.add_argument("--heal-checkpoint-dir", default=None, help="checkpoint the healing here")
+    g.add_argument("--heal-resume", action="store_true", help="continue healing from --heal-checkpoint-dir")
+
+
+def compress_heal_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for :func:`heal_compressed` from :func:`add_compress_options`' flags
+    (``steps`` included; the caller adds the training windows and evaluation windows)."""
+    return {"steps": args.heal, "trainable": args.heal_trainable, "lr": args.heal_lr, "batch_size": args.heal_batch_size,
+            "eval_every": args.heal_eval_every, "checkpoint_dir": args.heal_checkpoint_dir, "resume": args.heal_resume}
+
+
 def add_subcommand(subparsers: Any) -> None:
     """Register ``heal`` with the main CLI's subparsers."""
     from ..pipeline import FUSIONS, SELECTIONS

@@ -118,3 +118,27 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_llama_folder: Path,
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_compress_heal_options_feed_heal_compressed(tiny_llama_folder: Path) -> None:
+    """The flags compress gets (--heal STEPS, --heal-*) drive the same stage the CLI uses."""
+    import argparse
+
+    from lfgraph import pipeline
+    from lfgraph.retrain.cli import add_compress_options, compress_heal_options, heal_compressed, training_windows
+
+    p = argparse.ArgumentParser()
+    add_compress_options(p)
+    opts = compress_heal_options(p.parse_args(["--heal", "3", "--heal-trainable", "lora", "--heal-lr", "2e-3"]))
+    assert opts["steps"] == 3 and opts["trainable"] == "lora" and opts["lr"] == 2e-3
+    model = pipeline.load(str(tiny_llama_folder))
+    graph = pipeline.trace(model)
+    plan = pipeline.plan_model(model, graph, 0.5, mode="merge", select="similarity", fuse="remove", progress=False)
+    rewritten = pipeline.rewrite(model, graph, plan, progress=False).model
+    one_shot = {k: v.clone() for k, v in rewritten.state_dict().items()}
+    windows = training_windows(model.tokenizer, None, 8, 32, 256)
+    healed, curve = heal_compressed(model, rewritten, plan, windows, progress=False, **opts)
+    assert len(curve["train_loss"]) == 3 and curve["config"]["trainable"] == "lora" and curve["config"]["lr"] == 2e-3
+    assert type(healed.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # adapters merged back
+    assert any(not torch.equal(v, one_shot[k]) for k, v in healed.state_dict().items())
+    json.dumps(curve)  # the report/visualizer get plain data
