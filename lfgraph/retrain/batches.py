@@ -9,7 +9,8 @@ Accepted batch forms (what :func:`as_batch` turns into a :class:`Batch`):
   ``(input_ids, attention_mask)``. Such a tuple is never read as ``(inputs, labels)``: give
   language-model labels in a dict;
 - a tuple/list ``(inputs, targets)`` whose first element is a *floating* tensor: a
-  classifier (``targets`` are class indices).
+  classifier (``targets`` are class indices);
+- a floating tensor alone: classifier (e.g. image) inputs without labels, for distillation.
 
 :class:`WindowBatches` serves the rows of a token tensor in a seeded order that depends only
 on ``(seed, epoch)``, so a resumed run sees exactly the batches the interrupted one would
@@ -66,6 +67,8 @@ def as_batch(batch: Any) -> Batch:
         return batch
     if _is_ids(batch):
         return Batch(batch)
+    if isinstance(batch, torch.Tensor) and batch.is_floating_point():
+        return Batch(batch, lm=False)  # classifier/vision inputs without labels: distillation only
     if isinstance(batch, dict) or hasattr(batch, "keys") and "input_ids" in batch:
         if "input_ids" not in batch:
             raise LfgraphError(f"a dict batch needs 'input_ids' (a Hugging Face batch), got keys {sorted(batch)}")

@@ -48,6 +48,9 @@ class HealConfig:
     ``warmup``: a fraction of ``steps`` (< 1) or a number of steps. ``hidden_weight`` > 0
     adds a hidden-state loss at matching depths (needs ``plan`` for merged models).
     ``checkpoint_every`` 0 = every ``eval_every`` steps, or a tenth of the run.
+    ``freeze_norm_stats``: batch-norm layers run on their running statistics (eval mode)
+    while healing, so that the small healing batches neither replace the statistics the
+    model was trained with nor make training differ from deployment.
     """
 
     steps: int = 100
@@ -79,6 +82,7 @@ class HealConfig:
     seed: int = 0
     strategy: str = "auto"
     bf16: bool = True
+    freeze_norm_stats: bool = True
     progress: bool = True
     desc: str = "heal"
 
@@ -241,7 +245,8 @@ def _loss(model: nn.Module, teacher: nn.Module | None, batch: Batch, config: Hea
 
 
 def _batches(data: Any, config: HealConfig, par: D.Parallel, start: int) -> Iterator[Any]:
-    if isinstance(data, torch.Tensor) and data.dim() == 2 and not data.is_floating_point():
+    if isinstance(data, torch.Tensor) and (data.is_floating_point() or data.dim() == 2):
+        # token windows (N, T) or unlabelled samples (N, ...): seeded, shardable rows
         return WindowBatches(data, config.batch_size, config.seed, par.rank, par.world).iterate(start)
     if data is None:
         raise LfgraphError("healing needs data: pass token windows (N, T), a list of batches or a DataLoader")
@@ -261,7 +266,8 @@ def _eval_loss(model: nn.Module, teacher: nn.Module | None, data: Any, config: H
             n = batch.tokens
             total += float(_loss(model, teacher, batch, config, taps)) * n
             weight += n
-    model.train(was)
+    if was:
+        _train_mode(model, config)
     if weight == 0:
         raise LfgraphError("the held-out data yielded no batches: give at least one window")
     return total / weight
@@ -272,6 +278,14 @@ def _device(model: nn.Module) -> torch.device:
     if p is None:
         return torch.device("cpu")
     return p.device if not hasattr(p, "to_local") else p.to_local().device
+
+
+def _train_mode(model: nn.Module, config: HealConfig) -> None:
+    model.train()
+    if config.freeze_norm_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: HealConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -295,8 +309,8 @@ def _schedule(optimizer: torch.optim.Optimizer, config: HealConfig) -> torch.opt
 def heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: HealConfig | None = None) -> HealResult:
     """Fine-tune ``student`` (a rewritten model) to recover what the rewrite lost.
 
-    Expects: ``data`` token windows ``(N, T)`` (batched and shuffled here, seeded; sharded per
-    process under torchrun), or a re-iterable of batches in any form
+    Expects: ``data`` token windows ``(N, T)`` or unlabelled float samples ``(N, ...)`` (batched
+    and shuffled here, seeded; sharded per process under torchrun), or a re-iterable of batches in any form
     :func:`~lfgraph.retrain.batches.as_batch` reads (a list, a DataLoader; under torchrun the
     caller shards it, e.g. with a ``DistributedSampler``). ``teacher``: the uncompressed model,
     only run (never modified), or ``None`` for the task loss alone.
@@ -396,7 +410,7 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
         from tqdm import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=config.desc, leave=False)
-    wrapped.train()
+    _train_mode(wrapped, config)
     t0 = t_mark = time.perf_counter()
     train_seconds = 0.0  # training time without held-out evaluation
     tokens_at_start = tokens
@@ -428,7 +442,7 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
                     wrapped.eval()
                     with torch.no_grad():
                         value = D.mean_over_ranks(float(config.evaluate(wrapped)), par)
-                    wrapped.train()
+                    _train_mode(wrapped, config)
                 else:
                     value = D.mean_over_ranks(_eval_loss(wrapped, teacher, config.eval_data, config, taps), par)
                 evals.append((done, value, train_seconds))

@@ -277,3 +277,27 @@ def test_iterative_heal_ties_and_stops_at_the_inflection_point(trained: dict) ->
                                 evaluate=lambda m: mean_nll(m, held), progress=False)
     after = sum(p.numel() for p in {id(p): p for p in out.parameters()}.values())
     assert after <= 0.8 * before + 1 and len(steps) == 3
+
+
+def test_a_cnn_heals_by_distillation_from_unlabelled_images() -> None:
+    from lfgraph.passes.block_stack import remove_blocks
+
+    torch.manual_seed(0)
+    teacher = zoo.randomize_batchnorm(zoo.ResNetCNN()).eval()
+    with torch.no_grad():
+        teacher.fc.weight.mul_(30.0)  # confident teacher: removing a block visibly changes its outputs
+    names = [n for n, m in teacher.named_modules() if type(m).__name__ == "BasicBlock"]
+    student = copy.deepcopy(teacher)
+    remove_blocks(student, [names[1]])
+    images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def kd(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(masked_distillation_loss(m.eval()(images), teacher(images)))
+
+    before = kd(student)
+    r = heal(student, teacher, images, HealConfig(steps=15, lr=1e-3, batch_size=8, progress=False))
+    assert kd(r.model) < 0.7 * before
+    bn = [m for m in r.model.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    bn_teacher = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    assert torch.equal(bn.running_mean, bn_teacher.running_mean)  # statistics kept (freeze_norm_stats)
