@@ -64,6 +64,7 @@ def run_lm(args: argparse.Namespace) -> dict:
                 c = cpu_clock()
                 value = nll(m)
                 marks.append((len(marks), value, c - cpu0 - eval_cpu[0]))
+                print(f"  eval {trainable}: ppl {math.exp(value):.2f} after {marks[-1][2] / 60:.2f} CPU-min", file=sys.stderr, flush=True)
                 eval_cpu[0] += cpu_clock() - c
                 return value
 
