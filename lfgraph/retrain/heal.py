@@ -456,6 +456,10 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                 tok_s=f"{(tokens - tokens_at_start) / max(elapsed, 1e-9):.0f}")
+    except BaseException:
+        if handle is not None and not handle.finalized and par.kind == "none":
+            handle.finalize()  # a failed run still leaves plain, tied sets behind
+        raise
     finally:
         if bar is not None:
             bar.close()
