@@ -15,7 +15,7 @@ What it does:
    ``mode="tie"``, ``target_kind="params"``, Bures metric, global and adjacent scope, then
    ``apply_plan``) and by every baseline in ``lfgraph.baselines.BASELINES``, and prints
    test accuracy with the share of layer weights actually removed.
-3. **With retraining** at one fraction: layer fusion retrained under each fusion mode
+3. **With retraining** at one fraction: layer fusion retrained under each retraining mode
    (mean / freeze / mix) and iteratively (3 compression steps, exponential schedule),
    versus magnitude pruning (mask kept) and SVD retrained for the same number of steps.
 4. Optionally (``--smollm``), SmolLM2-135M perplexity on held-out windows

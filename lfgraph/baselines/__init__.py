@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 from torch import nn
 
 from ..errors import LfgraphError
-from ..retrain.fusion_modes import is_fusable_layer
+from ..retrain.modes import is_fusable_layer
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LfgraphError
-from ..retrain.fusion_modes import is_conv1d_transposed
+from ..retrain.modes import is_conv1d_transposed
 
 if TYPE_CHECKING:
     from . import LayerRef

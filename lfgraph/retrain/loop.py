@@ -1,10 +1,10 @@
 """Retraining loops: one retraining round for fixed fused sets, and iterative compression.
 
-:func:`retrain` installs a fusion mode on the fused sets, trains with one objective and
+:func:`retrain` installs a retraining mode on the fused sets, trains with one objective and
 one optimizer for every mode (the modes differ only in their parametrizations and hooks),
 and ties the sets at the end. :func:`iterative_compress` is the paper's scheme (1): at each
 compression step it plans the next fusions on the current model with the planner, retrains
-under the chosen fusion mode, ties, and repeats, following a compression curriculum
+under the chosen retraining mode, ties, and repeats, following a compression curriculum
 (:mod:`lfgraph.retrain.schedule`).
 """
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LfgraphError
-from .fusion_modes import FusedSet, install_fusion, unique_parameter_count
+from .modes import FusedSet, install_retrain_mode, unique_parameter_count
 from .objectives import Objective, make_objective
 from .schedule import compression_schedule
 
@@ -68,7 +68,7 @@ def _train(
     desc: str,
 ) -> list[float]:
     """Install ``mode``, train ``steps`` steps, finalize; return the per-step losses."""
-    handle = install_fusion(model, fused_sets, mode, **(mode_options or {}))
+    handle = install_retrain_mode(model, fused_sets, mode, **(mode_options or {}))
     paused: list[nn.Parameter] = []
     if trainable == "fused":
         params = handle.trainable_parameters()
@@ -156,7 +156,7 @@ def retrain(
 ) -> nn.Module:
     """Retrain ``model`` with ``fused_sets`` under fusion ``mode``, then tie each set.
 
-    Expects: ``fused_sets`` as in :func:`~lfgraph.retrain.fusion_modes.install_fusion`
+    Expects: ``fused_sets`` as in :func:`~lfgraph.retrain.modes.install_retrain_mode`
     (may be empty: plain fine-tuning); ``data`` a re-iterable of batches (see
     :mod:`lfgraph.retrain.objectives`), cycled for ``steps`` AdamW steps; ``objective``
     ``"task"``, ``"distill"`` (needs ``teacher``), ``"mixed"`` (``alpha`` share of

@@ -78,6 +78,53 @@ def distillation_loss(student: Any, teacher: Any, temperature: float = 2.0) -> t
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
 
 
+def masked_next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real positions of a padded LM batch.
+
+    Position ``t`` predicts ``labels[t + 1]`` (``labels`` defaults to ``ids``); a target is
+    ignored where it is ``-100`` or where ``mask`` is 0 (padding), so padding never enters
+    the loss. ``logits`` ``(N, T, V)``, ``ids``/``mask``/``labels`` ``(N, T)``.
+    """
+    if logits.dim() != 3 or ids.dim() != 2 or ids.shape[1] < 2:
+        raise LfgraphError("next-token loss needs (N, T>=2) token ids and (N, T, V) logits")
+    target = (ids if labels is None else labels)[:, 1:].clone()
+    if mask is not None:
+        target[mask[:, 1:] == 0] = -100
+    if not bool((target != -100).any()):
+        raise LfgraphError("a batch has no real target token (all padding or -100): check the attention mask and labels")
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+
+
+def masked_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 2.0) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` averaged over real positions.
+
+    ``student``/``teacher`` ``(..., V)``; ``mask`` (the leading shape, 1 = real) drops
+    padded positions from the mean. Equals :func:`distillation_loss` without a mask.
+    """
+    if temperature <= 0:
+        raise LfgraphError(f"distillation temperature must be > 0, got {temperature}")
+    if student.shape != teacher.shape:
+        raise LfgraphError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ in shape")
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    per_position = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
+    if mask is None:
+        return per_position.mean() * temperature**2
+    m = mask.to(per_position.dtype)
+    return (per_position * m).sum() / m.sum().clamp_min(1.0) * temperature**2
+
+
+def masked_hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of hidden states ``(N, T, H)`` over real positions, divided by
+    the teacher's mean square there (scale-free across depths and models)."""
+    diff = (student.float() - teacher.detach().float()).pow(2).mean(-1)
+    scale = teacher.detach().float().pow(2).mean(-1)
+    if mask is None:
+        return diff.mean() / scale.mean().clamp_min(1e-12)
+    m = mask.to(diff.dtype)
+    return (diff * m).sum() / (scale * m).sum().clamp_min(1e-12)
+
+
 @dataclass(frozen=True)
 class Objective:
     """A retraining objective: ``alpha · distillation + (1 − alpha) · task``.
@@ -138,4 +185,7 @@ def make_objective(objective: str | Objective | Callable[..., torch.Tensor], tem
     return objective
 
 
-__all__ = ["OBJECTIVES", "Objective", "distillation_loss", "logits_of", "make_objective", "split_batch", "task_loss"]
+__all__ = [
+    "OBJECTIVES", "Objective", "distillation_loss", "logits_of", "make_objective", "masked_distillation_loss",
+    "masked_hidden_loss", "masked_next_token_loss", "split_batch", "task_loss",
+]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfgraph.errors import LfgraphError
-from lfgraph.retrain import FUSION_MODES, iterative_compress, retrain
-from lfgraph.retrain.fusion_modes import unique_parameter_count
+from lfgraph.retrain import RETRAIN_MODES, iterative_compress, retrain
+from lfgraph.retrain.modes import unique_parameter_count
 from lfgraph.retrain.objectives import Objective, distillation_loss, make_objective, task_loss
 from lfgraph.zoo import MLP
 
@@ -40,7 +40,7 @@ def hidden_pair_model() -> MLP:
     return MLP(16, 32, 4, 4)  # Linear layers net.0, net.2, net.4, net.6, net.8
 
 
-@pytest.mark.parametrize("mode", sorted(FUSION_MODES))
+@pytest.mark.parametrize("mode", sorted(RETRAIN_MODES))
 def test_retraining_a_fused_mlp_lowers_the_loss(mode: str) -> None:
     x, y = task()
     model = hidden_pair_model()
@@ -113,7 +113,7 @@ def test_retrain_user_errors() -> None:
         retrain(model, [["net.2", "net.4"]], "mean", [], steps=1, progress=False)
     # a failed round still leaves a plain, tied model behind
     assert model.net[2].weight is model.net[4].weight
-    with pytest.raises(LfgraphError, match="unknown fusion mode"):
+    with pytest.raises(LfgraphError, match="unknown retraining mode"):
         retrain(model, [["net.2", "net.6"]], "avg", [task(8)], steps=1, progress=False)
 
 

@@ -1,4 +1,4 @@
-"""Fusion modes: each rule checked against a direct computation on an unfused copy."""
+"""Retraining modes: each rule checked against a direct computation on an unfused copy."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from scipy import integrate, stats
 from torch import nn
 
 from lfgraph.errors import LfgraphError
-from lfgraph.retrain.fusion_modes import (
-    FUSION_MODES,
+from lfgraph.retrain.modes import (
+    RETRAIN_MODES,
     gaussian_kl_to_mixture,
-    install_fusion,
+    install_retrain_mode,
     js_gamma,
     unique_parameter_count,
 )
@@ -64,7 +64,7 @@ def test_mean_starts_at_average_and_gets_average_gradient() -> None:
         for i in (2, 4):
             ref[i].weight.copy_(avg_w)
             ref[i].bias.copy_(avg_b)
-    handle = install_fusion(model, [["2", "4"]], "mean")
+    handle = install_retrain_mode(model, [["2", "4"]], "mean")
     assert torch.equal(model[2].weight, avg_w) and torch.equal(model[4].weight, avg_w)
     x, y = batch()
     loss_of(model, x, y).backward()
@@ -79,7 +79,7 @@ def test_mean_starts_at_average_and_gets_average_gradient() -> None:
 def test_mean_stays_equal_and_finalize_saves_exactly_one_layer() -> None:
     model = mlp()
     before = unique_parameter_count(model)
-    handle = install_fusion(model, [["2", "4"]], "mean")
+    handle = install_retrain_mode(model, [["2", "4"]], "mean")
     for _ in range(3):
         sgd_steps(model, n=1)
         assert torch.equal(model[2].weight, model[4].weight)
@@ -99,7 +99,7 @@ def test_mean_three_members_and_conv() -> None:
     net = nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)])
     before = unique_parameter_count(net)
     avg = torch.stack([c.weight.detach() for c in net]).mean(0)
-    handle = install_fusion(net, [["0", "1", "2"]], "mean")
+    handle = install_retrain_mode(net, [["0", "1", "2"]], "mean")
     torch.testing.assert_close(net[1].weight, avg)
     handle.finalize()
     assert net[0].weight is net[1].weight is net[2].weight
@@ -111,7 +111,7 @@ def test_already_tied_layers_follow_a_new_fusion() -> None:
     model[6].weight = model[2].weight  # an earlier fusion tied 2 and 6
     model[6].bias = model[2].bias
     before = unique_parameter_count(model)
-    install_fusion(model, [["2", "4"]], "mean").finalize()
+    install_retrain_mode(model, [["2", "4"]], "mean").finalize()
     assert model[2].weight is model[4].weight is model[6].weight
     assert before - unique_parameter_count(model) == 8 * 8 + 8
 
@@ -170,7 +170,7 @@ def test_freeze_keeps_frozen_layer_and_weights_gradient_by_eq6() -> None:
             avg = (getattr(ref[2], name) + getattr(ref[6], name)) / 2
             getattr(ref[2], name).copy_(avg)
             getattr(ref[6], name).copy_(avg)
-    handle = install_fusion(model, [["2", "6"]], "freeze")
+    handle = install_retrain_mode(model, [["2", "6"]], "freeze")
     info = handle.info()[0]
     # depth positions "2" -> 1 and "6" -> 3 of 0..5: "6" is nearer the middle (2.5), so frozen
     assert info["frozen"] == ["6"] and info["trainable"] == "2"
@@ -206,7 +206,7 @@ def test_freeze_divergence_rule_and_eval_equals_finalized() -> None:
     )
     # the narrow layer is the one its mixture with the wide one represents worst
     assert kl_2 > kl_4
-    handle = install_fusion(model, [["2", "4"]], "freeze", freeze_by="divergence")
+    handle = install_retrain_mode(model, [["2", "4"]], "freeze", freeze_by="divergence")
     assert handle.info()[0]["trainable"] == "2" and handle.info()[0]["frozen"] == ["4"]
     sgd_steps(model, n=2)
     model.eval()
@@ -223,7 +223,7 @@ def test_freeze_divergence_rule_and_eval_equals_finalized() -> None:
 
 def test_freeze_rejects_unknown_rule() -> None:
     with pytest.raises(LfgraphError, match="freeze_by"):
-        install_fusion(mlp(), [["2", "4"]], "freeze", freeze_by="coin")
+        install_retrain_mode(mlp(), [["2", "4"]], "freeze", freeze_by="coin")
 
 
 # --------------------------------------------------------------------------- mix
@@ -233,7 +233,7 @@ def test_mix_rows_come_from_one_member_and_bias_is_averaged() -> None:
     model = mlp(width=32)
     w2, w4 = model[2].weight.detach().clone(), model[4].weight.detach().clone()
     b2, b4 = model[2].bias.detach().clone(), model[4].bias.detach().clone()
-    handle = install_fusion(model, [["2", "4"]], "mix", seed=3)
+    handle = install_retrain_mode(model, [["2", "4"]], "mix", seed=3)
     model.train()
     seen: list[torch.Tensor] = []
     for i in range(3):
@@ -253,7 +253,7 @@ def test_mix_rows_come_from_one_member_and_bias_is_averaged() -> None:
 
 def test_mix_gradient_reaches_only_drawn_rows() -> None:
     model = mlp(width=16)
-    install_fusion(model, [["2", "4"]], "mix", seed=0)
+    install_retrain_mode(model, [["2", "4"]], "mix", seed=0)
     model.train()
     x, y = batch()
     loss_of(model, x, y).backward()
@@ -273,7 +273,7 @@ def test_mix_gpt2_conv1d_mixes_output_columns() -> None:
         nn.init.normal_(c.weight)
     w0, w1 = net[0].weight.detach().clone(), net[1].weight.detach().clone()
     net = nn.Sequential(net[0], nn.Linear(12, 6), net[1])
-    install_fusion(net, [["0", "2"]], "mix", seed=1)
+    install_retrain_mode(net, [["0", "2"]], "mix", seed=1)
     net.train()
     net(torch.randn(2, 6))
     mixed = net[0].weight.detach()
@@ -284,11 +284,11 @@ def test_mix_gpt2_conv1d_mixes_output_columns() -> None:
 # --------------------------------------------------------------------------- all modes
 
 
-@pytest.mark.parametrize("mode", sorted(FUSION_MODES))
+@pytest.mark.parametrize("mode", sorted(RETRAIN_MODES))
 def test_every_mode_finalizes_to_one_shared_parameter(mode: str) -> None:
     model = mlp()
     before = unique_parameter_count(model)
-    handle = install_fusion(model, [["2", "4"]], mode)
+    handle = install_retrain_mode(model, [["2", "4"]], mode)
     sgd_steps(model, n=2)
     model.eval()
     x, _ = batch()
@@ -305,24 +305,24 @@ def test_every_mode_finalizes_to_one_shared_parameter(mode: str) -> None:
 
 
 def test_errors_name_the_problem() -> None:
-    with pytest.raises(LfgraphError, match="unknown fusion mode 'avg'.*freeze"):
-        install_fusion(mlp(), [["2", "4"]], "avg")
+    with pytest.raises(LfgraphError, match="unknown retraining mode 'avg'.*freeze"):
+        install_retrain_mode(mlp(), [["2", "4"]], "avg")
     with pytest.raises(LfgraphError, match="does not match"):
-        install_fusion(mlp(), [["0", "2"]], "mean")
+        install_retrain_mode(mlp(), [["0", "2"]], "mean")
     with pytest.raises(LfgraphError, match="not a module"):
-        install_fusion(mlp(), [["2", "40"]], "mean")
+        install_retrain_mode(mlp(), [["2", "40"]], "mean")
     with pytest.raises(LfgraphError, match="only nn.Linear"):
-        install_fusion(mlp(), [["1", "3"]], "mean")
+        install_retrain_mode(mlp(), [["1", "3"]], "mean")
     with pytest.raises(LfgraphError, match="two fused sets"):
-        install_fusion(mlp(), [["2", "4"], ["4", "6"]], "mean")
+        install_retrain_mode(mlp(), [["2", "4"], ["4", "6"]], "mean")
     with pytest.raises(LfgraphError, match="fewer than two"):
-        install_fusion(mlp(), [["2"]], "mean")
+        install_retrain_mode(mlp(), [["2"]], "mean")
     with pytest.raises(LfgraphError, match="takes options"):
-        install_fusion(mlp(), [["2", "4"]], "mean", seed=1)
+        install_retrain_mode(mlp(), [["2", "4"]], "mean", seed=1)
     model = mlp()
-    install_fusion(model, [["2", "4"]], "mix")
+    install_retrain_mode(model, [["2", "4"]], "mix")
     with pytest.raises(LfgraphError, match="finalize"):
-        install_fusion(model, [["2", "4"]], "mix")
+        install_retrain_mode(model, [["2", "4"]], "mix")
 
 
 def test_gaussian_kl_to_mixture_is_bounded() -> None:

@@ -1,4 +1,4 @@
-"""Fusion modes: how the layers of a fused set are trained before they are tied.
+"""Retraining modes: how the layers of a fused set are trained before they are tied.
 
 The paper ("Fusing Layers") retrains a network whose top-k most similar layer pairs are
 being fused, in one of three ways, and ties each pair into one layer at the end:
@@ -27,7 +27,7 @@ being fused, in one of three ways, and ties each pair into one layer at the end:
 
 Every mode is installed with :func:`torch.nn.utils.parametrize` or tensor hooks on the
 existing modules, so one training loop serves all modes. In ``eval()`` mode a fused model
-already computes what the tied model will compute, and :meth:`FusionHandle.finalize`
+already computes what the tied model will compute, and :meth:`RetrainHandle.finalize`
 removes all parametrizations and hooks and leaves every fused set sharing ONE
 ``nn.Parameter`` for its weight (and one for its bias).
 
@@ -156,7 +156,7 @@ def _resolve(model: nn.Module, fused_sets: Sequence[FusedSet]) -> list[_Group]:
                 ) from None
             if parametrize.is_parametrized(module):
                 raise LfgraphError(
-                    f"layer {name!r} already has a parametrization (an installed fusion mode?): finalize() it first"
+                    f"layer {name!r} already has a parametrization (an installed retraining mode?): finalize() it first"
                 )
             if not is_fusable_layer(module):
                 raise LfgraphError(
@@ -188,7 +188,7 @@ def _resolve(model: nn.Module, fused_sets: Sequence[FusedSet]) -> list[_Group]:
             taken[key] = str(names)
             if any(parametrize.is_parametrized(m) for _, m in users[key]):
                 raise LfgraphError(
-                    f"layer {users[key][0][0]!r} already has a parametrization (an installed fusion mode?): finalize() it first"
+                    f"layer {users[key][0][0]!r} already has a parametrization (an installed retraining mode?): finalize() it first"
                 )
             members.append(_Member(paths=[p for p, _ in users[key]], modules=[m for _, m in users[key]]))
         if len(members) < 2:
@@ -355,8 +355,8 @@ class _Installed:
 
 
 @dataclass(frozen=True)
-class FusionMode:
-    """A registered fusion mode: ``install`` prepares one fused set for retraining."""
+class RetrainMode:
+    """A registered retraining mode: ``install`` prepares one fused set for retraining."""
 
     name: str
     description: str
@@ -410,7 +410,14 @@ def _install_freeze(model: nn.Module, group: _Group, options: dict[str, Any]) ->
         trainable = max(range(len(members)), key=lambda k: (spread(k), -k))
     else:
         raise LfgraphError(f"freeze_by={freeze_by!r} is not one of ('middle', 'divergence')")
-    gammas = {k: js_gamma(members[trainable].weight, members[k].weight) for k in range(len(members)) if k != trainable}
+    override = options.get("gamma")
+    if override is not None and not 0.0 <= float(override) <= 1.0:
+        raise LfgraphError(f"gamma must be in [0, 1], got {override}")
+    # ``gamma`` overrides eq. 6's value (for measuring whether it matters)
+    gammas = {
+        k: float(override) if override is not None else js_gamma(members[trainable].weight, members[k].weight)
+        for k in range(len(members)) if k != trainable
+    }
     n_frozen = len(gammas)
     own_scale = 1.0 - sum(gammas.values()) / n_frozen
     state = _GroupState(group)
@@ -460,21 +467,21 @@ def _install_mix(model: nn.Module, group: _Group, options: dict[str, Any]) -> _I
     return _Installed(group=group, fused=state.average, undo=undo, trainable=trainable, info={"state": state})
 
 
-#: Fusion modes by name; the CLI's ``--fusion-mode`` choices come from here.
-FUSION_MODES: dict[str, FusionMode] = {
-    "mean": FusionMode("mean", "members shared from their average; each gets the average gradient", _install_mean),
-    "freeze": FusionMode(
+#: Retraining modes by name; the CLI's ``--retrain-mode`` choices come from here.
+RETRAIN_MODES: dict[str, RetrainMode] = {
+    "mean": RetrainMode("mean", "members shared from their average; each gets the average gradient", _install_mean),
+    "freeze": RetrainMode(
         "freeze", "one member trains with the JS-weighted gradient of eq. 6, the others are frozen",
-        _install_freeze, options=("freeze_by", "positions"),
+        _install_freeze, options=("freeze_by", "positions", "gamma"),
     ),
-    "mix": FusionMode("mix", "rows drawn from a random member before each forward; biases averaged", _install_mix, options=("seed",)),
+    "mix": RetrainMode("mix", "rows drawn from a random member before each forward; biases averaged", _install_mix, options=("seed",)),
 }
 
 
 # --------------------------------------------------------------------------- handle
 
 
-class FusionHandle:
+class RetrainHandle:
     """Fused sets installed on a model for retraining; :meth:`finalize` ties them.
 
     Create the optimizer *after* installing: installation replaces parameters (``mean``)
@@ -482,7 +489,7 @@ class FusionHandle:
     fused sets that retraining should update.
     """
 
-    def __init__(self, model: nn.Module, mode: FusionMode, installed: list[_Installed]) -> None:
+    def __init__(self, model: nn.Module, mode: RetrainMode, installed: list[_Installed]) -> None:
         self.model = model
         self.mode = mode
         self.installed = installed
@@ -526,27 +533,28 @@ class FusionHandle:
         return self.model
 
 
-def install_fusion(model: nn.Module, fused_sets: Sequence[FusedSet], mode: str = "mean", **options: Any) -> FusionHandle:
+def install_retrain_mode(model: nn.Module, fused_sets: Sequence[FusedSet], mode: str = "mean", **options: Any) -> RetrainHandle:
     """Prepare ``fused_sets`` of ``model`` for retraining under fusion ``mode``.
 
     Expects: each set lists module paths of same-type, same-shape layers (first = kept);
     no layer in two sets. Options: ``freeze``: ``freeze_by="middle"`` (freeze the member
     nearest the middle of the network; default) or ``"divergence"`` (train the member with the
     largest ``KL(W_k ‖ W̄)`` to its mixture with the others, freeze the rest), ``positions`` (module
-    path → depth index, default :func:`layer_positions`); ``mix``: ``seed``.
+    path → depth index, default :func:`layer_positions`), ``gamma`` (a fixed value in [0, 1] instead of
+    eq. 6's); ``mix``: ``seed``.
     Modifies ``model`` in place (parameters replaced or parametrized). Raises
     ``LfgraphError`` for an unknown mode or an invalid set.
     """
-    if mode not in FUSION_MODES:
-        raise LfgraphError(f"unknown fusion mode {mode!r}: choose one of {sorted(FUSION_MODES)}")
-    fm = FUSION_MODES[mode]
+    if mode not in RETRAIN_MODES:
+        raise LfgraphError(f"unknown retraining mode {mode!r}: choose one of {sorted(RETRAIN_MODES)}")
+    fm = RETRAIN_MODES[mode]
     unknown = set(options) - set(fm.options)
     if unknown:
-        raise LfgraphError(f"fusion mode {mode!r} takes options {list(fm.options)}, not {sorted(unknown)}")
+        raise LfgraphError(f"retraining mode {mode!r} takes options {list(fm.options)}, not {sorted(unknown)}")
     groups = _resolve(model, fused_sets)
     opts = dict(options)
     installed = [fm.install(model, group, opts) for group in groups]
-    return FusionHandle(model, fm, installed)
+    return RetrainHandle(model, fm, installed)
 
 
 def unique_parameter_count(model: nn.Module) -> int:
@@ -555,12 +563,12 @@ def unique_parameter_count(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FUSION_MODES",
-    "FusionHandle",
-    "FusionMode",
+    "RETRAIN_MODES",
+    "RetrainHandle",
+    "RetrainMode",
     "gaussian_fit",
     "gaussian_kl_to_mixture",
-    "install_fusion",
+    "install_retrain_mode",
     "is_fusable_layer",
     "js_gamma",
     "layer_positions",

@@ -1,0 +1,363 @@
+"""``lfgraph heal``: rewrite a model (or take a rewritten one) and heal it, from the command line.
+
+Registered by the main CLI through :func:`add_subcommand` / :func:`run`; also runnable on its
+own (``python -m lfgraph.retrain.cli heal …``), which is how ``torchrun`` starts it::
+
+    lfgraph heal smollm2 -o out/smollm2-healed --target 0.25 --steps 200
+    torchrun --nproc_per_node 2 -m lfgraph.retrain.cli heal smollm2 -o out/h --strategy fsdp
+
+:func:`heal_compressed` is the stage ``compress --heal STEPS`` calls on its rewritten model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LfgraphError
+from ..plan import FusionPlan
+from .batches import check_token_windows
+from .distributed import STRATEGIES
+from .heal import HEAL_OBJECTIVES, HealConfig, heal
+from .modes import RETRAIN_MODES
+from .trainable import TRAINABLE_SETS
+
+#: Defaults of ``compress --heal`` / ``lfgraph heal`` (see README "Healing" for the evidence).
+HEAL_DEFAULTS = {"trainable": "all", "batch_size": 4, "seq_len": 128, "windows": 128}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def max_positions(module: nn.Module) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings``), if it says."""
+    for m in module.modules():
+        cfg = getattr(m, "config", None)
+        n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
+def training_windows(tokenizer: Any, text: str | None, n_windows: int, seq_len: int, limit: int | None) -> torch.Tensor:
+    """Up to ``n_windows`` non-overlapping ``seq_len``-token windows of ``text`` (``None`` =
+    the bundled calibration pool, never its held-out part). Raises ``LfgraphError`` for a
+    text without tokens, too short for one window, or a ``seq_len`` beyond ``limit``."""
+    from ..calibration import corpus_split, windows_from_tokens
+
+    if limit is not None and seq_len > limit:
+        raise LfgraphError(f"sequence length {seq_len} is longer than the model takes ({limit} positions): pass --seq-len {limit} or less")
+    if seq_len < 2:
+        raise LfgraphError(f"--seq-len must be at least 2, got {seq_len}")
+    if text is None:
+        ids = corpus_split(tokenizer)[0]
+    else:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    if ids.numel() == 0:
+        raise LfgraphError("the training text holds no tokens: give a file with some real text in it")
+    n = min(n_windows, ids.numel() // seq_len)
+    if n < 1:
+        raise LfgraphError(f"the training text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}: give more text or a shorter --seq-len")
+    return check_token_windows(windows_from_tokens(ids, n, seq_len, "training text"), limit)
+
+
+# --------------------------------------------------------------------------- the pipeline stage
+
+
+def heal_compressed(
+    model: Any,
+    compressed: nn.Module,
+    plan: FusionPlan | None,
+    calibration: torch.Tensor,
+    steps: int,
+    *,
+    trainable: str = HEAL_DEFAULTS["trainable"],
+    lr: float | None = None,
+    batch_size: int = HEAL_DEFAULTS["batch_size"],
+    eval_windows: torch.Tensor | None = None,
+    eval_every: int = 0,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Heal a rewritten model by distillation from the original; the stage behind ``--heal``.
+
+    Expects: ``model`` the original :class:`~lfgraph.models.LoadedModel` (its ``module`` is the
+    teacher, only run), ``compressed`` the rewritten module (``pipeline.rewrite(...).model``),
+    ``plan`` the plan it was rewritten with (``neighbors`` and tie sets read it),
+    ``calibration`` token windows ``(N, T)`` to heal on. Further ``HealConfig`` fields go in
+    ``options``. Modifies ``compressed`` (it is trained in place). Returns
+    ``(healed module in eval mode, curve)``: ``curve`` is JSON-ready (training loss per step,
+    held-out values, tokens/s, trainable parameters) for the report and the visualizer.
+    """
+    if calibration is None:
+        raise LfgraphError("healing needs calibration token windows (a language model) or batches")
+    if isinstance(calibration, torch.Tensor) and calibration.dim() == 2 and not calibration.is_floating_point():
+        calibration = check_token_windows(calibration, max_positions(compressed), "calibration data")
+    evaluate = None
+    if eval_windows is not None and eval_every:
+        from ..calibration import mean_nll
+
+        evaluate = lambda m: mean_nll(m, eval_windows, batch_size=batch_size)  # noqa: E731
+    config = HealConfig(steps=steps, lr=lr, batch_size=batch_size, trainable=trainable, plan=plan, eval_every=eval_every,
+                        evaluate=evaluate, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, **options)
+    result = heal(compressed, model.module, calibration, config)
+    curve = result.curve()
+    curve["eval_metric"] = "held-out mean NLL (nats)" if evaluate is not None else None
+    curve["config"] = {"trainable": trainable, "lr": config.learning_rate, "batch_size": batch_size, "steps": steps,
+                       "objective": config.objective, "seq_len": int(calibration.shape[1]) if isinstance(calibration, torch.Tensor) else None}
+    return result.model.eval(), curve
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The healing options (shared by ``heal`` and, under other names, ``compress --heal``)."""
+    g = p.add_argument_group("healing")
+    g.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--trainable", choices=TRAINABLE_SETS, default=HEAL_DEFAULTS["trainable"],
+                   help="what trains: all parameters, the blocks next to each removed run, or LoRA adapters merged back (default all)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 for --trainable lora)")
+    g.add_argument("--batch-size", type=int, default=HEAL_DEFAULTS["batch_size"], help="windows per step, all processes together (default 4)")
+    g.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--seq-len", type=int, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
+    g.add_argument("--windows", type=int, default=HEAL_DEFAULTS["windows"], help="training windows drawn from the text (default 128)")
+    g.add_argument("--text", default=None, help="training text file or folder of *.txt (default: the bundled calibration text)")
+    g.add_argument("--objective", choices=HEAL_OBJECTIVES, default="auto", help="default auto: distillation from the original model")
+    g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    g.add_argument("--hidden-weight", type=float, default=0.0, help="weight of a hidden-state loss at matching depths (default 0: off)")
+    g.add_argument("--warmup", type=float, default=0.1, help="warm-up: a fraction of --steps, or a step count >= 1 (default 0.1)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1; 0 = off)")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
+    g.add_argument("--retrain-mode", choices=sorted(RETRAIN_MODES), default=None,
+                   help="with --mode tie: train the tied sets under this retraining mode, tie at the end")
+    g.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every K steps, best state kept (default 0: off)")
+    g.add_argument("--eval-windows", type=int, default=4, help="held-out windows for --eval-every (default 4)")
+    g.add_argument("--checkpoint-dir", default=None, help="write a checkpoint here every --checkpoint-every steps")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="default: --eval-every, else a tenth of --steps")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--strategy", choices=STRATEGIES, default="auto", help="under torchrun: ddp (auto) or fsdp")
+
+
+def add_compress_options(p: argparse.ArgumentParser) -> None:
+    """``compress``'s healing options (``--heal STEPS`` and ``--heal-*``); read them back with
+    :func:`compress_heal_options`."""
+    g = p.add_argument_group("healing (fine-tune the rewritten model before export)")
+    g.add_argument("--heal", type=int, default=0, metavar="STEPS", help="heal for STEPS optimizer steps by distillation from the original (default 0: off)")
+    g.add_argument("--heal-trainable", choices=TRAINABLE_SETS, default=HEAL_DEFAULTS["trainable"], help="what trains (default all)")
+    g.add_argument("--heal-lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 for lora)")
+    g.add_argument("--heal-batch-size", type=int, default=HEAL_DEFAULTS["batch_size"], help="windows per step (default 4)")
+    g.add_argument("--heal-seq-len", type=int, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
+    g.add_argument("--heal-windows", type=int, default=HEAL_DEFAULTS["windows"], help="training windows from the calibration text (default 128)")
+    g.add_argument("--heal-eval-every", type=int, default=0, help="held-out perplexity every K steps, best state kept")
+    g.add_argument("--heal-checkpoint-dir", default=None, help="checkpoint the healing here")
+    g.add_argument("--heal-resume", action="store_true", help="continue healing from --heal-checkpoint-dir")
+
+
+def compress_heal_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for :func:`heal_compressed` from :func:`add_compress_options`' flags
+    (``steps`` included; the caller adds the training windows and evaluation windows)."""
+    return {"steps": args.heal, "trainable": args.heal_trainable, "lr": args.heal_lr, "batch_size": args.heal_batch_size,
+            "eval_every": args.heal_eval_every, "checkpoint_dir": args.heal_checkpoint_dir, "resume": args.heal_resume}
+
+
+def add_subcommand(subparsers: Any) -> None:
+    """Register ``heal`` with the main CLI's subparsers."""
+    from ..pipeline import FUSIONS, SELECTIONS
+
+    p = subparsers.add_parser("heal", help="rewrite a model and fine-tune it to recover what the rewrite lost",
+                              description="Rewrite MODEL as compress would (or take an already rewritten model with "
+                                          "--teacher), heal it by distillation from the original, and save the healed "
+                                          "model as a Hugging Face folder. Runs under torchrun for DDP/FSDP.")
+    p.add_argument("model", help="alias (smollm2), Hugging Face folder or .gguf; with --teacher: an already rewritten model folder")
+    p.add_argument("-o", "--out", required=True, help="output folder for the healed model (Hugging Face format) and heal.json")
+    p.add_argument("--teacher", default=None, help="the uncompressed model: MODEL is then healed as it is, without a rewrite")
+    p.add_argument("--plan", default=None, help="apply this plan (JSON) instead of planning")
+    p.add_argument("--target", type=float, default=0.25, help="share of blocks to remove (default 0.25)")
+    p.add_argument("--mode", choices=["merge", "tie"], default="merge")
+    p.add_argument("--select", choices=SELECTIONS, default=None, help="default: the model family's recipe")
+    p.add_argument("--fuse", choices=FUSIONS, default=None, help="default: the model family's recipe")
+    p.add_argument("--quiet", action="store_true")
+    add_arguments(p)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(f"lfgraph: {msg}", flush=True)
+
+
+def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module, nn.Module, FusionPlan | None, list[list[str]], torch.Tensor]:
+    """(loaded model for its tokenizer, teacher module, student module, plan, fused sets,
+    training windows of ``text``).
+
+    With ``--mode tie --retrain-mode M`` the student is the *untied* original and the fused
+    sets are the plan's layer sets: the retraining mode trains them and ties them at the end
+    (applying the tie first would leave nothing for the mode to do).
+    """
+    import copy
+
+    from .. import pipeline
+
+    if args.teacher:
+        student_model = pipeline.load(args.model)
+        teacher_model = pipeline.load(args.teacher)
+        windows = training_windows(teacher_model.tokenizer, text, args.windows, args.seq_len, max_positions(student_model.module))
+        return teacher_model, teacher_model.module, student_model.module, None, [], windows
+    model = pipeline.load(args.model)
+    windows = training_windows(model.tokenizer, text, args.windows, args.seq_len, max_positions(model.module))
+    if model.family != "causal-lm":
+        raise LfgraphError(f"{model.name} is a {model.family} model: lfgraph heal trains causal language models from the CLI; use lfgraph.retrain.heal in Python")
+    graph = pipeline.trace(model)
+    calibration = None
+    if args.plan:
+        plan = FusionPlan.load(args.plan)
+        plan.check_applies_to(graph.fingerprint())
+        if plan.fuse == "calibrated":
+            calibration = pipeline.calibration_tokens(model)
+    else:
+        select, fuse = pipeline.default_recipe(model, args.mode)
+        select, fuse = args.select or select, args.fuse or fuse
+        if select != "similarity" or fuse == "calibrated":
+            calibration = pipeline.calibration_tokens(model, 16, min(256, max_positions(model.module) or 256))
+        _say(f"planning: {args.mode}, select {select}, fuse {fuse}, target {args.target}", args.quiet)
+        plan = pipeline.plan_model(model, graph, args.target, mode=args.mode, select=select, fuse=fuse,
+                                   calibration=calibration, progress=False)
+    if plan.mode == "tie" and args.retrain_mode:
+        sets = [[graph.node(n).ref or n for n in (f.keep, *f.absorb)] for f in plan.fusions]
+        _say(f"{len(sets)} tie sets trained under retraining mode {args.retrain_mode}", args.quiet)
+        return model, model.module, copy.deepcopy(model.module), plan, sets, windows
+    if args.retrain_mode:
+        raise LfgraphError("--retrain-mode trains tie sets: use it with --mode tie")
+    _say(f"rewriting: {len(plan.fusions)} fusions", args.quiet)
+    student = pipeline.rewrite(model, graph, plan, calibration=calibration, progress=False).model
+    return model, model.module, student, plan, [], windows
+
+
+def untied_copy(hf: nn.Module) -> tuple[nn.Module, list[list[str]]]:
+    """``(hf, [])``, or for a tie plan's model a copy whose tied layers hold equal but separate
+    tensors, plus the tied sets (parameter names).
+
+    Hugging Face folders (safetensors) cannot store weights shared between layers (only the
+    embedding/head tie the config declares), so a tied model is written untied: it computes
+    the same function, and ``heal.json`` lists the sets; the ONNX export (``compress --heal``)
+    stores each set once.
+    """
+    embedding = {id(m.weight) for m in hf.modules() if isinstance(m, nn.Embedding)}
+    users: dict[int, list[str]] = {}
+    for name, p in hf.named_parameters(remove_duplicate=False):
+        if id(p) not in embedding:
+            users.setdefault(id(p), []).append(name)
+    tied = [names for names in users.values() if len(names) > 1]
+    if not tied:
+        return hf, []
+    import copy
+
+    out = copy.deepcopy(hf)
+    for names in tied:
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            module = out.get_submodule(owner)
+            setattr(module, attr, nn.Parameter(getattr(module, attr).detach().clone()))
+    return out, tied
+
+
+def save_healed(module: nn.Module, tokenizer: Any, out: str | Path, curve: dict[str, Any]) -> Path:
+    """Write the healed model (Hugging Face folder) and ``heal.json`` to ``out`` atomically:
+    into a temporary sibling folder that replaces ``out`` only when complete."""
+    out = Path(out)
+    if not out.parent.exists():
+        raise LfgraphError(f"output folder {out.parent} does not exist: create it or choose another -o path")
+    hf = getattr(module, "model", module)
+    if not hasattr(hf, "save_pretrained"):
+        raise LfgraphError(f"{type(module).__name__} is not a Hugging Face model: save it with torch.save in Python")
+    hf, tied = untied_copy(hf)
+    if tied:
+        curve = {**curve, "tied_sets": tied}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "heal.json").write_text(json.dumps(curve, indent=1) + "\n", encoding="utf-8")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lfgraph heal``: 0 on success; user errors raise ``LfgraphError`` (the CLI prints one line)."""
+    if args.steps < 0:
+        raise LfgraphError(f"--steps must be >= 0, got {args.steps}")
+    if args.resume and not args.checkpoint_dir:
+        raise LfgraphError("--resume needs --checkpoint-dir (where the interrupted run wrote its checkpoints)")
+    torch.manual_seed(args.seed)
+    text = None
+    if args.text:
+        from ..calibration import load_calibration_text
+
+        text = load_calibration_text(args.text)
+    _say("loading the model", args.quiet)
+    # the data is checked before the (slow) planning and rewriting
+    model, teacher, student, plan, fused_sets, windows = _prepare(args, text)
+    eval_windows = None
+    if args.eval_every:
+        from ..calibration import heldout_windows
+
+        eval_windows = heldout_windows(model.tokenizer, args.eval_windows, args.seq_len)
+    _say(f"healing: {args.steps} steps, trainable {args.trainable}, {len(windows)} windows of {args.seq_len} tokens", args.quiet)
+    healed, curve = heal_compressed(
+        model, student, plan, windows, args.steps, trainable=args.trainable, lr=args.lr, batch_size=args.batch_size,
+        eval_windows=eval_windows, eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+        progress=not args.quiet, accumulation=args.accumulation, objective=args.objective, temperature=args.temperature,
+        hidden_weight=args.hidden_weight, warmup=args.warmup, clip=args.clip, lora_rank=args.lora_rank,
+        retrain_mode=args.retrain_mode, fused_sets=fused_sets,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, strategy=args.strategy,
+    )
+    curve["plan"] = json.loads(plan.to_json()) if plan is not None else None
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_healed(healed, model.tokenizer, args.out, curve)
+        last = curve["train_loss"][-1] if curve["train_loss"] else float("nan")
+        _say(f"healed model written to {args.out} (final training loss {last:.4f}, {curve['tokens_per_second']:.0f} tokens/s)", args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only ``heal`` (for ``python -m lfgraph.retrain.cli`` and torchrun)."""
+    parser = argparse.ArgumentParser(prog="lfgraph")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except LfgraphError as e:
+        print(f"lfgraph: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
