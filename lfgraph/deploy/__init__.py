@@ -1,0 +1,1 @@
+"""Deploy-ready outputs for compressed language models (see :mod:`lfgraph.deploy.folder`)."""
