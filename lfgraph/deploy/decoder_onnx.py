@@ -273,13 +273,18 @@ def build_with_genai_builder(hf_folder: str | os.PathLike, out_dir: str | os.Pat
     ``position_ids``, tokenizer files and ``genai_config.json`` written by the builder. The
     folder must hold the tokenizer. Returns the path of ``model.onnx``.
     """
-    from onnxruntime_genai.models.builder import create_model
+    import subprocess
+    import sys
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as cache:
-        try:
-            create_model(None, str(hf_folder), str(out), precision, "cpu", cache)
-        except Exception as e:
-            raise LfgraphError(f"onnxruntime-genai's model builder failed on {hf_folder}: {str(e).splitlines()[0][:300]}") from None
+        # the builder's command line is its documented interface (create_model needs options
+        # prepared by its own argument parser)
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", cache]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "model.onnx").is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LfgraphError(f"onnxruntime-genai's model builder failed on {hf_folder}: {last[:300]}")
     return out / "model.onnx"
