@@ -229,9 +229,11 @@ def genai_config_dict(cfg: Any, generation: Any, filename: str = "model.onnx", p
     if position_ids:
         inputs["position_ids"] = "position_ids"
     inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
+    # genai rejects null ids: a model without a BOS token simply has no bos_token_id entry
+    ids = {k: _token_id(v) for k, v in (("bos_token_id", bos), ("eos_token_id", eos), ("pad_token_id", pad)) if v is not None}
     return {
         "model": {
-            "bos_token_id": _token_id(bos), "eos_token_id": _token_id(eos), "pad_token_id": _token_id(pad),
+            **ids,
             "context_length": context, "type": cfg.model_type if cfg.model_type in GENAI_TYPES else "llama",
             "vocab_size": shape.vocab,
             "decoder": {
