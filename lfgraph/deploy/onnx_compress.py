@@ -133,3 +133,53 @@ def _copy_folder_files(src: Path, out: Path, n_layers: int, model_name: str) -> 
             shutil.copyfile(f, out / f.name)
         written.append(out / f.name)
     return written
+
+
+def plan_decoder_onnx(
+    source: str | os.PathLike,
+    target: float,
+    windows: Any = None,
+    n_windows: int = 4,
+    seq_len: int = 128,
+    threads: int | None = None,
+) -> Any:
+    """A merge plan (``fuse remove``) that drops ``round(target * layers)`` decoder layers of
+    lowest Block Influence, measured by running the ONNX decoder itself on ``windows``
+    (token ids (n, seq); default: the bundled calibration text through the tokenizer in the
+    source folder). Block names are ``model.layers.N`` so :func:`compress_decoder_onnx` and
+    the PyTorch path read the same plan."""
+    import numpy as np
+
+    from ..passes.selection import runs_from_order, runs_to_plan
+    from .onnx_decoder import block_influence
+
+    src = Path(source)
+    model_file = _model_file(src)
+    model = onnx.load(str(model_file), load_external_data=True)
+    n = cache_layout(model).n_layers
+    if not (0.0 < target < 1.0):
+        raise LfgraphError(f"target {target} is out of range: give a fraction strictly between 0 and 1 (e.g. 0.25)")
+    n_drop = max(1, round(target * n))
+    if n_drop > n - 1:
+        raise LfgraphError(f"target {target} asks to remove {n_drop} of {n} decoder layers: lower the target")
+    folder = model_file.parent
+    if windows is None:
+        from transformers import AutoTokenizer
+
+        from ..calibration import calibration_windows
+
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except Exception:
+            raise LfgraphError(f"{folder} has no tokenizer for calibration text: pass token windows") from None
+        windows = calibration_windows(tok, n_windows, seq_len).numpy()
+    head_dim = None
+    if (folder / "genai_config.json").is_file():
+        head_dim = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("head_size")
+    scores = block_influence(model, np.asarray(windows), threads=threads, head_dim=head_dim)
+    idx = list(range(n))
+    order = sorted(idx, key=lambda i: (scores[i], i))
+    runs = runs_from_order(order, idx, n_drop, dict(enumerate(scores)))
+    provenance = {"source": str(model_file), "select": "block_influence (ONNX)", "target": target, "target_kind": "blocks",
+                  "blocks_before": n, "blocks_after": n - n_drop, "scores": [round(s, 6) for s in scores]}
+    return runs_to_plan(runs, "model.layers", fuse="remove", align=False, provenance=provenance)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -153,7 +154,8 @@ def _consumers(g: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]
     return uses
 
 
-def _remove_one(g: onnx.GraphProto, i: int, layout: CacheLayout) -> None:
+def _boundary(g: onnx.GraphProto, i: int, layout: CacheLayout) -> tuple[list[onnx.NodeProto], list[str], list[str], dict]:
+    """(layer ``i``'s nodes, its residual entries, its exits, the graph's tensor consumers)."""
     owned = _owned(g, layout.n_layers)
     block = owned[i]
     ids = {id(n) for n in block}
@@ -177,6 +179,12 @@ def _remove_one(g: onnx.GraphProto, i: int, layout: CacheLayout) -> None:
     graph_out = {o.name for o in g.output}
     exits = [t for n in block for t in n.output
              if t and t in hidden and t not in cache_out and (t in graph_out or any(id(c) not in ids for c, _ in uses.get(t, [])))]
+    return block, entries, exits, uses
+
+
+def _remove_one(g: onnx.GraphProto, i: int, layout: CacheLayout) -> None:
+    block, entries, exits, uses = _boundary(g, i, layout)
+    ids = {id(n) for n in block}
     if len(entries) == 1 and len(exits) == 1:
         _replace_uses(g, exits[0], entries[0])
         return
@@ -285,3 +293,73 @@ def _renumber(g: onnx.GraphProto, layout: CacheLayout, kept: Sequence[int]) -> N
             for k, t in enumerate(node.output):
                 if t in mapping:
                     node.output[k] = mapping[t]
+
+
+def block_influence(model: onnx.ModelProto, windows: "np.ndarray", threads: int | None = None, head_dim: int | None = None) -> list[float]:
+    """Block Influence (ShortGPT) of every decoder layer, measured on the ONNX graph itself:
+    ``1 - cos(residual in, residual out)`` averaged over the tokens of ``windows``
+    (token ids, shape (n, seq)), run as prefill with an empty cache. A fused boundary
+    (genai's (x, skip) pair) is summed back into the residual stream first. ``head_dim``
+    is needed when the graph leaves the cache's head size symbolic (genai's builder does;
+    its genai_config.json has it as head_size)."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    layout = cache_layout(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    _owned(g, layout.n_layers, range(layout.n_layers))
+    bounds = []
+    for i in range(layout.n_layers):
+        _, entries, exits, _ = _boundary(g, i, layout)
+        if not entries or not exits or len(entries) > 2 or len(exits) > 2:
+            raise LfgraphError(f"decoder layer {i} has a residual boundary lfgraph does not know "
+                               f"({len(entries)} entries, {len(exits)} exits): cannot score it")
+        bounds.append((entries, exits))
+    wanted = {t for e, x in bounds for t in e + x}
+    present = {o.name for o in g.output}
+    for t in sorted(wanted - present):
+        g.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as tmp:
+        from ..export import save_onnx
+
+        save_onnx(probe, Path(tmp) / "probe.onnx")
+        sess = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
+    inputs = {x.name: x for x in sess.get_inputs()}
+    past_shape = inputs[layout.past[0][0]].shape
+    names = [o.name for o in sess.get_outputs()]
+    scores = np.zeros(layout.n_layers)
+    count = 0
+    for ids in np.asarray(windows, np.int64):
+        ids = ids[None, :]
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+        head_dim = head_dim or (past_shape[3] if isinstance(past_shape[3], int) else _head_dim(model, layout))
+        for pair in layout.past.values():
+            for n in pair:
+                feed[n] = np.zeros((1, past_shape[1], 0, head_dim), np.float32)
+        outs = dict(zip(names, sess.run(None, feed)))
+        for i, (entries, exits) in enumerate(bounds):
+            h_in = sum(outs[t] for t in entries).reshape(-1, outs[entries[0]].shape[-1]).astype(np.float64)
+            h_out = sum(outs[t] for t in exits).reshape(-1, outs[exits[0]].shape[-1]).astype(np.float64)
+            cos = (h_in * h_out).sum(-1) / (np.linalg.norm(h_in, axis=-1) * np.linalg.norm(h_out, axis=-1) + 1e-12)
+            scores[i] += float((1 - cos).sum())
+        count += ids.shape[1]
+    return [float(s / count) for s in scores]
+
+
+def _head_dim(model: onnx.ModelProto, layout: CacheLayout) -> int:
+    for vi in model.graph.output:
+        if vi.name == layout.present[0][0]:
+            d = vi.type.tensor_type.shape.dim[3]
+            if d.dim_value:
+                return d.dim_value
+    raise LfgraphError("the cache's head size is symbolic in this graph: cannot build an empty cache to score layers")

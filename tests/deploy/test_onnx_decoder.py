@@ -105,3 +105,19 @@ def test_bad_requests_are_refused(sources, gqa_loaded, tmp_path):
         compress_decoder_onnx(sources["lfgraph"], tmp_path / "o", layers=[0, 1, 2, 3])
     with pytest.raises(LfgraphError, match="does not exist"):
         compress_decoder_onnx(sources["lfgraph"], tmp_path / "o", layers=[7])
+
+
+@pytest.mark.parametrize("layout", ["lfgraph", "genai"])
+def test_block_influence_on_onnx_matches_pytorch(sources, gqa_loaded, layout):
+    from lfgraph.deploy.onnx_compress import plan_decoder_onnx
+    from lfgraph.passes.selection import block_influence_scores
+
+    model, graph = gqa_loaded
+    windows = torch.randint(0, model.hf_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    blocks = [b.name for b in graph.blocks]
+    want = block_influence_scores(model.module, blocks, windows)
+    plan = plan_decoder_onnx(sources[layout], 0.5, windows=windows.numpy())
+    got = plan.provenance["scores"]
+    assert np.allclose(got, [want[i] for i in range(4)], atol=1e-4), (got, want)
+    ranked = sorted(range(4), key=lambda i: (want[i], i))
+    assert sorted(int(b.rsplit(".", 1)[1]) for b in plan.absorbed) == sorted(ranked[:2])
