@@ -6,13 +6,21 @@ outputs ``logits``, ``present.{i}.key|value``. Axes are named ``batch``, ``seque
 length 0) and decode. Beside it ``genai_config.json`` lets onnxruntime-genai generate from
 the folder.
 
-Why ``torch.onnx.export`` and not onnxruntime-genai's model builder: the builder does build
-a working, faster (fused ``GroupQueryAttention``) model from a compressed checkpoint folder,
-and :func:`build_with_genai_builder` wraps it; but it re-implements each architecture from
-the config (a calibrated fusion or any module the builder does not know is silently
-exported as the *original* architecture), it needs the tokenizer in the folder, and its
-graph has no ``position_ids`` and uses contrib ops that only ONNX Runtime runs. The export
-here traces exactly the PyTorch module lfgraph verified, with standard ONNX ops.
+Two routes, measured side by side in tools/bench_decode.py (SmolLM2-135M, 1 CPU thread):
+
+- this module's ``torch.onnx.export`` (dynamo) of the PyTorch module lfgraph verified:
+  standard ONNX ops, ``position_ids`` input (the Optimum layout), runs on any ONNX Runtime
+  execution provider; exporting SmolLM2 takes minutes on a busy 2-core machine;
+- onnxruntime-genai's model builder (:func:`build_with_genai_builder`, offline on the
+  checkpoint folder): fused ``GroupQueryAttention`` / ``SkipSimplifiedLayerNormalization``
+  contrib ops, no ``position_ids``, the KV cache shared in place by genai; 13 s for SmolLM2
+  and 1.27x faster decode. It rebuilds the architecture from ``config.json`` and finds
+  modules by shape: on a tiny Llama whose ``intermediate_size`` equalled ``vocab_size`` it
+  wired the LM head to the first layer's MLP input (logits off by 0.49), which only the
+  generation checks caught.
+
+The export is the default (exact module, spec layout); the builder is an option
+(``write_deploy_folder(..., engine="genai-builder")``), checked by the same verification.
 """
 
 from __future__ import annotations

@@ -157,3 +157,16 @@ def test_bad_outputs_are_refused(deployed, tmp_path):
         write_deploy_folder(hf, tmp_path / "x.onnx", verify=False)
     with pytest.raises(LfgraphError, match="does not exist"):
         write_deploy_folder(hf, tmp_path / "missing" / "out", verify=False)
+
+
+def test_genai_builder_engine_on_the_compressed_checkpoint(gqa_loaded, tmp_path):
+    model, graph = gqa_loaded
+    hf = pipeline.rewrite(model, graph, remove_plan(graph, [0])).model.model
+    report = write_deploy_folder(hf, tmp_path / "out", engine="genai-builder", new_tokens=16)
+    assert report.generation.ok, str(report.generation)
+    assert any("onnxruntime-genai" in c.name for c in report.generation.checks)
+    m = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert "position_ids" not in [i.name for i in m.graph.input]  # the builder's layout
+    assert any(n.op_type == "GroupQueryAttention" for n in m.graph.node)
+    with pytest.raises(LfgraphError, match="unknown engine"):
+        write_deploy_folder(hf, tmp_path / "o2", engine="tensorrt", verify=False)
