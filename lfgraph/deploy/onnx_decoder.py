@@ -3,8 +3,9 @@
 Works on the cache layout Optimum and onnxruntime-genai share (``past_key_values.{i}.key|
 value`` inputs, ``present.{i}.key|value`` outputs), for graphs whose nodes say which layer
 they belong to: the torch exporter's module scopes (``...layers.7``, kept by
-:func:`lfgraph.deploy.decoder_onnx.export_decoder_with_past`) or onnxruntime-genai's model
-builder node names (``/model/layers.7/...``).
+:func:`lfgraph.deploy.decoder_onnx.export_decoder_with_past`), or node names with a
+``layers.7`` path component: onnxruntime-genai's model builder (``/model/layers.7/...``) and
+the TorchScript exporter that Optimum uses (``/model/model/layers.7/self_attn/...``).
 
 Removing layer ``i``:
 

@@ -33,10 +33,34 @@ def sources(gqa_folder, gqa_loaded, tmp_path_factory):
     export_decoder_with_past(model.hf_model, ours)
     genai = tmp_path_factory.mktemp("genai-layout")
     build_with_genai_builder(gqa_folder, genai)
-    return {"lfgraph": ours, "genai": genai}
+    return {"lfgraph": ours, "genai": genai, "torchscript": torchscript_export(model.hf_model, tmp_path_factory.mktemp("ts-layout"))}
 
 
-@pytest.mark.parametrize("layout", ["lfgraph", "genai"])
+def torchscript_export(hf, folder):
+    """The layout Optimum's exporter writes: TorchScript export, ``/model/layers.N/...`` node
+    names, no module-scope metadata (Optimum itself needs transformers<4.58, not installable here)."""
+    import warnings
+
+    from lfgraph.deploy.decoder_onnx import DecoderWithPast, past_names, present_names, write_genai_config
+
+    L, kv = hf.config.num_hidden_layers, hf.config.num_key_value_heads
+    B, S, P = 2, 3, 5
+    args = (torch.randint(0, 200, (B, S)), torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S)[None].expand(B, S),
+            tuple(torch.randn(B, kv, P, 16) for _ in range(2 * L)))
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}}
+    axes.update({n: {0: "batch", 2: "past_sequence"} for n in past_names(L)})
+    axes.update({n: {0: "batch", 2: "total_sequence"} for n in present_names(L)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(DecoderWithPast(hf), args, str(folder / "model.onnx"), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask", "position_ids", *past_names(L)],
+                          output_names=["logits", *present_names(L)], dynamic_axes=axes)
+    write_genai_config(hf, folder)
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["lfgraph", "genai", "torchscript"])
 @pytest.mark.parametrize("drop", [[1], [0, 2]])
 def test_onnx_straight_generates_like_the_pytorch_plan(sources, gqa_loaded, tmp_path, layout, drop):
     model, graph = gqa_loaded
