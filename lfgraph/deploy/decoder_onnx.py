@@ -91,9 +91,9 @@ class DecoderWithPast(nn.Module):
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         cache=cache, use_cache=True)
         present: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

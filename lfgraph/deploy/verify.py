@@ -110,13 +110,13 @@ def verify_generation(
     ort_logits, past = dec.prefill(ids, head_dim=head_dim)
     with torch.no_grad():
         cache = DynamicCache(config=cfg)
-        ref = hf_model(input_ids=torch.from_numpy(ids), past_key_values=cache, use_cache=True)
+        ref = hf_model(input_ids=torch.from_numpy(ids), cache=cache, use_cache=True)
     a, r = _errors(ort_logits, ref.logits.numpy())
     report.checks.append(Check(f"prefill ({len(prompt)} tokens, past 0) logits vs PyTorch", r <= rtol,
                                f"max abs {a:.2e}, rel {r:.2e} (tolerance {rtol:.0e})", a, r))
     worst_a, worst_r = 0.0, 0.0
     mask = np.ones_like(ids)
-    cache = ref.past_key_values
+    cache = ref.cache
     tok = int(np.argmax(ref.logits[0, -1].numpy()))
     for _ in range(decode_steps):
         step_ids = np.asarray([[tok]], np.int64)
@@ -124,8 +124,8 @@ def verify_generation(
         ort_logits, past = dec.step(step_ids, mask, past)
         with torch.no_grad():
             ref = hf_model(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(mask),
-                           past_key_values=cache, use_cache=True)
-        cache = ref.past_key_values
+                           cache=cache, use_cache=True)
+        cache = ref.cache
         a, r = _errors(ort_logits, ref.logits.numpy())
         worst_a, worst_r = max(worst_a, a), max(worst_r, r)
         tok = int(np.argmax(ref.logits[0, -1].numpy()))

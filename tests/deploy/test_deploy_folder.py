@@ -113,7 +113,7 @@ def test_padded_batch_prefill_and_decode_match_pytorch(deployed):
     logits, past = dec.prefill(ids, mask, head_dim=16)
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(np.maximum(mask.cumsum(1) - 1, 0)),
-                 past_key_values=DynamicCache(config=hf.config), use_cache=True)
+                 cache=DynamicCache(config=hf.config), use_cache=True)
     keep = mask.astype(bool)
     assert np.abs(logits[keep] - ref.logits.numpy()[keep]).max() <= 1e-4 * np.abs(ref.logits.numpy()[keep]).max()
     step = np.array([[7], [8]], np.int64)
@@ -121,7 +121,7 @@ def test_padded_batch_prefill_and_decode_match_pytorch(deployed):
     logits2, _ = dec.step(step, mask2, past)
     with torch.no_grad():
         ref2 = hf(torch.from_numpy(step), attention_mask=torch.from_numpy(mask2),
-                  position_ids=torch.from_numpy(mask2.cumsum(1)[:, -1:] - 1), past_key_values=ref.past_key_values, use_cache=True)
+                  position_ids=torch.from_numpy(mask2.cumsum(1)[:, -1:] - 1), cache=ref.cache, use_cache=True)
     assert np.abs(logits2 - ref2.logits.numpy()).max() <= 1e-4 * np.abs(ref2.logits.numpy()).max()
 
 
@@ -170,3 +170,18 @@ def test_genai_builder_engine_on_the_compressed_checkpoint(gqa_loaded, tmp_path)
     assert any(n.op_type == "GroupQueryAttention" for n in m.graph.node)
     with pytest.raises(LfgraphError, match="unknown engine"):
         write_deploy_folder(hf, tmp_path / "o2", engine="tensorrt", verify=False)
+
+
+def test_calibrated_fusion_the_default_recipe(gqa_loaded, tmp_path):
+    model, graph = gqa_loaded
+    plan = remove_plan(graph, [2])
+    plan.fuse = "calibrated"
+    calibration = torch.randint(0, model.hf_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    hf = pipeline.rewrite(model, graph, plan, calibration=calibration).model.model
+    report = write_deploy_folder(hf, tmp_path / "out", plan=plan, n_layers_before=4, new_tokens=16)
+    assert report.generation.ok, str(report.generation)
+    loaded, info = _reload(tmp_path / "out")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, hf(ids).logits)
