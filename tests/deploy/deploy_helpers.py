@@ -1,0 +1,62 @@
+"""Tiny decoders for the deploy tests.
+
+The weights are drawn with a larger spread than transformers' default (0.02) so that every
+layer changes the greedy tokens: equality of generated tokens then says something about
+which layers a model has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lfgraph import pipeline
+from lfgraph.plan import Fusion, FusionPlan
+
+PROMPT = [5, 9, 17, 33, 2, 71, 100, 250, 199, 42]
+
+
+TEXT = (
+    "Layer fusion compresses a trained network by merging similar layers. "
+    "The quick brown fox jumps over the lazy dog. Tied weights are stored once. "
+) * 20
+
+
+def tiny_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (~300 tokens) trained on a fixed text, saved to ``folder``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<pad>", "<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_decoder(folder: Path, *, gqa: bool = True, tied: bool = True, layers: int = 4, seed: int = 0):
+    """A random LlamaForCausalLM with a real tokenizer, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2 if gqa else 4, max_position_embeddings=256,
+        tie_word_embeddings=tied, initializer_range=0.2, bos_token_id=None, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def remove_plan(graph, drop: list[int]) -> FusionPlan:
+    """A merge plan that deletes blocks ``drop`` (each absorbed by a kept neighbour)."""
+    names = [b.name for b in graph.blocks]
+    kept = [i for i in range(len(names)) if i not in drop]
+    fusions = [Fusion(keep=names[max((k for k in kept if k < i), default=kept[0])], absorb=[names[i]]) for i in drop]
+    return FusionPlan(fusions=fusions, mode="merge", fuse="remove", provenance={"model_fingerprint": graph.fingerprint()})
+
+
