@@ -11,7 +11,7 @@ from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import load_model
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan, unique_parameter_count
-from lfgraph.pipeline import export_inputs, verification_inputs
+from lfgraph.model_types import model_type
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,8 @@ def test_minilm_tie_exports_and_matches_on_ort(tmp_path):
     assert len(g.blocks) == 6
     plan = make_plan(g, metric="ca", target=0.2, target_kind="params", scope="global", mode="tie")
     tied = apply_plan(lm.module, g, plan).model
-    args, names, axes = export_inputs(lm)
-    report = export_onnx(tied, args, tmp_path / "minilm.onnx", names, list(lm.output_names), axes)
+    kind = model_type(lm)
+    report = export_onnx(tied, kind.export_args(), tmp_path / "minilm.onnx", kind.input_names, kind.output_names, kind.dynamic_axes())
     assert report.initializer_bytes <= unique_parameter_count(tied) * 4 * 1.01
-    check = verify_against_torch(report.path, tied, verification_inputs(lm, names))
+    check = verify_against_torch(report.path, tied, kind.verification_inputs())
     assert check.ok, check.lines()

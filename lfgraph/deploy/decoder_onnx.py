@@ -122,7 +122,8 @@ def export_decoder_with_past(
     protobuf limit get a ``.data`` file beside. ``hf_model`` is not modified. Raises
     ``LfgraphError`` when the export fails.
     """
-    from ..export import deduplicate_initializers, save_onnx
+    from ..export import deduplicate_initializers
+    from ..onnx_io import save_onnx
 
     out = Path(out)
     path = out if out.suffix == ".onnx" else out / "model.onnx"

@@ -82,7 +82,7 @@ def compress_decoder_onnx(
     other small files. Refuses unknown cache layouts with one ``LfgraphError`` line. The
     source is not modified.
     """
-    from ..export import save_onnx
+    from ..onnx_io import save_onnx
 
     src, out = Path(source), Path(out)
     model_file = _model_file(src)

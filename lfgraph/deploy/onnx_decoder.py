@@ -329,7 +329,7 @@ def block_influence(model: onnx.ModelProto, windows: "np.ndarray", threads: int 
     if threads:
         opts.intra_op_num_threads = threads
     with tempfile.TemporaryDirectory() as tmp:
-        from ..export import save_onnx
+        from ..onnx_io import save_onnx
 
         save_onnx(probe, Path(tmp) / "probe.onnx")
         sess = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), opts, providers=["CPUExecutionProvider"])

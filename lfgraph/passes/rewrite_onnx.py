@@ -85,7 +85,7 @@ def apply_plan(model: onnx.ModelProto, graph: LayerGraph, plan: FusionPlan) -> P
 def exact_expected(graph: LayerGraph, plan: FusionPlan) -> bool:
     """Whether ``plan`` must leave the model's outputs bit-identical: a ``tie`` whose fused
     layers already hold identical weights (and biases). ``compress`` then requires
-    ``verify_against(...).max_abs == 0``; otherwise it reports the error it measures."""
+    ``verify_against_onnx(...).max_abs == 0``; otherwise it reports the error it measures."""
     if plan.mode != "tie" or not plan.fusions:
         return plan.mode == "tie"
     for f in _layer_fusions(graph, plan.fusions):

@@ -175,7 +175,7 @@ def compress_heal_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_subcommand(subparsers: Any) -> None:
     """Register ``heal`` with the main CLI's subparsers."""
-    from ..pipeline import FUSIONS, SELECTIONS
+    from ..recipes import FUSION_RULES as FUSIONS, SELECTIONS
 
     p = subparsers.add_parser("heal", help="rewrite a model and fine-tune it to recover what the rewrite lost",
                               description="Rewrite MODEL as compress would (or take an already rewritten model with "
@@ -227,7 +227,9 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
         if plan.fuse == "calibrated":
             calibration = pipeline.calibration_tokens(model)
     else:
-        select, fuse = pipeline.default_recipe(model, args.mode)
+        from ..recipes import default_recipe
+
+        select, fuse = default_recipe(model.family, args.mode, model.tokenizer is not None)
         select, fuse = args.select or select, args.fuse or fuse
         if select != "similarity" or fuse == "calibrated":
             calibration = pipeline.calibration_tokens(model, 16, min(256, max_positions(model.module) or 256))
