@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     _add_plan_options(c)
     c.add_argument("--plan", default=None, help="apply this plan instead of making one")
-    c.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    c.add_argument("-o", "--output", required=True,
+                   help="output .onnx file, or for causal LMs a folder (HF checkpoint + ONNX with KV cache + genai_config.json); written atomically")
     c.add_argument("--eval-windows", "--eval-perplexity", dest="eval_windows", type=int, default=4, metavar="N",
                    help="held-out windows for the quality check of language models (default 4; 0 skips it)")
     c.add_argument("--eval-seq-len", type=int, default=512, help="tokens per held-out window (default 512)")
@@ -76,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(LMs), 1 - embedding cosine (encoders), 1 - top-1 agreement (others)")
     c.add_argument("--rtol", type=float, default=None, help="tolerance of the export check (default 1e-4)")
     c.add_argument("--log", default=None, help="write the rewrite log (JSON) here, for the visualizer")
+    c.add_argument("--report", default=None, metavar="FILE", help="write the visualizer's page of this run (.html; .json for its data)")
     c.add_argument("--quiet", action="store_true")
+    from .retrain.cli import add_compress_options
+
+    add_compress_options(c)
     c.set_defaults(run=_compress)
 
     v = sub.add_parser("verify", help="re-check an lfgraph ONNX file against the model (PyTorch or ONNX) it came from", epilog=EPILOG)
@@ -85,16 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rtol", type=float, default=1e-4)
     v.set_defaults(run=_verify)
 
-    for module in _subcommand_modules():
-        module(sub)
+    for name, add, run in _package_subcommands():
+        add(sub)
+        sub.choices[name].set_defaults(run=run)
     return parser
 
 
-def _subcommand_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """The ``add_subcommand`` of each package that brings its own subcommand."""
-    from .visualize.command import add_subcommand as visualize
+def _package_subcommands() -> list[tuple[str, Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]]:
+    """(name, add_subcommand, run) of each package that brings its own subcommand."""
+    from .deploy import cli as generate
+    from .retrain import cli as heal
+    from .visualize import command as visualize
 
-    return [visualize]
+    return [("heal", heal.add_subcommand, heal.run), ("generate", generate.add_subcommand, generate.run),
+            ("visualize", visualize.add_subcommand, visualize.run)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,14 +189,16 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     from .pipeline import compress
+    from .retrain.cli import compress_heal_options
 
+    heal = {**compress_heal_options(args), "windows": args.heal_windows, "seq_len": args.heal_seq_len}
     report = compress(
         args.model, args.output, plan=args.plan, target=args.target, mode=args.mode, select=args.select,
         fuse=args.fuse, metric=args.metric, scope=args.scope, target_kind=args.target_kind,
         calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
         eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, max_quality_loss=args.max_quality_loss,
-        log_path=args.log, rtol=args.rtol, quiet=args.quiet,
+        log_path=args.log, report_path=args.report, heal_steps=heal.pop("steps"), heal_options=heal, rtol=args.rtol, quiet=args.quiet,
     )
     sys.stderr.flush()  # progress bars end before the table starts
     print(report.table())

@@ -33,14 +33,15 @@ from .fileio import write_text_atomic
 from .graph import LayerGraph
 from .model_types import CalibrationOptions
 from .models import LoadedModel, load_model
-from .onnx_io import file_bytes, runner
 from .passes.analysis import Analysis, analyze
 from .passes.base import PassResult
 from .plan import FusionPlan
 from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_recipe, describe, split_fusion_rule
 from .report import CompressReport
 from .sources import Source, TorchSource, check_model_spec, is_onnx_spec, open_source
-from .verify import alternating_latency, compare_outputs
+from .verify import compare_outputs
+from .onnx_io import runner
+from .outputs import output_for
 
 #: SLEB's calibration budget (windows, tokens each) for language models: SLEB scores every
 #: remaining block at every step (layers² forward passes); on CPU this budget took 80-380 s.
@@ -207,8 +208,8 @@ def check_recipe(target: float, mode: str, select: str, fuse: str, target_kind: 
 
 
 def check_output(out: Path, spec: Any) -> None:
-    if out.suffix != ".onnx":
-        raise LfgraphError(f"output {out} must end in .onnx")
+    if out.suffix != ".onnx" and out.is_file():
+        raise LfgraphError(f"output {out} is an existing file: give a path ending in .onnx, or a folder for a deploy folder")
     if not out.parent.exists():
         raise LfgraphError(f"output folder {out.parent} does not exist: create it or choose another -o path")
     if is_onnx_spec(spec) and Path(spec).exists() and out.resolve() == Path(spec).resolve():
@@ -257,6 +258,9 @@ def compress(
     eval_seq_len: int = 512,
     max_quality_loss: float | None = None,
     log_path: str | Path | None = None,
+    report_path: str | Path | None = None,
+    heal_steps: int = 0,
+    heal_options: dict[str, Any] | None = None,
     rtol: float | None = None,
     quiet: bool = False,
 ) -> CompressReport:
@@ -269,7 +273,12 @@ def compress(
     ignored). ``eval_windows`` held-out windows of ``eval_seq_len`` tokens measure quality
     against the original for language models (0 skips the quality check). With
     ``max_quality_loss``, a larger loss makes the report fail (exit code 1; the file is
-    kept and marked in its metadata).
+    kept and marked in its metadata). ``heal_steps`` > 0 fine-tunes the rewritten model by
+    distillation from the original before it is written (``heal_options``: the keyword
+    arguments of :func:`lfgraph.retrain.cli.heal_compressed`). ``out`` ending in ``.onnx``
+    is one file; for causal LMs any other path is a deploy folder (Hugging Face checkpoint,
+    with-past ``model.onnx``, ``genai_config.json``). ``report_path`` writes the
+    visualizer's page of the run.
 
     Guarantees: the model and input files are not modified; ``out`` (and its ``.data``)
     appear only complete, after the export check ran.
@@ -324,17 +333,20 @@ def compress(
     compressed = result.model
     metadata = {"lfgraph.version": __version__, "lfgraph.plan": plan.to_json(), "lfgraph.recipe": recipe,
                 "lfgraph.source_model": source.name}
-    with stage("write"), _staging(out) as staged:
-        _progress(f"writing {out.name}", quiet)
-        source.write(compressed, staged, metadata)
-        _progress("verifying the file on ONNX Runtime", quiet)
-        feed = source.verification_feed()
-        run = runner(staged)
-        parity = compare_outputs(source.reference_outputs(compressed, feed), run.run(feed), run.provider,
-                                 "the rewritten model", rtol or source.rtol, feed.get("attention_mask"))
-        del run
-        original = source.original_file(quiet)
-        size_before, size_after = file_bytes(original), file_bytes(staged)
+    heal_curve = None
+    if heal_steps > 0:
+        _progress(f"healing: {heal_steps} steps of distillation from the original", quiet)
+        with stage("heal"):
+            compressed, heal_curve = source.heal(compressed, plan, cal_opts, heal_steps, dict(heal_options or {}), progress=not quiet)
+    output = output_for(source, out)
+    with stage("write"), _staging(out) as folder:
+        staged = output.staged_path(folder)
+        _progress(f"writing {out.name}" + (" (deploy folder)" if output.kind == "deploy-folder" else ""), quiet)
+        output.write(compressed, staged, metadata, plan)
+        _progress("checking what was written on ONNX Runtime", quiet)
+        parity = output.check(compressed, staged, rtol)
+        original = output.original(quiet)
+        size_before, size_after = output.size(original), output.size(staged)
         # the plan and recipe written into the metadata are lfgraph's own few kB, not the model
         added = sum(len(k) + len(v) for k, v in metadata.items())
         if size_after - added > size_before:
@@ -344,37 +356,50 @@ def compress(
             )
         if eval_windows > 0 or source.family not in ("causal-lm", "encoder"):
             _progress("measuring quality against the original", quiet)
-        quality = source.quality(compressed, staged, feed, eval_windows, eval_seq_len)
-        failed_quality = max_quality_loss is not None and quality is not None and quality.loss > max_quality_loss
-        if failed_quality:
-            _mark_failed(staged, quality.loss, max_quality_loss)
+        quality = source.quality(compressed, output.model_file(staged), source.verification_feed(), eval_windows, eval_seq_len)
+        if max_quality_loss is not None and quality is not None and quality.loss > max_quality_loss:
+            _mark_failed(output.model_file(staged), quality.loss, max_quality_loss)
         _progress("timing both models on ONNX Runtime", quiet)
-        (before_ms, _), (after_ms, _) = alternating_latency([original, staged], source.latency_feed(), runs=10)
+        latency_name, before_ms, after_ms = output.latency(original, staged)
+        output.finish(staged)
     if log_path:
         write_text_atomic(log_path, result.log.to_json())
     removed = sum(len(f.absorb) for f in plan.fusions) if plan.mode == "merge" else 0
-    return CompressReport(
+    report = CompressReport(
         model=source.name, source_kind=source.kind, recipe=recipe, plan=plan, out=out,
         blocks=(len(graph.blocks), len(graph.blocks) - removed),
         params=(source.parameter_count(None), source.parameter_count(compressed)),
-        file_bytes=(size_before, size_after), latency_ms=(before_ms, after_ms), parity=parity, quality=quality,
-        max_quality_loss=max_quality_loss, notes=notes, seconds=time.perf_counter() - t0, log_records=len(result.log.records),
-        compressed=compressed, graph=graph, log=result.log,
+        file_bytes=(size_before, size_after), latency_ms=(before_ms, after_ms), latency_name=latency_name,
+        parity=parity, quality=quality, max_quality_loss=max_quality_loss, notes=notes, heal_curve=heal_curve,
+        seconds=time.perf_counter() - t0, log_records=len(result.log.records), compressed=compressed, graph=graph, log=result.log,
     )
+    if report_path:
+        with stage("report"):
+            write_report_page(report, report_path)
+    return report
+
+
+def write_report_page(report: CompressReport, path: str | Path) -> list[Path]:
+    """The visualizer's page (or JSON, by suffix) for a finished compress run."""
+    from .visualize import write_report
+
+    curve = None
+    if report.heal_curve:
+        curve = [(i + 1, float(v)) for i, v in enumerate(report.heal_curve.get("train_loss", []))]
+    healed = None
+    if report.heal_curve is not None:
+        healed = [f.keep for f in report.plan.fusions]
+    return write_report(path, report.graph, report.plan, report.log, table=report.rows(), loss_curve=curve,
+                        healed=healed, title=f"lfgraph compress {report.model}: {report.recipe}")
 
 
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A path in a temporary folder beside ``out``; on success the written files (model and
-    ``.data``) move over ``out`` — the data file first — and on failure nothing is left."""
+    """A temporary folder beside ``out`` to write into; the output moves its files over
+    ``out`` only when every check ran, and on failure or Ctrl-C nothing is left."""
     folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        staged = folder / out.name
-        yield staged
-        data = folder / (out.name + ".data")
-        if data.exists():
-            os.replace(data, out.with_name(out.name + ".data"))
-        os.replace(staged, out)
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

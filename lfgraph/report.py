@@ -19,21 +19,24 @@ def megabytes(n: int) -> str:
 def before_after_table(title: str, rows: Sequence[tuple[str, str, str, str]]) -> list[str]:
     """``title`` then one aligned line per (name, before, after, ratio) row."""
 
+    width = max([22, *(len(r[0]) + 2 for r in rows)])
+
     def line(name: str, before: str, after: str, r: str) -> str:
-        return f"  {name:<22}{before:>16}{after:>16}{r:>10}"
+        return f"  {name:<{width}}{before:>16}{after:>16}{r:>10}"
 
     return [title, line("", "before", "after", "ratio")] + [line(*row) for row in rows]
 
 
 def size_rows(
-    blocks: tuple[int, int], params: tuple[int, int], file_bytes: tuple[int, int], latency_ms: tuple[float, float]
+    blocks: tuple[int, int], params: tuple[int, int], file_bytes: tuple[int, int], latency_ms: tuple[float, float],
+    latency_name: str = "ORT latency (median)",
 ) -> list[tuple[str, str, str, str]]:
     """The rows every compress table starts with: depth, parameters, file size, latency."""
     return [
         ("blocks", str(blocks[0]), str(blocks[1]), ratio(*blocks)),
         ("parameters (unique)", f"{params[0]:,}", f"{params[1]:,}", ratio(*params)),
         ("ONNX file", megabytes(file_bytes[0]), megabytes(file_bytes[1]), ratio(*file_bytes)),
-        ("ORT latency (median)", f"{latency_ms[0]:.1f} ms", f"{latency_ms[1]:.1f} ms", ratio(*latency_ms)),
+        (latency_name, f"{latency_ms[0]:.1f} ms", f"{latency_ms[1]:.1f} ms", ratio(*latency_ms)),
     ]
 
 
@@ -59,6 +62,8 @@ class CompressReport:
     quality: Any = None
     max_quality_loss: float | None = None
     notes: list[str] = field(default_factory=list)
+    latency_name: str = "ORT latency (median)"
+    heal_curve: dict[str, Any] | None = None
     seconds: float = 0.0
     log_records: int = 0
     # in-memory results for the stages after compress (healing, deploy outputs, the visualizer)
@@ -81,7 +86,7 @@ class CompressReport:
         return 0 if self.ok else 1
 
     def rows(self) -> list[tuple[str, str, str, str]]:
-        rows = size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms)
+        rows = size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms, self.latency_name)
         if self.quality is not None:
             rows.extend(self.quality.rows)
         return rows
@@ -93,8 +98,13 @@ class CompressReport:
             lines.append(f"  removed: {achieved:.1%} of the {self.plan.provenance.get('achieved_kind')}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        if self.heal_curve:
+            c = self.heal_curve
+            losses = c.get("train_loss") or [float("nan")]
+            lines.append(f"  healed: {c.get('steps')} steps, training loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+                         f"{c.get('tokens_per_second', 0):.0f} tokens/s")
         verdict = "✓ the file computes what the rewritten model computes" if self.parity.ok else "✗ FAILED: the file does not compute what the rewritten model computes"
-        lines.append(f"  export check on {self.parity.provider}: {verdict}")
+        lines.append(f"  export check on {getattr(self.parity, 'provider', 'ONNX Runtime')}: {verdict}")
         lines.extend(self.parity.lines())
         if self.quality is not None:
             if self.quality.skipped:
@@ -112,6 +122,7 @@ class CompressReport:
         return {
             "model": self.model, "source": self.source_kind, "recipe": self.recipe, "out": str(self.out),
             "rows": [list(r) for r in self.rows()], "notes": self.notes, "ok": self.ok,
-            "parity": {"ok": self.parity.ok, "provider": self.parity.provider, "max_rel": self.parity.max_rel},
+            "parity": {"ok": self.parity.ok, "provider": getattr(self.parity, "provider", ""), "max_rel": self.parity.max_rel},
+            "heal": self.heal_curve,
             "quality": self.quality.to_dict() if self.quality is not None else None, "seconds": self.seconds,
         }

@@ -71,6 +71,10 @@ class Source:
         """The compressed model against the original (see :mod:`lfgraph.evaluate`)."""
         raise NotImplementedError
 
+    def heal(self, compressed: Any, plan: FusionPlan, options: CalibrationOptions, steps: int,
+             heal_options: dict[str, Any], progress: bool = True) -> tuple[Any, dict[str, Any]]:
+        raise LfgraphError(f"{self.name}: healing trains the model, which needs its PyTorch form; an ONNX file cannot heal")
+
     @property
     def rtol(self) -> float:
         return 1e-4
@@ -141,6 +145,30 @@ class TorchSource(Source):
         from .passes.rewrite_torch import unique_parameter_count
 
         return unique_parameter_count(self.model.module if compressed is None else compressed)
+
+    def heal(self, compressed: torch.nn.Module, plan: FusionPlan, options: CalibrationOptions, steps: int,
+             heal_options: dict[str, Any], progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Fine-tune ``compressed`` by distillation from the original (:mod:`lfgraph.retrain`);
+        returns the healed module and its loss curve. Language models heal on windows of
+        the calibration text (or token file); other models on their calibration samples."""
+        from .retrain.cli import HEAL_DEFAULTS, heal_compressed, max_positions, training_windows
+
+        heal_options = dict(heal_options)
+        if self.type.input_names == ["input_ids", "attention_mask"]:
+            if options.token_file:
+                data = self.type.calibration(CalibrationOptions(token_file=options.token_file, windows=options.windows, seq_len=options.seq_len))
+            else:
+                from .calibration import load_calibration_text
+
+                tok = self.model.require_tokenizer("healing")
+                text = load_calibration_text(options.text_file) if options.text_file else None
+                data = training_windows(tok, text, heal_options.pop("windows", HEAL_DEFAULTS["windows"]),
+                                        heal_options.pop("seq_len", HEAL_DEFAULTS["seq_len"]), max_positions(compressed))
+        else:
+            data = self.type.calibration(options)
+        heal_options.pop("windows", None)
+        heal_options.pop("seq_len", None)
+        return heal_compressed(self.model, compressed, plan, data, steps, progress=progress, **heal_options)
 
     def quality(self, compressed: torch.nn.Module, written: Path, feed: Mapping[str, np.ndarray], eval_windows: int, eval_seq_len: int) -> QualityReport | None:
         return self.type.quality(compressed, feed, eval_windows, eval_seq_len)

@@ -77,7 +77,7 @@ def test_interrupt_at_any_stage_exits_130_without_output(tiny_llama_folder, tmp_
     import lfgraph.sources as sources
 
     for target in ("lfgraph.sources.TorchSource.graph", "lfgraph.sources.TorchSource.rewrite", "lfgraph.sources.TorchSource.write",
-                   "lfgraph.pipeline.alternating_latency"):
+                   "lfgraph.outputs.alternating_latency"):
         monkeypatch.undo()
         monkeypatch.setenv("LFGRAPH_CACHE", str(tmp_path / "cache"))
 
