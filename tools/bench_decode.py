@@ -40,14 +40,13 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lfgraph import pipeline  # noqa: E402
 from lfgraph.calibration import heldout_windows  # noqa: E402
 from lfgraph.deploy.checkpoint import save_hf_checkpoint  # noqa: E402
 from lfgraph.deploy.decoder_onnx import build_with_genai_builder, export_decoder_with_past  # noqa: E402
-from lfgraph.deploy.generation import OrtDecoder  # noqa: E402
+from lfgraph.deploy.generation import OrtDecoder, timed_generation  # noqa: E402
 from lfgraph.deploy.onnx_compress import compress_decoder_onnx, layers_from_plan  # noqa: E402
 from lfgraph.models import smollm2_folder  # noqa: E402
 
@@ -62,23 +61,6 @@ def per_token_flops(cfg, n_layers: int, context: float) -> float:
     linear = h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * cfg.intermediate_size
     attention = 2 * 2 * heads * hd * context  # scores and weighted values
     return n_layers * (2 * linear + attention) + 2 * h * cfg.vocab_size
-
-
-def timed_generation(dec: OrtDecoder, prompt: list[int], new: int, head_dim: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, decode seconds for ``new`` tokens, tokens): greedy, no early stop."""
-    ids = np.asarray([prompt], np.int64)
-    t0 = time.perf_counter()
-    logits, past = dec.prefill(ids, head_dim=head_dim)
-    t1 = time.perf_counter()
-    mask = np.ones_like(ids)
-    out = []
-    for _ in range(new):
-        tok = int(np.argmax(logits[0, -1]))
-        out.append(tok)
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits, past = dec.step(np.asarray([[tok]], np.int64), mask, past)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, out
 
 
 def file_mb(folder: Path) -> float:

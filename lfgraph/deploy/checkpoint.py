@@ -138,8 +138,12 @@ def save_hf_checkpoint(
             elif tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             written = []
+            umask = os.umask(0)
+            os.umask(umask)
             for f in sorted(Path(tmp).iterdir()):
                 if f.is_file():
+                    # some writers create owner-only temporaries: give the mode a plain open() would
+                    os.chmod(f, 0o666 & ~umask)
                     os.replace(f, out / f.name)  # atomic per file
                     written.append(out / f.name)
     finally:

@@ -49,7 +49,7 @@ def sample_texts(folder: str | Path, prompts: Sequence[str], original: str | Non
     """For each prompt: ``{"prompt", "compressed", "original"?}`` greedy continuations."""
     from transformers import AutoTokenizer
 
-    from .generation import OrtDecoder, eos_ids, genai_greedy, torch_greedy
+    from .generation import OrtDecoder, genai_greedy, torch_greedy
 
     folder = Path(folder)
     if not (folder / "model.onnx").is_file():

@@ -258,7 +258,7 @@ def genai_config_dict(cfg: Any, generation: Any, filename: str = "model.onnx", p
         # cache cannot share one buffer with the past (that needs GroupQueryAttention)
         "search": {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
                    "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
-                   "top_k": 1, "top_p": 1.0, "num_return_sequences": 1, "early_stopping": True,
+                   "top_k": 50, "top_p": 1.0, "num_return_sequences": 1, "early_stopping": True,
                    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
 

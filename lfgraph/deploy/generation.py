@@ -137,3 +137,41 @@ def _pad(hf_model: Any) -> int | None:
 def folder_of(path: str | os.PathLike) -> Path:
     p = Path(path)
     return p if p.is_dir() else p.parent
+
+
+def timed_generation(dec: OrtDecoder, prompt: Sequence[int], new_tokens: int, head_dim: int | None = None) -> tuple[float, float, list[int]]:
+    """(prefill seconds, seconds for ``new_tokens`` decode steps, tokens): greedy, batch 1,
+    no early stop (so every model does the same number of steps)."""
+    import time
+
+    ids = np.asarray([list(prompt)], np.int64)
+    t0 = time.perf_counter()
+    logits, past = dec.prefill(ids, head_dim=head_dim)
+    t1 = time.perf_counter()
+    mask = np.ones_like(ids)
+    out: list[int] = []
+    for _ in range(new_tokens):
+        tok = int(np.argmax(logits[0, -1]))
+        out.append(tok)
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        logits, past = dec.step(np.asarray([[tok]], np.int64), mask, past)
+    return t1 - t0, time.perf_counter() - t1, out
+
+
+def alternating_decode_speed(
+    paths: Sequence[str | os.PathLike], prompt: Sequence[int], new_tokens: int = 64, rounds: int = 3,
+    head_dim: int | None = None, threads: int | None = None,
+) -> list[tuple[float, float]]:
+    """(median prefill ms, median decode tokens/s) of each with-past decoder, run alternately
+    round by round so machine noise hits every model alike."""
+    decs = [OrtDecoder(p, threads=threads) for p in paths]
+    for d in decs:  # warm-up
+        timed_generation(d, list(prompt)[:8], 2, head_dim)
+    pre: list[list[float]] = [[] for _ in decs]
+    dec_s: list[list[float]] = [[] for _ in decs]
+    for _ in range(rounds):
+        for k, d in enumerate(decs):
+            p, t, _ = timed_generation(d, prompt, new_tokens, head_dim)
+            pre[k].append(p)
+            dec_s[k].append(t)
+    return [(float(np.median(p)) * 1e3, new_tokens / float(np.median(t))) for p, t in zip(pre, dec_s)]

@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import onnx
 from onnx import helper
@@ -296,7 +296,7 @@ def _renumber(g: onnx.GraphProto, layout: CacheLayout, kept: Sequence[int]) -> N
                     node.output[k] = mapping[t]
 
 
-def block_influence(model: onnx.ModelProto, windows: "np.ndarray", threads: int | None = None, head_dim: int | None = None) -> list[float]:
+def block_influence(model: onnx.ModelProto, windows: Any, threads: int | None = None, head_dim: int | None = None) -> list[float]:
     """Block Influence (ShortGPT) of every decoder layer, measured on the ONNX graph itself:
     ``1 - cos(residual in, residual out)`` averaged over the tokens of ``windows``
     (token ids, shape (n, seq)), run as prefill with an empty cache. A fused boundary

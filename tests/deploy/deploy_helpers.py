@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
-from lfgraph import pipeline
 from lfgraph.plan import Fusion, FusionPlan
 
 PROMPT = [5, 9, 17, 33, 2, 71, 100, 250, 199, 42]

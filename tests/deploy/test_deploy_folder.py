@@ -185,3 +185,15 @@ def test_calibrated_fusion_the_default_recipe(gqa_loaded, tmp_path):
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(ids).logits, hf(ids).logits)
+
+
+def test_checkpoint_files_get_ordinary_permissions(deployed):
+    import os
+    import stat
+
+    _, _, out, _ = deployed
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():
+        if f.is_file():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name

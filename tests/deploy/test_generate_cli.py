@@ -60,3 +60,11 @@ def test_generate_refuses_a_folder_without_a_model(tmp_path):
     args = _parser().parse_args(["generate", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "0"])
     with pytest.raises(LfgraphError, match="at least 1"):
         run(args)
+
+
+def test_alternating_decode_speed_runs_every_model(folder):
+    from lfgraph.deploy.generation import alternating_decode_speed
+
+    out, _ = folder
+    rows = alternating_decode_speed([out / "model.onnx", out / "model.onnx"], list(range(5, 21)), new_tokens=4, rounds=2, head_dim=16)
+    assert len(rows) == 2 and all(ms > 0 and tps > 0 for ms, tps in rows)
