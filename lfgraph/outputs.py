@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -69,8 +68,6 @@ class DeployFolderOutput(OnnxFileOutput):
     """A causal LM's deploy folder: HF checkpoint + with-past ONNX + genai_config.json."""
 
     kind = "deploy-folder"
-    #: decode timing: new tokens after a prompt of this many tokens, batch 1
-    PROMPT, NEW_TOKENS = 64, 32
 
     def __init__(self, source: TorchSource, out: Path) -> None:
         super().__init__(source, out)
@@ -120,17 +117,7 @@ class DeployFolderOutput(OnnxFileOutput):
         return file_bytes(path / "model.onnx")
 
     def latency(self, original: Path, staged: Path) -> tuple[str, float, float]:
-        """Milliseconds per generated token (greedy decode after a 64-token prompt), the two
-        models alternately, median of 3."""
-        from .deploy.generation import OrtDecoder
-
-        prompt = [int(t) for t in (np.arange(self.PROMPT) * 7 + 3) % max(self.model.vocab_size, 2)]
-        decoders = [OrtDecoder(original / "model.onnx"), OrtDecoder(staged / "model.onnx")]
-        times: list[list[float]] = [[], []]
-        for _ in range(3):
-            for k, dec in enumerate(decoders):
-                times[k].append(_decode_ms_per_token(dec, prompt, self.NEW_TOKENS))
-        return (f"ORT decode, ms/token ({self.NEW_TOKENS} after {self.PROMPT})", float(np.median(times[0])), float(np.median(times[1])))
+        return decode_latency(original / "model.onnx", staged / "model.onnx", self.model.vocab_size)
 
     def finish(self, staged: Path) -> None:
         """Put the staged folder at ``out``; an existing folder is replaced only now."""
@@ -143,16 +130,14 @@ class DeployFolderOutput(OnnxFileOutput):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _decode_ms_per_token(dec: Any, prompt: list[int], new_tokens: int) -> float:
-    ids = np.asarray([prompt], np.int64)
-    logits, past = dec.prefill(ids)
-    mask = np.ones_like(ids)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        tok = int(np.argmax(logits[0, -1]))
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits, past = dec.step(np.asarray([[tok]], np.int64), mask, past)
-    return (time.perf_counter() - t0) * 1e3 / new_tokens
+def decode_latency(original: Path, compressed: Path, vocab_size: int, prompt_len: int = 64, new_tokens: int = 32) -> tuple[str, float, float]:
+    """Milliseconds per generated token of two with-past decoders (greedy, batch 1, after a
+    ``prompt_len``-token prompt), run alternately, median of 3 rounds."""
+    from .deploy.generation import alternating_decode_speed
+
+    prompt = [int(t) for t in (np.arange(prompt_len) * 7 + 3) % max(vocab_size, 2)]
+    (_, before), (_, after) = alternating_decode_speed([original, compressed], prompt, new_tokens=new_tokens, rounds=3)
+    return f"ORT decode, ms/token ({new_tokens} after {prompt_len})", 1e3 / before, 1e3 / after
 
 
 def output_for(source: Source, out: Path) -> OnnxFileOutput:

@@ -293,6 +293,8 @@ def compress(
             check_recipe(target, mode, select or "similarity", fuse or "remove", target_kind)
         if max_quality_loss is not None and max_quality_loss < 0:
             raise LfgraphError(f"--max-quality-loss {max_quality_loss} is negative: give 0 or more (e.g. 0.5 for at most 50% higher perplexity)")
+    if is_onnx_spec(spec) and _is_decoder_with_past(Path(spec)):
+        return compress_onnx_decoder(Path(spec), out, given_plan, target, eval_windows, max_quality_loss, quiet)
     _progress("loading the model", quiet)
     with stage("load"):
         source = open_source(spec)
@@ -377,6 +379,115 @@ def compress(
         with stage("report"):
             write_report_page(report, report_path)
     return report
+
+
+def _is_decoder_with_past(path: Path) -> bool:
+    import onnx
+
+    from .deploy import is_decoder_with_past
+
+    try:
+        return is_decoder_with_past(onnx.load(str(path), load_external_data=False))
+    except Exception:
+        return False  # not readable here: the ONNX source's own checks say why
+
+
+def compress_onnx_decoder(src: Path, out: Path, plan: FusionPlan | None, target: float, eval_windows: int,
+                          max_quality_loss: float | None, quiet: bool) -> CompressReport:
+    """A with-past ONNX decoder (lfgraph's, onnxruntime-genai's or Optimum's layout) made
+    shallower straight from the graph: whole layers and their cache inputs/outputs removed
+    (:mod:`lfgraph.deploy`), then the same checks and report as every compress.
+
+    Export check: the written decoder's greedy tokens on ONNX Runtime equal
+    onnxruntime-genai's from the written folder (when it has ``genai_config.json``), and its
+    logits are finite. Quality: top-1 agreement of prefill logits with the original decoder
+    on held-out text (the folder's tokenizer) or fixed token ids.
+    """
+    from .deploy import compress_decoder_onnx, plan_decoder_onnx
+    from .deploy.generation import OrtDecoder, genai_greedy
+    from .evaluate import output_quality
+    from .outputs import decode_latency
+    from .verify import OutputCheck, VerifyReport
+
+    t0 = time.perf_counter()
+    with stage("plan"):
+        if plan is None:
+            _progress(f"planning: Block Influence measured on the ONNX decoder, target {target} of its layers", quiet)
+            plan = plan_decoder_onnx(src, target)
+        recipe = f"mode merge, select {plan.provenance.get('select', 'plan from file')}, fuse {plan.fuse} (ONNX decoder with KV cache)"
+    with stage("write"), _staging(out) as folder:
+        staged = folder / out.name
+        _progress(f"removing decoder layers and their cache inputs/outputs, writing {out.name}", quiet)
+        rep = compress_decoder_onnx(src, staged, plan=plan)
+        model_file = staged if staged.suffix == ".onnx" else staged / "model.onnx"
+        original = OrtDecoder(src)
+        compressed = OrtDecoder(model_file)
+        tok = _folder_tokenizer(src.parent)
+        if tok is not None:
+            from .calibration import heldout_windows
+
+            ids = heldout_windows(tok, 1, 128).numpy()
+        else:
+            ids = ((np.arange(128) * 7 + 3) % 100)[None, :].astype(np.int64)
+        head_dim = _genai_head_dim(src.parent)
+        ref, _ = original.prefill(ids, head_dim=head_dim)
+        got, _ = compressed.prefill(ids, head_dim=head_dim)
+        parity = VerifyReport(provider="ONNX Runtime (CPU)", reference="onnxruntime-genai")
+        parity.outputs.append(OutputCheck("logits", 0.0, 0.0, bool(np.isfinite(got).all()), "prefill logits are finite"))
+        if model_file.parent.joinpath("genai_config.json").is_file():
+            prompt = [int(t) for t in ids[0, :16]]
+            ort_tokens = compressed.greedy(prompt, 16, head_dim=head_dim)
+            genai_tokens = genai_greedy(model_file.parent, prompt, 16)
+            same = genai_tokens[: len(ort_tokens)] == ort_tokens[: len(genai_tokens)]
+            parity.outputs.append(OutputCheck("greedy tokens", 0.0, 0.0, same,
+                                              f"16 greedy tokens on ORT {'==' if same else '!='} onnxruntime-genai from the written folder"))
+        quality = output_quality({"logits": ref}, {"logits": got}, "prefill logits of 128 held-out tokens, original vs compressed decoder on ORT", "onnx-decoder")
+        del original, compressed
+        if max_quality_loss is not None and quality.loss > max_quality_loss:
+            _mark_failed(model_file, quality.loss, max_quality_loss)
+        _progress("timing both decoders on ONNX Runtime", quiet)
+        latency_name, before_ms, after_ms = decode_latency(src, model_file, int(ref.shape[-1]))
+        if out.suffix == ".onnx":
+            data = staged.with_name(staged.name + ".data")
+            if data.exists():
+                os.replace(data, out.with_name(out.name + ".data"))
+        elif out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    n_before, n_after = rep.layers
+    return CompressReport(
+        model=src.stem, source_kind="onnx decoder", recipe=recipe, plan=plan, out=out, blocks=(n_before, n_after),
+        params=(_onnx_params(src), _onnx_params(out if out.suffix == ".onnx" else out / "model.onnx")),
+        file_bytes=rep.file_bytes, latency_ms=(before_ms, after_ms), latency_name=latency_name, parity=parity,
+        quality=quality, max_quality_loss=max_quality_loss, seconds=time.perf_counter() - t0,
+    )
+
+
+def _folder_tokenizer(folder: Path) -> Any:
+    from .models import _tokenizer_or_none
+
+    try:
+        return _tokenizer_or_none(folder)
+    except LfgraphError:
+        return None
+
+
+def _genai_head_dim(folder: Path) -> int | None:
+    import json
+
+    cfg = folder / "genai_config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text())["model"]["decoder"].get("head_size")
+
+
+def _onnx_params(path: Path) -> int:
+    """Floating-point initializer elements (each stored tensor once)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type in floats and len(t.dims) > 0))
 
 
 def write_report_page(report: CompressReport, path: str | Path) -> list[Path]:

@@ -74,3 +74,20 @@ def test_folder_output_is_for_language_models_only(tmp_path, capsys):
     cnn = wrap_module(zoo.ResNetCNN(stages=((8, 2),)), (torch.randn(1, 3, 16, 16),), family="vision")
     with pytest.raises(LfgraphError, match="causal language models only"):
         pipeline.compress(cnn, tmp_path / "folder", target=0.5, quiet=True)
+
+
+def test_a_with_past_onnx_decoder_compresses_straight_from_the_graph(deploy_run, tmp_path, capsys):
+    code, out, _ = deploy_run
+    src = out / "model.onnx"
+    before = src.read_bytes()
+    again = tmp_path / "shallower"
+    assert main(["compress", str(src), "--target", "0.25", "-o", str(again), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "(onnx decoder)" in table and "greedy tokens on ORT == onnxruntime-genai" in table
+    genai = json.loads((again / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 3
+    import onnx
+
+    inputs = [i.name for i in onnx.load(str(again / "model.onnx"), load_external_data=False).graph.input]
+    assert sum(n.startswith("past_key_values.") for n in inputs) == 2 * 3
+    assert src.read_bytes() == before  # the input is never modified
