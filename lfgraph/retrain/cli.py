@@ -32,7 +32,10 @@ from .modes import RETRAIN_MODES
 from .trainable import TRAINABLE_SETS
 
 #: Defaults of ``compress --heal`` / ``lfgraph heal`` (see README "Healing" for the evidence).
-HEAL_DEFAULTS = {"trainable": "all", "batch_size": 4, "seq_len": 128, "windows": 128}
+#: Measured on SmolLM2-135M at 25 % of the decoder layers removed: full fine-tuning at lr 1e-4
+#: closes 56 % of the one-shot perplexity gap in 120 steps (14 CPU-minutes, one thread), more
+#: per CPU-minute than LoRA or the neighbouring blocks alone.
+HEAL_DEFAULTS = {"trainable": "all", "batch_size": 4, "seq_len": 128, "windows": 128, "steps": 120}
 
 
 # --------------------------------------------------------------------------- data
@@ -125,7 +128,7 @@ def heal_compressed(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The healing options (shared by ``heal`` and, under other names, ``compress --heal``)."""
     g = p.add_argument_group("healing")
-    g.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--steps", type=int, default=HEAL_DEFAULTS["steps"], help="optimizer steps (default 120)")
     g.add_argument("--trainable", choices=TRAINABLE_SETS, default=HEAL_DEFAULTS["trainable"],
                    help="what trains: all parameters, the blocks next to each removed run, or LoRA adapters merged back (default all)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 for --trainable lora)")
