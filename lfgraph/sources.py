@@ -162,8 +162,12 @@ class TorchSource(Source):
 
                 tok = self.model.require_tokenizer("healing")
                 text = load_calibration_text(options.text_file) if options.text_file else None
-                data = training_windows(tok, text, heal_options.pop("windows", HEAL_DEFAULTS["windows"]),
-                                        heal_options.pop("seq_len", HEAL_DEFAULTS["seq_len"]), max_positions(compressed))
+                seq_len = heal_options.pop("seq_len", HEAL_DEFAULTS["seq_len"])
+                data = training_windows(tok, text, heal_options.pop("windows", HEAL_DEFAULTS["windows"]), seq_len, max_positions(compressed))
+                if heal_options.get("eval_every"):
+                    from .calibration import heldout_windows
+
+                    heal_options["eval_windows"] = heldout_windows(tok, 4, seq_len)
         else:
             data = self.type.calibration(options)
         heal_options.pop("windows", None)
