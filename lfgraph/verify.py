@@ -35,8 +35,28 @@ class OutputCheck:
     note: str = ""
 
 
+class CheckList:
+    """What every check report answers, over its items (each with ``ok``, ``max_abs``,
+    ``max_rel``): passed only when there is something checked and all of it passed."""
+
+    def items(self) -> list:  # type: ignore[type-arg]
+        raise NotImplementedError
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.items()) and all(o.ok for o in self.items())
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.items()), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.items()), default=0.0)
+
+
 @dataclass
-class VerifyReport:
+class VerifyReport(CheckList):
     """The checks of one comparison; ``ok`` only when every output passed."""
 
     provider: str
@@ -44,17 +64,8 @@ class VerifyReport:
     rtol: float = 1e-4
     outputs: list[OutputCheck] = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        return bool(self.outputs) and all(o.ok for o in self.outputs)
-
-    @property
-    def max_abs(self) -> float:
-        return max((o.max_abs for o in self.outputs), default=0.0)
-
-    @property
-    def max_rel(self) -> float:
-        return max((o.max_rel for o in self.outputs), default=0.0)
+    def items(self) -> list[OutputCheck]:
+        return self.outputs
 
     def lines(self) -> list[str]:
         out = []

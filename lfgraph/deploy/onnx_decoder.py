@@ -28,7 +28,6 @@ Anything else (another cache naming, a boundary of another shape) is refused wit
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 from collections import defaultdict
@@ -39,7 +38,7 @@ import onnx
 from onnx import helper
 
 from ..errors import LfgraphError
-from .decoder_onnx import SCOPES_KEY
+from ..frontends.onnx_graph import node_scopes
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -93,16 +92,12 @@ def is_decoder_with_past(model: onnx.ModelProto) -> bool:
 
 def node_layer(node: onnx.NodeProto) -> int | None:
     """The decoder layer that owns ``node`` (module scopes, else a ``/model/layers.N/`` name)."""
-    for prop in node.metadata_props:
-        if prop.key == SCOPES_KEY:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                break
-            for s in scopes if isinstance(scopes, list) else []:
-                if m := _SCOPE_LAYER.search(str(s)):
-                    return int(m.group(1))
-            return None
+    scopes = node_scopes(node)
+    if scopes is not None:
+        for s in scopes:
+            if m := _SCOPE_LAYER.search(s):
+                return int(m.group(1))
+        return None
     if m := _NAME_LAYER.match(node.name):
         return int(m.group(1))
     return None

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..verify import CheckList
 from .generation import OrtDecoder, eos_ids, genai_greedy, torch_greedy
 
 #: Default tolerance on the relative logit error (fp32 on CPU: observed ~1e-6).
@@ -38,24 +39,16 @@ class Check:
 
 
 @dataclass
-class GenerationReport:
+class GenerationReport(CheckList):
     """Per-check results; ``lines()`` renders them for the compress report."""
 
     path: Path
     checks: list[Check] = field(default_factory=list)
     tokens: dict[str, list[int]] = field(default_factory=dict)
+    provider: str = "ONNX Runtime (CPU) and onnxruntime-genai"
 
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
-
-    @property
-    def max_abs(self) -> float:
-        return max((c.max_abs for c in self.checks), default=0.0)
-
-    @property
-    def max_rel(self) -> float:
-        return max((c.max_rel for c in self.checks), default=0.0)
+    def items(self) -> list[Check]:
+        return self.checks
 
     def lines(self) -> list[str]:
         return [f"  {'✓' if c.ok else '✗'} {c.name}: {c.detail}" for c in self.checks]

@@ -795,16 +795,22 @@ def _period(sigs: list[str]) -> int:
 # Names and roles
 
 
-def _torch_scope(node: onnx.NodeProto) -> str | None:
+def node_scopes(node: onnx.NodeProto) -> list[str] | None:
+    """The module scopes the torch exporter recorded on ``node`` (outermost first), or
+    ``None`` when it recorded none (other exporters) or they cannot be read."""
     for prop in node.metadata_props:
         if prop.key == _TORCH_SCOPES:
             try:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
                 return None
-            if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
-                return str(scopes[-2])
+            return [str(x) for x in scopes] if isinstance(scopes, list) else None
     return None
+
+
+def _torch_scope(node: onnx.NodeProto) -> str | None:
+    scopes = node_scopes(node)
+    return scopes[-2] if scopes and len(scopes) >= 2 and scopes[-2] else None
 
 
 def _legacy_scope(node: onnx.NodeProto) -> str | None:
