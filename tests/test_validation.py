@@ -101,16 +101,16 @@ def test_quality_against_the_original_and_the_gate(tiny_llama_folder, tmp_path, 
     assert "held-out perplexity" in table and "top-1 agreement" in table and "quality vs the original" in table
     assert "original:" in table and "compressed:" in table  # greedy completions of both
     # the random tiny model may even improve when blocks go: give the gate a loss it must refuse
-    from lfgraph import evaluate
+    from lfgraph import model_types
 
-    measured = evaluate.causal_lm_quality
+    measured = model_types.causal_lm_quality
 
     def worse(*a, **k):
         q = measured(*a, **k)
         q.loss = 0.5
         return q
 
-    monkeypatch.setattr(evaluate, "causal_lm_quality", worse)
+    monkeypatch.setattr(model_types, "causal_lm_quality", worse)
     code = main(args + ["--max-quality-loss", "0.25"])
     table = capsys.readouterr().out
     assert code == 1 and "✗ FAILED: above --max-quality-loss" in table
