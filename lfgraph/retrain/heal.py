@@ -14,8 +14,8 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 from torch import nn
