@@ -97,7 +97,7 @@ def cosine_map(act: CutActivations, steps: int = 200, lr: float = 1e-4, batch_to
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return T.detach().double(), losses
 
 
