@@ -101,20 +101,23 @@ def inflection_point(xs: list[float], ys: list[float], y0: float, higher_is_wors
 
     ``xs`` (ascending compression) and ``ys`` (the metric), with ``y0`` the uncompressed
     value. The loss is ``log(y / y0)`` (perplexity) or ``log(y0 / y)`` (accuracy,
-    ``higher_is_worse=False``); its slope per unit of compression is taken on each segment
-    from ``(0, 0)`` through the points. The inflection is the start of the segment whose
-    slope grows most over the previous one (the largest increase in slope, the discrete knee
-    of the log-loss), provided it at least doubles; ``None`` when the curve never bends up
-    that much (it rises no faster than exponentially at one rate) or has < 2 points.
+    ``higher_is_worse=False``), and its slope per unit of compression is taken on each
+    segment from ``(0, 0)`` through the points. The inflection is the start of the segment
+    whose slope is the largest multiple (at least 2x) of the mean slope before it, that mean
+    floored at a tenth of the whole curve's mean slope (so a flat start does not make any
+    rise look like a knee). ``None`` when the curve rises at one rate (no bend of 2x) or has
+    fewer than 2 points.
     """
     pts = [(0.0, 0.0)] + [
         (x, math.log(max(y, 1e-12) / y0) if higher_is_worse else math.log(y0 / max(y, 1e-12))) for x, y in zip(xs, ys)
     ]
     slopes = [(b[1] - a[1]) / max(b[0] - a[0], 1e-12) for a, b in zip(pts, pts[1:])]
+    overall = (pts[-1][1] - pts[0][1]) / max(pts[-1][0] - pts[0][0], 1e-12)
+    floor = max(0.1 * overall, 1e-9)
     best, best_ratio = None, 2.0
     for k in range(1, len(slopes)):
-        prev = max(slopes[k - 1], 1e-6)
-        ratio = slopes[k] / prev
+        before = max(sum(slopes[:k]) / k, floor)
+        ratio = slopes[k] / before
         if ratio >= best_ratio:
             best, best_ratio = pts[k][0], ratio
     return best
