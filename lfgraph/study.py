@@ -175,14 +175,16 @@ def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: i
     return t
 
 
-def vision_track(steps: int = 300, seed: int = 0) -> Track:
+def vision_track(steps: int = 300, seed: int = 0, n_train: int = 2048, n_calib: int = 256, n_test: int = 768) -> Track:
     """The project's ResNet-style CNN trained for ``steps`` on the synthetic task of
-    ``lfgraph.zoo`` (scikit-learn is not installed, so its digits are not available)."""
+    ``lfgraph.zoo``'s benchmarks (scikit-learn is not installed here, so its digits are not
+    available); ``n_calib`` calibration and ``n_test`` test images apart from training."""
     from .calibration import accuracy
     from .zoo import ResNetCNN
 
-    x, y = synthetic_images(3072, seed=seed)
-    xtr, ytr, xcal, xte, yte = x[:2048], y[:2048], x[2048:2304], x[2304:], y[2304:]
+    x, y = synthetic_images(n_train + n_calib + n_test, seed=seed)
+    a, b = n_train, n_train + n_calib
+    xtr, ytr, xcal, xte, yte = x[:a], y[:a], x[a:b], x[b:], y[b:]
     torch.manual_seed(seed)
     model = ResNetCNN(stages=((16, 4), (32, 4)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -205,8 +207,8 @@ def vision_track(steps: int = 300, seed: int = 0) -> Track:
 
     protocol = {
         "model": "ResNetCNN (2 stages x 4 basic blocks, 16/32 channels) trained by the study",
-        "data": f"synthetic 10-class 3x16x16 images of lfgraph's benchmark task (seeded); {steps} Adam steps on 2048 images",
-        "calibration": "256 images apart from training and test", "evaluation": "768 test images: accuracy and top-1 agreement with the original",
+        "data": f"synthetic 10-class 3x16x16 images of lfgraph's benchmark task (seeded); {steps} Adam steps on {n_train} images",
+        "calibration": f"{n_calib} images apart from training and test", "evaluation": f"{n_test} test images: accuracy and top-1 agreement with the original",
     }
     t = Track("resnet-cnn", model, xcal, score, {"accuracy": False, "top1_agreement": False}, protocol)
     t.original = score(model)
@@ -310,7 +312,8 @@ def summary_markdown(track: Track, rows: list[dict[str, Any]], best_of: list[str
 def write_outputs(track: Track, rows: list[dict[str, Any]], out: Path, ours: str = "lfgraph") -> list[Path]:
     """study.json, study.csv, study.md and one plot per metric in ``out`` (atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "study.json", json.dumps({"track": track.name, "protocol": track.protocol, "original": track.original, "rows": rows}, indent=1, default=str))
+    write_text_atomic(out / "study.json", json.dumps({"track": track.name, "protocol": track.protocol, "original": track.original,
+                                                      "lower_is_better": track.lower_is_better, "rows": rows}, indent=1, default=str))
     metrics = list(track.lower_is_better)
     cols = ["method", "target", "depth_fraction", "weight_fraction", *metrics, "seconds", "removed", "error"]
     buf = io.StringIO()
@@ -323,6 +326,25 @@ def write_outputs(track: Track, rows: list[dict[str, Any]], out: Path, ours: str
     paths = [out / "study.json", out / "study.csv", out / "study.md"]
     paths += plot_study(track, rows, out)
     return paths
+
+
+def merge_studies(inputs: list[Path], out: Path, ours: str = "lfgraph") -> list[Path]:
+    """Merge the ``study.json`` of several runs of one track (e.g. methods run in two
+    processes) into one set of outputs in ``out``. Raises ``LfgraphError`` when the runs
+    differ in model or protocol (their numbers would not be comparable)."""
+    runs = [json.loads((Path(p) / "study.json").read_text()) for p in inputs]
+    first = runs[0]
+    for r in runs[1:]:
+        keep = {k: v for k, v in r["protocol"].items() if k != "sleb_budget"}
+        if r["track"] != first["track"] or keep != {k: v for k, v in first["protocol"].items() if k != "sleb_budget"}:
+            raise LfgraphError(f"studies {inputs} differ in model or protocol: they cannot share a table")
+    protocol = dict(first["protocol"])
+    budgets = sorted({r["protocol"].get("sleb_budget", "") for r in runs} - {""})
+    if budgets:
+        protocol["sleb_budget"] = "; ".join(budgets)
+    track = Track(first["track"], None, None, lambda m: {}, first["lower_is_better"], protocol, first["original"])  # type: ignore[arg-type]
+    rows = [row for r in runs for row in r["rows"]]
+    return write_outputs(track, rows, out, ours)
 
 
 def plot_study(track: Track, rows: list[dict[str, Any]], out: Path) -> list[Path]:

@@ -110,3 +110,30 @@ def test_cli_subcommand_on_a_local_parser(tiny_llama_folder, tmp_path) -> None:
     bad = parser.parse_args(["study", str(tiny_llama_folder), "--targets", "1.5"])
     with pytest.raises(LfgraphError, match="targets"):
         run(bad)
+
+
+def test_merge_studies_joins_rows_and_refuses_other_protocols(tmp_path) -> None:
+    from lfgraph.study import merge_studies
+
+    track = _tiny_track()
+    write_outputs(track, sweep(track, ["shortgpt"], [0.17], log=lambda s: None), tmp_path / "a")
+    write_outputs(track, sweep(track, ["gromov"], [0.17], log=lambda s: None), tmp_path / "b")
+    merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    rows = json.loads((tmp_path / "m" / "study.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["shortgpt", "gromov"]
+    track.protocol = {"model": "other"}
+    write_outputs(track, [], tmp_path / "c")
+    with pytest.raises(LfgraphError, match="differ"):
+        merge_studies([tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
+
+
+def test_vision_track_runs_depth_and_width_methods(tmp_path) -> None:
+    from lfgraph.study import vision_track
+
+    track = vision_track(steps=5, n_train=64, n_calib=32, n_test=64)
+    rows = sweep(track, ["shortgpt", "lfgraph", "prune-global", "replaceme-lstsq"], [0.25], log=lambda s: None)
+    by = {r["method"]: r for r in rows}
+    assert by["shortgpt"]["depth_fraction"] == pytest.approx(2 / 8)  # 2 of 8 blocks (identity-skip ones only)
+    assert 0.0 <= by["lfgraph"]["accuracy"] <= 1.0
+    assert by["prune-global"]["weight_fraction"] == pytest.approx(0.25, abs=1e-3)
+    assert "error" in by["replaceme-lstsq"]  # a CNN has no MLP down projection: an error row, not a crash
