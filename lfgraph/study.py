@@ -339,7 +339,9 @@ def merge_studies(inputs: list[Path], out: Path, ours: str = "lfgraph") -> list[
         if r["track"] != first["track"] or keep != {k: v for k, v in first["protocol"].items() if k != "sleb_budget"}:
             raise LfgraphError(f"studies {inputs} differ in model or protocol: they cannot share a table")
     protocol = dict(first["protocol"])
-    budgets = sorted({r["protocol"].get("sleb_budget", "") for r in runs} - {""})
+    # a run's SLEB budget matters only if it ran a SLEB selection
+    budgets = sorted({r["protocol"].get("sleb_budget", "") for r in runs if any("sleb" in row["method"] for row in r["rows"])} - {""})
+    protocol.pop("sleb_budget", None)
     if budgets:
         protocol["sleb_budget"] = "; ".join(budgets)
     track = Track(first["track"], None, None, lambda m: {}, first["lower_is_better"], protocol, first["original"])  # type: ignore[arg-type]
