@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -38,8 +36,3 @@ def tokens(h: torch.Tensor) -> torch.Tensor:
     if h.dim() == 4:
         return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
     return h.reshape(-1, h.shape[-1])
-
-
-def iter_tokens(states: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    for s in states:
-        yield tokens(s)
