@@ -292,7 +292,8 @@ def summary_markdown(track: Track, rows: list[dict[str, Any]], best_of: list[str
             if not at:
                 continue
             best = (min if lower else max)(at, key=lambda r: r[metric])
-            peers = [r for r in at if r["method"] != ours and (best_of is None or r["method"] in best_of)]
+            # peers: the other methods, not lfgraph's own variants (those are ablations)
+            peers = [r for r in at if not r["method"].startswith(ours) and (best_of is None or r["method"] in best_of)]
             mine = next((r for r in at if r["method"] == ours), None)
             rel = ""
             if peers and mine:
@@ -344,7 +345,11 @@ def merge_studies(inputs: list[Path], out: Path, ours: str = "lfgraph") -> list[
     protocol.pop("sleb_budget", None)
     if budgets:
         protocol["sleb_budget"] = "; ".join(budgets)
-    track = Track(first["track"], None, None, lambda m: {}, first["lower_is_better"], protocol, first["original"])  # type: ignore[arg-type]
+    # runs written before the direction of each metric was stored: any run that has it
+    lower = next((r["lower_is_better"] for r in runs if "lower_is_better" in r), None)
+    if lower is None:
+        raise LfgraphError(f"none of {inputs} says which metrics are better lower: rerun one of them")
+    track = Track(first["track"], None, None, lambda m: {}, lower, protocol, first["original"])  # type: ignore[arg-type]
     rows = [row for r in runs for row in r["rows"]]
     return write_outputs(track, rows, out, ours)
 
