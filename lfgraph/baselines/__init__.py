@@ -152,3 +152,10 @@ def compression_stats(model: nn.Module) -> dict[str, Any]:
 
 
 __all__ = ["BASELINES", "Baseline", "LayerRef", "compress_baseline", "compressible_layers", "compression_stats", "layer_weight_count"]
+
+
+# the common interface over every method (paper's, depth peers, lfgraph's own); imported
+# last because the method modules import this package's helpers
+from .interface import METHODS, Method, MethodResult, find_block_stack, removable_blocks, run_method  # noqa: E402
+
+__all__ += ["METHODS", "Method", "MethodResult", "find_block_stack", "removable_blocks", "run_method"]

@@ -7,6 +7,12 @@ blocks of one kind an aggregated block distance matrix. Nothing is modified.
 Block scores aggregate member scores: each role's distances are divided by that role's
 median off-diagonal distance (roles differ in scale by orders of magnitude), then averaged
 over the block's roles, so that every role counts equally.
+
+Asymmetric metrics (``kl``) keep the paper's asymmetry: "the divergence in both directions
+can be used to assign a weight to each layer pair". A pair is ranked by the *smaller*
+direction, ``min(KL(i‖j), KL(j‖i))``: how well one layer's distribution stands in for the
+other's, which is what fusing them needs. (Averaging both directions would make ``kl`` rank
+exactly like ``jeffreys``, its symmetrised sum.)
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class Analysis:
                 for j in range(i + 1, n):
                     if scope == "adjacent" and j != i + 1:
                         continue
-                    d = _sym(g.distances, i, j)
+                    d = _pair(g.distances, i, j)
                     if np.isfinite(d):
                         out.append((d / scale, g.names[i], g.names[j], key))
         out.sort(key=lambda t: (t[0], t[1], t[2]))
@@ -76,14 +82,14 @@ class Analysis:
         return out
 
 
-def _sym(d: np.ndarray, i: int, j: int) -> float:
-    # asymmetric metrics (KL) rank a pair by the mean of both directions
-    return float(0.5 * (d[i, j] + d[j, i]))
+def _pair(d: np.ndarray, i: int, j: int) -> float:
+    """A pair's score: the smaller direction (equal to either one for symmetric metrics)."""
+    return float(min(d[i, j], d[j, i])) if np.isfinite(d[i, j]) and np.isfinite(d[j, i]) else float("nan")
 
 
 def _median_offdiag(d: np.ndarray) -> float:
     n = d.shape[0]
-    vals = [v for i in range(n) for j in range(i + 1, n) if np.isfinite(v := 0.5 * (d[i, j] + d[j, i]))]
+    vals = [v for i in range(n) for j in range(i + 1, n) if np.isfinite(v := _pair(d, i, j))]
     med = float(np.median(vals)) if vals else 1.0
     return med if med > 0 and np.isfinite(med) else 1.0
 
@@ -158,7 +164,7 @@ def _aggregate_blocks(graph: LayerGraph, analysis: Analysis) -> None:
                 g2, j, _ = index_in_group[nb_node.name]
                 if g2 is not g:
                     continue
-                d = _sym(g.distances, i, j)
+                d = _pair(g.distances, i, j)
                 if np.isfinite(d):
                     total[a, b] += d / scale
                     count[a, b] += 1

@@ -61,6 +61,9 @@ ATTN_OUT_NAMES = ("self_attn.o_proj", "attn.c_proj", "self_attn.out_proj", "atte
 KEEP_POLICIES = ("first", "last", "best")
 TOKEN_WEIGHTINGS = ("none", "clip")
 TARGETS = ("composite", "original")
+#: How much a refit may move a projection: ``full`` refits every entry of ``W`` (out x in);
+#: ``map`` only ``W <- M W`` with a square ``M`` (out x out) on its output, as ReplaceMe's ``T``.
+REFITS = ("full", "map")
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,6 +105,13 @@ class RidgeStats:
         """``Σ w ‖W z - y‖²`` from the statistics alone."""
         W = W.double()
         return float((W @ self.G * W).sum() - 2.0 * (W * self.C).sum() + self.S)
+
+
+def map_stats(stats: RidgeStats, W0: torch.Tensor) -> RidgeStats:
+    """The statistics of the problem ``M a ≈ y`` with ``a = W0 z`` (a refit ``W = M W0`` that
+    only mixes the projection's outputs): ``G' = W0 G W0ᵀ``, ``C' = C W0ᵀ``."""
+    W0 = W0.double()
+    return RidgeStats(W0 @ stats.G @ W0.T, stats.C @ W0.T, stats.S, stats.n)
 
 
 def ridge_solve(stats: RidgeStats, W0: torch.Tensor, strength: float) -> torch.Tensor:
@@ -269,6 +279,7 @@ def calibrated_merge(
     token_weighting: str = "clip",
     clip: float = 4.0,
     target: str = "composite",
+    refit: str = "full",
     repair_next: int = 0,
     val_fraction: float = 0.25,
     batch_size: int = 4,
@@ -294,6 +305,9 @@ def calibrated_merge(
             windows is used. One value = no selection.
         token_weighting: ``"clip"`` weights down tokens whose run update is more than
             ``clip`` x the median norm; ``"none"`` weights all tokens equally.
+        refit: ``"full"`` refits the whole projection matrix; ``"map"`` only a square map
+            on its output (``W <- M W``, ReplaceMe's ``T``), with the ridge pulling ``M``
+            towards the identity.
         target: ``"composite"`` fits the run applied to the compressed model's hidden
             states; ``"original"`` fits the original model's hidden state after the run
             (also absorbing the error made below it).
@@ -308,7 +322,7 @@ def calibrated_merge(
         projection and a ``remove`` record per deleted block. ``module`` is unchanged
         unless ``inplace``.
     """
-    for value, allowed, what in ((token_weighting, TOKEN_WEIGHTINGS, "token weighting"), (target, TARGETS, "target")):
+    for value, allowed, what in ((token_weighting, TOKEN_WEIGHTINGS, "token weighting"), (target, TARGETS, "target"), (refit, REFITS, "refit")):
         if value not in allowed:
             raise LfgraphError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
     if not runs:
@@ -354,7 +368,7 @@ def calibrated_merge(
         else:
             _fit_transformer_run(
                 stack, run_source, spec, state, use_original, strengths, log, cpath, fit_attention, token_weighting, clip,
-                mlp_proj, attn_proj,
+                mlp_proj, attn_proj, refit,
             )
         kept = stack[spec.keep]  # type: ignore[index]
         for b in state:
@@ -418,6 +432,7 @@ def _run_specs(runs: Sequence[Sequence[str]], keep: str | Sequence[str]) -> list
 def _fit_transformer_run(
     stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], use_original: bool,
     strengths: Sequence[float], log: RewriteLog, cpath: str, fit_attention: bool, token_weighting: str, clip: float, mlp_proj: str | None, attn_proj: str | None,
+    refit: str = "full",
 ) -> None:
     """Refit the kept block's attention output (optional) and MLP down projection."""
     t0 = time.perf_counter()
@@ -461,7 +476,7 @@ def _fit_transformer_run(
             z = _features(cap.inputs[0], W0.shape[1] != cap.inputs[0].shape[-1])
             y = attn_sum[k].reshape(-1, W0.shape[0])
             (val if b.val else fit).add(z, y, weights(k))
-        _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, attn_name, goal)
+        _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, attn_name, goal, refit=refit)
 
     proj = block.get_submodule(mlp_name)
     W0 = _proj_matrix(proj)
@@ -473,7 +488,7 @@ def _fit_transformer_run(
         w = weights(k)
         e = run_out[k].double().reshape(-1, run_out[k].shape[-1]).pow(2).sum(1)
         state_energy += float(e.sum() if w is None else (e * w.double()).sum())
-    _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, mlp_name, goal, seconds=time.perf_counter() - t0, state_energy=state_energy)
+    _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, mlp_name, goal, seconds=time.perf_counter() - t0, state_energy=state_energy, refit=refit)
 
 
 def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str) -> None:
@@ -534,10 +549,18 @@ def _best_keep(
 def _apply_fit(
     proj: nn.Module, W0: torch.Tensor, fit: RidgeStats, val: RidgeStats, strengths: Sequence[float], log: RewriteLog,
     cpath: str, spec: _RunSpec, proj_name: str, goal: str, seconds: float | None = None, state_energy: float | None = None,
+    refit: str = "full",
 ) -> None:
-    strength, losses = choose_strength(fit, val, W0, strengths)
     everything = fit + val
-    W = ridge_solve(everything, W0, strength)
+    if refit == "map":
+        # fit M (out x out) on a = W0 z, pulled towards the identity; the projection gets M W0
+        eye = torch.eye(W0.shape[0], dtype=torch.float64)
+        fit_m, val_m = map_stats(fit, W0), map_stats(val, W0)
+        strength, losses = choose_strength(fit_m, val_m, eye, strengths)
+        W = ridge_solve(fit_m + val_m, eye, strength) @ W0.double()
+    else:
+        strength, losses = choose_strength(fit, val, W0, strengths)
+        W = ridge_solve(everything, W0, strength)
     before, after = everything.loss(W0), everything.loss(W)
     _set_proj_matrix(proj, W)
     rec = {
@@ -548,6 +571,7 @@ def _apply_fit(
         "heldout_losses": {f"{k:g}": v for k, v in losses.items()},
         "keep": f"{cpath}.{spec.keep}",
         "fit_target": goal,
+        "refit": refit,
         "repair": spec.repair,
     }
     if state_energy:

@@ -25,10 +25,12 @@ The metrics (``n = n_out``, ``d = fan_in``):
   ``n < d``, ``tr(Σa Σb) = ‖a bᵀ‖_F² / n²`` (an ``n × n`` product). Invariant to scaling either
   input, since the cosine ignores magnitude.
 - ``kl`` (eq. 3): ``KL(N(0, Σa') ‖ N(0, Σb')) = ½[tr(Σb'⁻¹ Σa') - d + ln(|Σb'| / |Σa'|)]`` with
-  the ridged ``Σ' = Σ + εI``, ``ε = KL_RIDGE · tr(Σ) / d`` (``10⁻³`` of the mean eigenvalue).
-  The ridge is needed because ``Σ`` is singular whenever ``n < d`` (rank ``<= n``) and is
-  relative so that scaling both layers together changes nothing. Asymmetric: ``D[i, j]`` is
-  ``KL(i ‖ j)``. For ``n < d`` it is computed from the thin SVD of ``a`` (Woodbury form of the
+  the shrunk ``Σ' = (1-ρ) Σ + ρ μ I`` (``μ = tr Σ / d``, ``ρ`` the OAS intensity of
+  :func:`oas_shrinkage`, at least ``KL_RIDGE``). Shrinkage is needed because ``Σ`` is
+  singular whenever ``n < d`` (rank ``<= n``); it is chosen from the data so that it does not
+  dominate the divergence, and it is relative so that scaling both layers together changes
+  nothing. Asymmetric: ``D[i, j]`` is ``KL(i ‖ j)``; the analysis ranks a pair by the smaller
+  direction (how well one layer's Gaussian stands in for the other's). For ``n < d`` it is computed from the thin SVD of ``a`` (Woodbury form of the
   inverse), never forming a ``d × d`` matrix.
 - ``jeffreys``: ``KL(a ‖ b) + KL(b ‖ a) = ½[tr(Σb'⁻¹ Σa') + tr(Σa'⁻¹ Σb')] - d`` (the
   log-determinants cancel), the symmetrised KL the paper mentions.
@@ -70,9 +72,30 @@ from scipy.optimize import linear_sum_assignment
 
 from ..errors import LfgraphError
 
-#: Ridge added to each covariance for ``kl`` and ``jeffreys``, relative to its mean
-#: eigenvalue: ``ε = KL_RIDGE · tr(Σ) / fan_in``. Relative so that the metric is scale-free.
+#: Smallest ridge added to each covariance for ``kl`` and ``jeffreys``, relative to its mean
+#: eigenvalue: ``ε >= KL_RIDGE · tr(Σ) / fan_in``. Relative so that the metric is scale-free.
+#: The ridge actually used is the OAS shrinkage (:func:`oas_shrinkage`), which is far larger
+#: when a layer has fewer rows than inputs.
 KL_RIDGE = 1e-3
+
+
+def oas_shrinkage(n: int, d: int, trace: float, frob2: float) -> float:
+    """Oracle Approximating Shrinkage intensity (Chen, Wiesel, Eldar & Hero 2010, in the
+    form scikit-learn uses) of a sample covariance ``S`` of ``n`` samples in ``d``
+    dimensions, from ``tr S`` and ``‖S‖_F²``: the estimate is ``(1-ρ) S + ρ (tr S / d) I``.
+
+    Why: with ``n < d`` (k/v/down projections) ``S`` is singular, and a fixed tiny ridge makes
+    ``KL`` mostly ``(mass of Σa outside the row space of b) / ridge``: the regulariser, not
+    the layers, decides the ranking (two samples of one distribution look far apart, a layer
+    with a different spectrum on the same subspace looks close). OAS picks the ridge from the
+    data: large when ``n`` is small against ``d``, vanishing as ``n`` grows. It depends on
+    ``S`` only, so the metric keeps its row-orthogonal and joint-scale invariance.
+    """
+    mu = trace / d
+    alpha = frob2 / d**2
+    num = alpha + mu**2
+    den = (n + 1.0) * (alpha - mu**2 / d)
+    return 1.0 if den <= 0 else min(num / den, 1.0)
 
 
 @dataclass(frozen=True)
@@ -188,11 +211,11 @@ def _ca_compare(sa: _CovStats, sb: _CovStats) -> float:
 
 
 class _GaussStats(NamedTuple):
-    """Statistics of ``N(0, Σ + εI)`` with ``Σ = aᵀa / n``.
+    """Statistics of ``N(0, (1-ρ) Σ + εI)`` with ``Σ = aᵀa / n`` and ``ε = ρ tr(Σ)/d``.
 
     Dense form (``n_out >= fan_in``): ``sigma`` and ``inverse`` of the regularised covariance.
-    Low-rank form (``n_out < fan_in``): ``Σ = Vᵀ diag(lam) V`` from the thin SVD of ``a``
-    (``basis`` = ``V``, ``n × fan_in``), and ``weight = lam / (lam + ε)``.
+    Low-rank form (``n_out < fan_in``): ``(1-ρ) Σ = Vᵀ diag(lam) V`` from the thin SVD of
+    ``a`` (``basis`` = ``V``, ``n × fan_in``), and ``weight = lam / (lam + ε)``.
     """
 
     dim: int
@@ -214,9 +237,12 @@ def _gauss_prepare(a: np.ndarray) -> _GaussStats:
             "an all-zero weight matrix has a degenerate covariance, so the KL divergence is "
             "undefined: use the 'ca', 'bures' or 'euclidean' metric for this model"
         )
-    eps = KL_RIDGE * trace / d
+    mu = trace / d
     if n >= d:
         sigma = a.T @ a / n
+        rho = max(oas_shrinkage(n, d, trace, float(np.vdot(sigma, sigma))), KL_RIDGE)
+        eps = rho * mu
+        sigma *= 1.0 - rho
         sigma[np.diag_indices(d)] += eps
         evals, evecs = np.linalg.eigh(sigma)
         inverse = (evecs / evals) @ evecs.T
@@ -225,6 +251,9 @@ def _gauss_prepare(a: np.ndarray) -> _GaussStats:
     # right singular vectors of a; all other directions have eigenvalue ε after the ridge.
     _, s, vt = np.linalg.svd(a, full_matrices=False)
     lam = s**2 / n
+    rho = max(oas_shrinkage(n, d, trace, float(np.square(lam).sum())), KL_RIDGE)
+    eps = rho * mu
+    lam = (1.0 - rho) * lam
     logdet = float(np.log(lam + eps).sum() + (d - n) * math.log(eps))
     return _GaussStats(d, eps, logdet, None, None, vt, lam, lam / (lam + eps))
 

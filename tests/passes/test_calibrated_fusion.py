@@ -176,3 +176,33 @@ def test_repair_refits_the_next_block_towards_the_original() -> None:
     assert all(r.detail["fit_target"] == "original" for r in repairs)
     assert len(out.model.layers) == 4
     torch.testing.assert_close(out.model(test), before, rtol=1e-4, atol=1e-4)
+
+
+def test_map_refit_only_mixes_the_projections_outputs() -> None:
+    """``refit="map"`` gives ``W = M W0``: the refitted rows stay in the row space of the
+    starting weights, the fit error lies between the full refit's and no refit's, and an
+    infinite ridge gives back ``W0`` (``M = I``)."""
+    from lfgraph.passes.calibrated_fusion import map_stats
+
+    g = torch.Generator().manual_seed(0)
+    z, W0 = torch.randn(300, 12, generator=g), torch.randn(4, 12, generator=g)
+    stats = RidgeStats.zeros(12, 4)
+    stats.add(z, z @ torch.randn(12, 4, generator=g))
+    eye = torch.eye(4, dtype=torch.float64)
+    M = ridge_solve(map_stats(stats, W0), eye, 1e-9)
+    W_map, W_full = M @ W0.double(), ridge_solve(stats, W0, 1e-9)
+    # rows of W_map are combinations of W0's rows: stacking them adds no rank
+    assert int(torch.linalg.matrix_rank(torch.cat([W0.double(), W_map]))) == 4
+    assert stats.loss(W_full) <= stats.loss(W_map) + 1e-6 <= stats.loss(W0) + 1e-6
+    torch.testing.assert_close(ridge_solve(map_stats(stats, W0), eye, 1e12), eye, rtol=0, atol=1e-6)
+
+    model = CausalLMLogits(tiny_llama(layers=4)).eval()
+    ids = torch.randint(0, 128, (6, 16), generator=g)
+    w0 = model.model.model.layers[1].mlp.down_proj.weight.detach().double()
+    out = calibrated_merge(model, [["model.model.layers.1", "model.model.layers.2"]], ids, refit="map")
+    w = out.model.model.model.layers[1].mlp.down_proj.weight.detach().double()
+    # columns of w.T = w0.T M.T stay in the column space of w0.T (128 x 64): no new rank
+    assert int(torch.linalg.matrix_rank(torch.cat([w0.T, w.T], dim=1), atol=1e-4)) == int(torch.linalg.matrix_rank(w0.T, atol=1e-4)) == 64
+    assert [r.detail["refit"] for r in out.log.records if r.action == "refit"] == ["map"]
+    with pytest.raises(LfgraphError, match="refit"):
+        calibrated_merge(model, [["model.model.layers.1", "model.model.layers.2"]], ids, refit="half")

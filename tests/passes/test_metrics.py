@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import torch
 import pytest
 import scipy.linalg
 
@@ -44,9 +45,16 @@ def covariance(a: np.ndarray) -> np.ndarray:
 
 
 def ridged(a: np.ndarray) -> np.ndarray:
+    """OAS shrinkage written out from its definition (Chen et al. 2010; scikit-learn's
+    ``oas``): dense d x d arithmetic, no shared code with the metric."""
     sigma = covariance(a)
-    d = sigma.shape[0]
-    return sigma + KL_RIDGE * np.trace(sigma) / d * np.eye(d)
+    n, d = a.shape
+    mu = np.trace(sigma) / d
+    alpha = np.mean(sigma**2)
+    den = (n + 1.0) * (alpha - mu**2 / d)
+    rho = 1.0 if den <= 0 else min((alpha + mu**2) / den, 1.0)
+    rho = max(rho, KL_RIDGE)
+    return (1.0 - rho) * sigma + rho * mu * np.eye(d)
 
 
 def kl_reference(a: np.ndarray, b: np.ndarray) -> float:
@@ -315,3 +323,98 @@ def test_pairwise_progress_bar(capsys):
     dist = pairwise_distances(METRICS["euclidean"], mats, progress=True)
     assert "euclidean distances" in capsys.readouterr().err
     assert np.isfinite(dist).all()
+
+
+# --------------------------------------------------------------------------- the KL fix
+
+
+def _sample(n: int, d: int, spectrum: np.ndarray, seed: int) -> np.ndarray:
+    """``n`` rows drawn from ``N(0, Q diag(spectrum) Qᵀ)`` with a fixed rotation ``Q``."""
+    q = orthogonal(d, 99)
+    z = np.random.default_rng(seed).standard_normal((n, d))
+    return (z * np.sqrt(spectrum)) @ q.T
+
+
+def _old_kl(a: np.ndarray, b: np.ndarray, ridge: float = KL_RIDGE) -> float:
+    """KL with the former fixed ridge (1e-3 of the mean eigenvalue), dense reference."""
+    def r(x: np.ndarray) -> np.ndarray:
+        s = covariance(x)
+        return s + ridge * np.trace(s) / s.shape[0] * np.eye(s.shape[0])
+
+    sa, sb = r(a), r(b)
+    d = sa.shape[0]
+    return 0.5 * (np.trace(np.linalg.inv(sb) @ sa) - d + np.linalg.slogdet(sb)[1] - np.linalg.slogdet(sa)[1])
+
+
+def test_kl_no_longer_ranks_by_its_ridge_on_wide_layers():
+    """A wide layer (8 rows, 48 inputs, like a k/v or down projection). ``b`` is a fresh
+    draw from the same distribution as ``a``; ``c`` keeps ``a``'s rows' subspace but has a
+    very different spectrum (its rows' directions spread equally, a different layer). The
+    former fixed ridge ranked ``c`` closer to ``a`` than ``b`` is (the mass of ``a`` outside
+    ``b``'s 8-dimensional row space, divided by a tiny ridge, decided everything); with OAS
+    shrinkage ``b`` is the closer one, as it should be."""
+    d, n = 48, 8
+    spectrum = np.geomspace(10.0, 0.1, d)
+    a, b = _sample(n, d, spectrum, 1), _sample(n, d, spectrum, 2)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    c = u @ np.diag(s[::-1] ** 2 / s.max()) @ vt  # same row space, reversed/stretched spectrum
+    assert _old_kl(a, c) < _old_kl(a, b)  # the former metric ranked wrongly
+    kl = METRICS["kl"].distance
+    assert kl(a, b) < kl(a, c)
+    assert METRICS["jeffreys"].distance(a, b) < METRICS["jeffreys"].distance(a, c)
+
+
+def test_kl_shrinkage_vanishes_with_many_rows():
+    """With far more rows than inputs the shrinkage intensity is small, so ``kl`` tends to
+    the unregularised Gaussian KL."""
+    from lfgraph.passes.metrics import oas_shrinkage
+
+    a = rand((4000, 6), 5) * np.array([0.2, 0.5, 1.0, 2.0, 4.0, 8.0])  # far from isotropic
+    s = covariance(a)
+    assert oas_shrinkage(4000, 6, float(np.trace(s)), float(np.vdot(s, s))) < 1e-2
+    b = a * np.array([1.0, 1.2, 0.9, 1.1, 1.0, 1.3])
+    sa, sb = covariance(a), covariance(b)
+    exact = 0.5 * (np.trace(np.linalg.inv(sb) @ sa) - 6 + np.linalg.slogdet(sb)[1] - np.linalg.slogdet(sa)[1])
+    assert rel_err(METRICS["kl"].distance(a, b), exact) < 0.05
+
+
+class _Wide(torch.nn.Module):
+    """Three residual 16 -> 512 layers (each output averaged back to 16): tall layers, so
+    that the shrinkage is small and the divergences are those of the constructed spectra."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 512) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x).reshape(*x.shape[:-1], 32, 16).mean(-2)
+        return x
+
+
+def test_kl_ranking_keeps_the_asymmetry_so_kl_and_jeffreys_plan_differently():
+    """Layer 0 is layer 1 with half its input directions shrunk 100x in variance: KL(0‖1)
+    is small (the broader layer 1 stands in for layer 0) while KL(1‖0) is large. Layer 2 is
+    layer 1 with half the directions stretched 12x and half shrunk 12x: moderate in both
+    directions. ``kl`` ranks a pair by its smaller direction and ties (0, 1) first;
+    ``jeffreys`` (the sum) ties (1, 2) first. Before the fix both averaged the directions and
+    gave byte-identical plans."""
+    from lfgraph.frontends.torch_fx import build_layer_graph
+    from lfgraph.passes.analysis import analyze
+    from lfgraph.passes.planner import make_plan
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((512, 16)) * np.geomspace(0.3, 3, 16)
+    model = _Wide().eval()
+    with torch.no_grad():
+        for layer, scale in zip(model.layers, (np.r_[np.ones(8), np.full(8, 0.01)], np.ones(16), np.r_[np.full(8, 12.0), np.full(8, 1 / 12)])):
+            layer.weight.copy_(torch.tensor(base * np.sqrt(scale), dtype=torch.float32))
+    graph = build_layer_graph(model, (torch.randn(2, 16),))
+    first_kl = analyze(graph, "kl").ranked_layer_pairs("adjacent")[0]
+    first_jeff = analyze(graph, "jeffreys").ranked_layer_pairs("adjacent")[0]
+    assert (first_kl[1], first_kl[2]) == ("layers.0", "layers.1")
+    assert (first_jeff[1], first_jeff[2]) == ("layers.1", "layers.2")
+    kw = dict(target=0.3, target_kind="params", scope="adjacent", mode="tie")
+    plan_kl, plan_jeff = make_plan(graph, metric="kl", **kw), make_plan(graph, metric="jeffreys", **kw)
+    assert [sorted([f.keep, *f.absorb]) for f in plan_kl.fusions] == [["layers.0", "layers.1"]]
+    assert [sorted([f.keep, *f.absorb]) for f in plan_jeff.fusions] == [["layers.1", "layers.2"]]
