@@ -98,12 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _package_subcommands() -> list[tuple[str, Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]]:
     """(name, add_subcommand, run) of each package that brings its own subcommand."""
+    from . import study
     from .deploy import cli as generate
     from .retrain import cli as heal
     from .visualize import command as visualize
 
     return [("heal", heal.add_subcommand, heal.run), ("generate", generate.add_subcommand, generate.run),
-            ("visualize", visualize.add_subcommand, visualize.run)]
+            ("study", study.add_subcommand, study.run), ("visualize", visualize.add_subcommand, visualize.run)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

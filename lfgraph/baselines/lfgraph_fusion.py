@@ -29,10 +29,8 @@ from .sleb import SLEB_BUDGET
 
 def default_recipes() -> dict[str, tuple[str, str]]:
     """The project's default (selection, fusion) per model family (read, never changed here)."""
-    try:
-        from ..recipes import DEFAULT_RECIPES  # type: ignore[import-not-found]
-    except ImportError:
-        from ..pipeline import DEFAULT_RECIPES
+    from ..recipes import DEFAULT_RECIPES
+
     return dict(DEFAULT_RECIPES)
 
 
