@@ -173,9 +173,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise LfgraphError(f"output folder {Path(args.output).parent} does not exist: create it or choose another -o path")
     source, graph = graph_of(args.model)
     options = _calibration(args)
-    select, fuse = default_recipe(source.family, args.mode, source.has_calibration(options))
+    select, fuse = default_recipe(source.family, args.mode, source.has_calibration(options), args.target, args.target_kind)
     select, fuse = args.select or select, args.fuse or fuse
-    calibration = source.calibration(options) if select in ACTIVATION_SELECTIONS or fuse == "calibrated" else None
+    calibration = source.calibration(options) if select in ACTIVATION_SELECTIONS or fuse.startswith("calibrated") else None
     plan = plan_model(source, graph, args.target, mode=args.mode, select=select, fuse=fuse, metric=args.metric or "bures",
                       scope=args.scope or "adjacent", target_kind=args.target_kind, calibration=calibration)
     print(plan_summary(plan))

@@ -123,8 +123,7 @@ def plan_model(
         plan = make_plan(graph, metric=metric, target=target, target_kind=target_kind, scope=scope, mode=mode,
                          fuse=rule, align=align, analysis=analysis, progress=progress)
         plan.provenance["select"] = "similarity"
-        _state_achieved(plan, graph)
-        return plan
+        return _finish_plan(plan, graph, fuse)
     source = model if isinstance(model, Source) else TorchSource(model)
     if not isinstance(source, TorchSource):
         raise LfgraphError(f"selection {select!r} needs activations, which lfgraph computes from the PyTorch model; ONNX files support --select similarity")
@@ -153,13 +152,16 @@ def plan_model(
         "blocks_before": len(graph.blocks), "blocks_after": len(graph.blocks) - n_drop, "params_before": graph.total_params,
     }
     plan = runs_to_plan(runs, container, fuse=rule, align=align, provenance=provenance)
-    _state_achieved(plan, graph)
-    return plan
+    return _finish_plan(plan, graph, fuse)
 
 
-def _state_achieved(plan: FusionPlan, graph: LayerGraph) -> None:
-    """Record the fraction actually removed: targets round to whole blocks or layers."""
+def _finish_plan(plan: FusionPlan, graph: LayerGraph, fusion_rule: str) -> FusionPlan:
+    """Record what a plan's reader needs beyond its fusions: the refit's capacity for
+    ``calibrated-map``, and the fraction actually removed (targets round to whole blocks
+    or layers)."""
     p = plan.provenance
+    if fusion_rule == "calibrated-map":
+        p["refit"] = "map"
     if plan.mode == "merge" and graph.blocks:
         removed = sum(len(f.absorb) for f in plan.fusions)
         p["achieved"] = round(removed / len(graph.blocks), 4)
@@ -167,6 +169,7 @@ def _state_achieved(plan: FusionPlan, graph: LayerGraph) -> None:
     elif graph.total_params:
         p["achieved"] = round(int(p.get("params_saved", 0)) / graph.total_params, 4)
         p["achieved_kind"] = "params"
+    return plan
 
 
 def weight_warnings(graph: LayerGraph) -> list[str]:
@@ -313,13 +316,13 @@ def compress(
             if plan.fuse == "calibrated":
                 calibration = source.calibration(cal_opts)
         else:
-            d_select, d_fuse = default_recipe(source.family, mode, source.has_calibration(cal_opts))
+            d_select, d_fuse = default_recipe(source.family, mode, source.has_calibration(cal_opts), target, target_kind)
             chosen_select, chosen_fuse = select or d_select, fuse or d_fuse
             if chosen_select != "similarity":
                 ignored = [o for o, v in (("--metric", metric), ("--scope", scope)) if v is not None]
                 if ignored:
                     notes.append(f"{' and '.join(ignored)} ignored: they apply to --select similarity, not {chosen_select}")
-            if chosen_select in ACTIVATION_SELECTIONS or chosen_fuse == "calibrated":
+            if chosen_select in ACTIVATION_SELECTIONS or chosen_fuse.startswith("calibrated"):
                 calibration = source.calibration(cal_opts)
             metric, scope = metric or "bures", scope or "adjacent"
             _progress(f"planning: select {chosen_select}, fuse {chosen_fuse}, target {target} of {target_kind}", quiet)

@@ -9,7 +9,9 @@ One word for one idea, the same in code, CLI, README and plan JSON:
   (the paper's measures) or by activations (Block Influence, angular distance, SLEB).
 - **fusion rule** (``--fuse``, plan key ``fuse``): how a fused run becomes one block:
   ``remove`` (keep one, delete the rest), ``mean`` (average), ``aligned-mean`` (average
-  after neuron alignment) or ``calibrated`` (keep one and refit it on calibration data).
+  after neuron alignment), ``calibrated`` (keep one and refit its output projection on
+  calibration data) or ``calibrated-map`` (the same refit limited to a square map on the
+  projection's output, ReplaceMe's capacity; plan ``fuse: calibrated``, ``refit: map``).
 - **retraining mode** (``lfgraph.retrain``): how tied layers train during healing
   (the paper's mean, freeze, mix): a different idea from the fusion rule, with its own name.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 #: Selection criteria: weight similarity (the paper) and activation-based ones.
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
-FUSION_RULES = ("remove", "mean", "aligned-mean", "calibrated")
+FUSION_RULES = ("remove", "mean", "aligned-mean", "calibrated", "calibrated-map")
 #: Selections that need calibration data (activations).
 ACTIVATION_SELECTIONS = ("block_influence", "angular", "sleb")
 
@@ -31,6 +33,10 @@ ACTIVATION_SELECTIONS = ("block_influence", "angular", "sleb")
 #: both measured models.
 DEFAULT_RECIPES = {
     "causal-lm": ("block_influence", "calibrated"),
+    # up to this fraction of the blocks, causal LMs get angular selection and the map refit
+    # (docs/study: better than the full refit on text of another kind at 10% and 20%,
+    # worse at 30%, where the full refit after Block Influence wins)
+    "causal-lm-shallow": ("angular", "calibrated-map"),
     "encoder": ("block_influence", "remove"),
     "vision": ("block_influence", "calibrated"),
     "generic": ("similarity", "remove"),
@@ -39,23 +45,34 @@ DEFAULT_RECIPES = {
 ONNX_RECIPE = ("similarity", "aligned-mean")
 
 
-def default_recipe(family: str, mode: str, has_data: bool) -> tuple[str, str]:
+#: Largest fraction of blocks for which ``causal-lm-shallow`` is the default.
+SHALLOW_TARGET = 0.2
+
+
+def default_recipe(family: str, mode: str, has_data: bool, target: float | None = None, target_kind: str = "blocks") -> tuple[str, str]:
     """(selection, fusion rule) used when the user names neither.
 
     ``has_data``: calibration data is at hand (text for language models, samples for
-    others). ``tie`` always shares the mean weight: that is what tying means.
+    others). ``tie`` always shares the mean weight: that is what tying means. Causal LMs
+    losing at most ``SHALLOW_TARGET`` of their blocks get the ``causal-lm-shallow`` recipe.
     """
     if mode == "tie":
         return "similarity", "mean"
     if family == "onnx":
         return ONNX_RECIPE
-    recipe = DEFAULT_RECIPES.get(family, DEFAULT_RECIPES["generic"])
-    return recipe if has_data else DEFAULT_RECIPES["generic"]
+    if not has_data:
+        return DEFAULT_RECIPES["generic"]
+    if family == "causal-lm" and target is not None and target_kind == "blocks" and target <= SHALLOW_TARGET + 1e-9:
+        return DEFAULT_RECIPES["causal-lm-shallow"]
+    return DEFAULT_RECIPES.get(family, DEFAULT_RECIPES["generic"])
 
 
 def split_fusion_rule(rule: str) -> tuple[str, bool]:
-    """The plan's (``fuse``, ``align``) for a CLI fusion rule."""
-    return ("mean", True) if rule == "aligned-mean" else (rule, False)
+    """The plan's (``fuse``, ``align``) for a CLI fusion rule (``calibrated-map`` is
+    ``calibrated`` with ``refit: map`` in the plan's provenance)."""
+    if rule == "aligned-mean":
+        return "mean", True
+    return ("calibrated", False) if rule == "calibrated-map" else (rule, False)
 
 
 def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_default: bool, family: str) -> str:

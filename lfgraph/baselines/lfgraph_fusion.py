@@ -27,13 +27,6 @@ from .interface import Method, find_block_stack, n_blocks_for, register, removab
 from .sleb import SLEB_BUDGET
 
 
-def default_recipes() -> dict[str, tuple[str, str]]:
-    """The project's default (selection, fusion) per model family (read, never changed here)."""
-    from ..recipes import DEFAULT_RECIPES
-
-    return dict(DEFAULT_RECIPES)
-
-
 def family_of(model: nn.Module) -> str:
     """``vision`` for a stack of convolution blocks, ``causal-lm`` for a transformer stack
     (the interface's models map inputs to logits), else ``generic``."""
@@ -51,8 +44,13 @@ def fuse_runs(
     sleb_budget: tuple[int, int] = SLEB_BUDGET, batch_size: int = 4, **options: Any,
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """Select runs with ``select`` and fuse them with ``fuse`` (defaults: the family's recipe)."""
-    recipe = default_recipes().get(family_of(model), ("block_influence", "calibrated"))
+    from ..recipes import default_recipe
+
+    recipe = default_recipe(family_of(model), "merge", True, target)
     select, fuse = select or recipe[0], fuse or recipe[1]
+    if fuse == "calibrated-map":  # the same refit, limited to a square map (see lfgraph.recipes)
+        fuse = "calibrated"
+        options.setdefault("refit", "map")
     cpath = find_block_stack(model)
     n = n_blocks_for(model, target, cpath)
     data = calibration_slice(calibration, *sleb_budget) if select == "sleb" else calibration

@@ -194,4 +194,4 @@ def _calibrated(model: nn.Module, graph: LayerGraph, plan: FusionPlan, calibrati
         if idx != list(range(idx[0], idx[0] + len(idx))):
             raise LfgraphError(f"calibrated fusion needs runs of consecutive blocks; {[f.keep, *f.absorb]} is not one (use --scope adjacent)")
     # ``model`` is already this pass's private copy
-    return calibrated_merge_plan(model, plan, calibration, inplace=True, progress=progress)
+    return calibrated_merge_plan(model, plan, calibration, inplace=True, progress=progress, refit=plan.provenance.get("refit", "full"))

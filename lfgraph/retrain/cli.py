@@ -232,9 +232,9 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
     else:
         from ..recipes import default_recipe
 
-        select, fuse = default_recipe(model.family, args.mode, model.tokenizer is not None)
+        select, fuse = default_recipe(model.family, args.mode, model.tokenizer is not None, args.target)
         select, fuse = args.select or select, args.fuse or fuse
-        if select != "similarity" or fuse == "calibrated":
+        if select != "similarity" or fuse.startswith("calibrated"):
             calibration = pipeline.calibration_tokens(model, 16, min(256, max_positions(model.module) or 256))
         _say(f"planning: {args.mode}, select {select}, fuse {fuse}, target {args.target}", args.quiet)
         plan = pipeline.plan_model(model, graph, args.target, mode=args.mode, select=select, fuse=fuse,
