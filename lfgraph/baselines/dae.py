@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pruning import progress_over
 from ..errors import LfgraphError
 from .svd import can_factorize, factorized_layer, factorized_weight_count, rank_for, replace_module, weight_matrix
 
@@ -202,11 +203,7 @@ def compress_dae(
         raise LfgraphError("dae data yielded no batches: pass a non-empty list of input batches")
     model.eval()
     ordered = execution_order(model, layers, batches[0])
-    it: Any = ordered
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(ordered, desc="dae rollout", leave=False)
+    it = progress_over(ordered, progress, "dae rollout")
     before = after = 0
     for ref in it:
         module = ref.module

@@ -37,7 +37,7 @@ def lowest_magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view_as(values)
 
 
-def _progress(items: list, progress: bool, desc: str) -> Any:
+def progress_over(items: list, progress: bool, desc: str) -> Any:
     if not progress:
         return items
     from tqdm import tqdm
@@ -49,7 +49,7 @@ def _progress(items: list, progress: bool, desc: str) -> Any:
 def prune_layer(model: nn.Module, layers: list["LayerRef"], fraction: float, data: Any = None, progress: bool = False) -> tuple[nn.Module, float]:
     """Zero ``round(fraction × n_l)`` lowest-|w| weights in every layer ``l`` (in place)."""
     pruned = total = 0
-    for ref in _progress(layers, progress, "prune-layer"):
+    for ref in progress_over(layers, progress, "prune-layer"):
         w = ref.module.weight
         k = round(fraction * w.numel())
         w.masked_fill_(lowest_magnitude_mask(w, k), 0.0)
@@ -70,7 +70,7 @@ def prune_global(model: nn.Module, layers: list["LayerRef"], fraction: float, da
     k = round(fraction * flat.numel())
     mask = lowest_magnitude_mask(flat, k)
     start = 0
-    for w in _progress(weights, progress, "prune-global"):
+    for w in progress_over(weights, progress, "prune-global"):
         n = w.numel()
         w.masked_fill_(mask[start : start + n].view_as(w), 0.0)
         start += n

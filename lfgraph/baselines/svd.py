@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .pruning import progress_over
 from ..errors import LfgraphError
 from ..retrain.modes import is_conv1d_transposed
 
@@ -134,11 +135,7 @@ def compress_svd(
     The achieved fraction is ``1 − (weights after) / (weights before)`` over all layers,
     counting skipped layers as unchanged.
     """
-    it: Any = layers
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(layers, desc="svd", leave=False)
+    it = progress_over(layers, progress, "svd")
     before = after = 0
     for ref in it:
         n = ref.weight_count
