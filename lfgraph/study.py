@@ -180,23 +180,14 @@ def vision_track(steps: int = 300, seed: int = 0, n_train: int = 2048, n_calib: 
     ``lfgraph.zoo``'s benchmarks (scikit-learn is not installed here, so its digits are not
     available); ``n_calib`` calibration and ``n_test`` test images apart from training."""
     from .calibration import accuracy
-    from .zoo import ResNetCNN
+    from .zoo import ResNetCNN, train_classifier
 
     x, y = synthetic_images(n_train + n_calib + n_test, seed=seed)
     a, b = n_train, n_train + n_calib
     xtr, ytr, xcal, xte, yte = x[:a], y[:a], x[a:b], x[b:], y[b:]
     torch.manual_seed(seed)
     model = ResNetCNN(stages=((16, 4), (32, 4)))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, xtr.shape[0], (64,), generator=g)
-        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_classifier(model, xtr, ytr, steps, seed)
     with torch.no_grad():
         ref = model(xte).argmax(-1)
 

@@ -123,3 +123,21 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int = 0,
+                     lr: float = 3e-3, batch: int = 64) -> torch.Tensor:
+    """Train ``model`` in place with Adam on random batches of ``(x, y)`` (cross entropy);
+    returns the last batch's loss. The model is left in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss.detach()

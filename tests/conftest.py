@@ -10,10 +10,7 @@ import torch
 
 from lfgraph import zoo
 
-TEXT = (
-    "Layer fusion compresses a trained network by merging similar layers. "
-    "The quick brown fox jumps over the lazy dog. Tied weights are stored once. "
-) * 20
+from tiny_text import tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -27,18 +24,6 @@ def _few_threads():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # exported originals are cached by fingerprint; keep test runs from sharing a cache
     monkeypatch.setenv("LFGRAPH_CACHE", str(tmp_path_factory.getbasetemp() / "lfgraph-cache"))
-
-
-def tiny_tokenizer(folder: Path):
-    """A byte-level BPE tokenizer (~300 tokens) trained on a fixed text, saved to ``folder``."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<pad>", "<eos>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", eos_token="<eos>")
-    tok.save_pretrained(folder)
-    return tok
 
 
 @pytest.fixture(scope="session")

@@ -221,23 +221,15 @@ def synthetic_images(n: int, classes: int = 10, size: int = 16, seed: int = 0, n
 
 def train_cnn(steps: int, seed: int = 0) -> nn.Module:
     """``zoo.ResNetCNN`` trained for a fixed number of Adam steps (deterministic; ~1 minute)."""
-    from lfgraph.zoo import ResNetCNN
+    from lfgraph.zoo import ResNetCNN, train_classifier
 
     torch.manual_seed(seed)
     model = ResNetCNN(stages=((16, 3), (32, 3)), num_classes=10)
     x, y = synthetic_images(6000, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (64,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    print(f"CNN trained {steps} steps (batch 64) in {time.perf_counter() - t0:.0f} s, last loss {float(loss.detach()):.3f}", flush=True)
-    return model.eval()
+    loss = train_classifier(model, x, y, steps, seed)
+    print(f"CNN trained {steps} steps (batch 64) in {time.perf_counter() - t0:.0f} s, last loss {float(loss):.3f}", flush=True)
+    return model
 
 
 def bench_cnn(args: argparse.Namespace) -> None:

@@ -15,22 +15,7 @@ from lfgraph.plan import Fusion, FusionPlan
 PROMPT = [5, 9, 17, 33, 2, 71, 100, 250, 199, 42]
 
 
-TEXT = (
-    "Layer fusion compresses a trained network by merging similar layers. "
-    "The quick brown fox jumps over the lazy dog. Tied weights are stored once. "
-) * 20
-
-
-def tiny_tokenizer(folder: Path):
-    """A byte-level BPE tokenizer (~300 tokens) trained on a fixed text, saved to ``folder``."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<pad>", "<eos>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", eos_token="<eos>")
-    tok.save_pretrained(folder)
-    return tok
+from tiny_text import tiny_tokenizer  # tests/ is on sys.path through its conftest.py
 
 
 def tiny_decoder(folder: Path, *, gqa: bool = True, tied: bool = True, layers: int = 4, seed: int = 0):
