@@ -292,6 +292,9 @@ def compress(
     notes: list[str] = []
     with stage("options"):
         given_plan = check_inputs(spec, out, plan, cal_opts)
+        for what, extra in (("--log", log_path), ("--report", report_path)):
+            if extra and not Path(extra).parent.exists():
+                raise LfgraphError(f"folder of {what} {extra} does not exist: create it or choose another path")
         if given_plan is None:
             check_recipe(target, mode, select or "similarity", fuse or "remove", target_kind)
         if max_quality_loss is not None and max_quality_loss < 0:

@@ -43,6 +43,8 @@ def no_loading(monkeypatch):
     ("target out of range", ["--target", "1.5"], "out of range"),
     ("missing output folder", ["-o", "{tmp}/missing/out.onnx"], "does not exist"),
     ("negative quality gate", ["--max-quality-loss", "-1"], "negative"),
+    ("missing report folder", ["--report", "{tmp}/no/page.html"], "--report"),
+    ("missing log folder", ["--log", "{tmp}/no/log.json"], "--log"),
 ])
 def test_compress_options_are_checked_before_loading(tiny_llama_folder, tmp_path, capsys, no_loading, case, args, match):
     before = _digest(tiny_llama_folder)
