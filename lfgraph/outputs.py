@@ -17,9 +17,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import LfgraphError
-from .onnx_io import file_bytes, runner
+from .onnx_io import file_bytes
 from .sources import Source, TorchSource
-from .verify import alternating_latency, compare_outputs
+from .verify import alternating_latency, verify_onnx
 
 
 class OnnxFileOutput:
@@ -39,9 +39,7 @@ class OnnxFileOutput:
     def check(self, compressed: Any, staged: Path, rtol: float | None) -> Any:
         """The file against the rewritten model, outputs by name, on the verification feed."""
         feed = self.source.verification_feed()
-        run = runner(staged)
-        return compare_outputs(self.source.reference_outputs(compressed, feed), run.run(feed), run.provider,
-                               "the rewritten model", rtol or self.source.rtol, feed.get("attention_mask"))
+        return verify_onnx(staged, self.source.reference_outputs(compressed, feed), feed, "the rewritten model", rtol or self.source.rtol)
 
     def original(self, quiet: bool) -> Path:
         return self.source.original_file(quiet)

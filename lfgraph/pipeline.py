@@ -39,8 +39,7 @@ from .plan import FusionPlan
 from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_recipe, describe, split_fusion_rule
 from .report import CompressReport
 from .sources import Source, TorchSource, check_model_spec, is_onnx_spec, open_source
-from .verify import compare_outputs
-from .onnx_io import runner
+from .verify import verify_onnx
 from .outputs import output_for
 
 #: SLEB's calibration budget (windows, tokens each) for language models: SLEB scores every
@@ -554,9 +553,7 @@ def verify(onnx_file: str | Path, spec: str | LoadedModel, rtol: float = 1e-4) -
     source, graph = graph_of(spec)
     compressed = rewrite(source, graph, plan, progress=False).model
     feed = source.verification_feed()
-    run = runner(onnx_file)
-    return compare_outputs(source.reference_outputs(compressed, feed), run.run(feed), run.provider, "the rewritten model",
-                           rtol, feed.get("attention_mask"))
+    return verify_onnx(onnx_file, source.reference_outputs(compressed, feed), feed, "the rewritten model", rtol)
 
 
 def plan_summary(plan: FusionPlan) -> str:

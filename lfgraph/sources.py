@@ -23,7 +23,7 @@ from .evaluate import QualityReport
 from .graph import LayerGraph
 from .model_types import CalibrationOptions, ModelType, model_type
 from .models import ALIASES, LoadedModel, cache_dir, load_model
-from .onnx_io import file_bytes, runner, save_onnx
+from .onnx_io import runner, save_onnx
 from .passes.base import PassResult
 from .plan import FusionPlan
 
@@ -269,7 +269,3 @@ def open_source(spec: str | os.PathLike | LoadedModel | Source) -> Source:
     if is_onnx_spec(spec):
         return OnnxSource(spec)
     return TorchSource(load_model(str(spec)))
-
-
-def onnx_size(path: Path) -> int:
-    return file_bytes(path)
