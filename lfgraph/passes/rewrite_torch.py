@@ -79,6 +79,7 @@ def _tie(model: nn.Module, graph: LayerGraph, plan: FusionPlan, log: RewriteLog)
             mods = [model.get_submodule(graph.node(n).ref) for n in names]
         except (AttributeError, KeyError) as e:
             raise LfgraphError(f"plan names layer {e} that this model does not have: make a new plan") from None
+        mods = _with_tied_partners(model, mods)
         shapes = {tuple(m.weight.shape) for m in mods}
         if len(shapes) != 1:
             raise RewriteCheckError(f"fusion of {names} mixes weight shapes {sorted(shapes)}")
@@ -92,6 +93,21 @@ def _tie(model: nn.Module, graph: LayerGraph, plan: FusionPlan, log: RewriteLog)
                 m.bias = shared_b
         for a in f.absorb:
             log.add("tie", "tie", a, [f.keep], params_saved=graph.node(a).num_params)
+
+
+def _with_tied_partners(model: nn.Module, mods: list[nn.Module]) -> list[nn.Module]:
+    """``mods`` plus every module already sharing a weight with one of them (an earlier tie,
+    e.g. an earlier step of iterative compression), so that tying again joins the tie sets
+    instead of silently untying the earlier partners. The shared value is then the mean
+    over every member module, i.e. over the original layers of the joined set."""
+    shared = {id(m.weight) for m in mods}
+    out = list(mods)
+    seen = {id(m) for m in mods}
+    for m in model.modules():
+        if id(m) not in seen and isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) in shared:
+            out.append(m)
+            seen.add(id(m))
+    return out
 
 
 def _block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:

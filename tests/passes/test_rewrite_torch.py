@@ -64,6 +64,20 @@ def test_tie_of_identical_layers_is_exact():
     assert torch.equal(tied(x), model(x))
 
 
+def test_tying_a_tied_layer_again_joins_the_tie_sets():
+    """A second tie (as in iterative compression) must not untie the first one's partners:
+    the three layers end up sharing one weight, the mean of the three original ones."""
+    model = zoo.MLP()
+    x = torch.randn(4, 16)
+    originals = [model.net[i].weight.detach().clone() for i in (2, 4, 6)]
+    g = build_layer_graph(model, (x,))
+    first = apply_plan(model, g, _plan(g, [Fusion(keep="net.2", absorb=["net.4"], unit="layer", align=False)], mode="tie")).model
+    second = apply_plan(first, g, _plan(g, [Fusion(keep="net.2", absorb=["net.6"], unit="layer", align=False)], mode="tie")).model
+    assert second.net[2].weight is second.net[4].weight is second.net[6].weight
+    assert torch.allclose(second.net[2].weight, torch.stack(originals).mean(0), atol=1e-6)
+    assert unique_parameter_count(model) - unique_parameter_count(second) == 2 * (32 * 32 + 32)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_merge_remove_equals_deleting_the_blocks(name):
     build, x = MODELS[name]
