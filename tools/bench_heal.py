@@ -35,6 +35,23 @@ def cpu_clock() -> float:
     return time.process_time()
 
 
+def steps_for_budget(compressed: torch.nn.Module, teacher: torch.nn.Module, calib: torch.Tensor, plan, trainable: str,
+                     args: argparse.Namespace, probe_steps: int = 4) -> int:
+    """Steps that fill ``args.cpu_minutes`` of CPU time, from a short probe run on a copy.
+
+    The probe's time includes setting up (e.g. wrapping LoRA adapters), so the estimate
+    errs on the short side; the curve records the CPU time actually spent.
+    """
+    probe = copy.deepcopy(compressed)
+    c = cpu_clock()
+    heal(probe, teacher, calib, HealConfig(steps=probe_steps, batch_size=args.batch_size, trainable=trainable, plan=plan,
+                                           lr=args.lr.get(trainable), progress=False, keep_best=False))
+    per_step = (cpu_clock() - c) / probe_steps
+    steps = max(1, int(args.cpu_minutes * 60 / per_step))
+    print(f"  {trainable}: {per_step:.1f} CPU-s/step -> {steps} steps for {args.cpu_minutes:g} CPU-min", file=sys.stderr, flush=True)
+    return steps
+
+
 def run_lm(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = pipeline.load("smollm2")
@@ -55,6 +72,7 @@ def run_lm(args: argparse.Namespace) -> dict:
         print(f"{fraction:.0%}: one-shot ppl {math.exp(one_shot):.2f}", file=sys.stderr, flush=True)
         rows = {}
         for trainable in args.trainable:
+            steps = args.steps if not args.cpu_minutes else steps_for_budget(compressed, model.module, calib, plan, trainable, args)
             student = copy.deepcopy(compressed)
             cpu0 = cpu_clock()
             marks: list[tuple[int, float, float]] = []
@@ -68,13 +86,13 @@ def run_lm(args: argparse.Namespace) -> dict:
                 eval_cpu[0] += cpu_clock() - c
                 return value
 
-            cfg = HealConfig(steps=args.steps, batch_size=args.batch_size, trainable=trainable, plan=plan,
+            cfg = HealConfig(steps=steps, batch_size=args.batch_size, trainable=trainable, plan=plan,
                              lr=args.lr.get(trainable), eval_every=args.eval_every, evaluate=evaluate,
                              progress=True, desc=f"{fraction:.0%} {trainable}", keep_best=False, warmup=0.1)
             res = heal(student, model.module, calib, cfg)
             curve = [{"step": s, "ppl": math.exp(v), "cpu_min": cpu_m / 60, "wall_train_s": w}
                      for (s, v, w), (_, _, cpu_m) in zip(res.evals, marks)]
-            rows[trainable] = {"curve": curve, "tokens_per_s": res.tokens_per_second, "trainable_params": res.trainable_params,
+            rows[trainable] = {"steps": steps, "curve": curve, "tokens_per_s": res.tokens_per_second, "trainable_params": res.trainable_params,
                                "lr": cfg.learning_rate, "train_loss": res.losses}
             print(f"  {trainable}: {[(c['step'], round(c['ppl'], 2), round(c['cpu_min'], 2)) for c in curve]} "
                   f"{res.tokens_per_second:.0f} tok/s", file=sys.stderr, flush=True)
@@ -153,6 +171,8 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25])
     p.add_argument("--trainable", nargs="+", default=["all", "neighbors", "lora"])
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--cpu-minutes", type=float, default=None,
+                   help="instead of --steps: as many steps as fill this much CPU time, per trainable set (probed)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
