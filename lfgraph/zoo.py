@@ -64,6 +64,13 @@ class ResNetCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def wide_resnet(widen: int = 4, blocks: int = 2, num_classes: int = 10) -> ResNetCNN:
+    """A WideResNet-style CNN (Zagoruyko & Komodakis): the basic blocks of :class:`ResNetCNN`,
+    ``widen`` times wider (16k/32k channels) and ``blocks`` per stage (shallower). Unlike WRN
+    proper the blocks are post-activation (conv-BN-ReLU), as everywhere in this zoo."""
+    return ResNetCNN(stages=((16 * widen, blocks), (32 * widen, blocks)), num_classes=num_classes)
+
+
 class MLP(nn.Module):
     """A plain multilayer perceptron: ``depth`` hidden layers of equal width (no blocks)."""
 

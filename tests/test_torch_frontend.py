@@ -38,6 +38,17 @@ def test_resnet_blocks_skip_kinds_and_hidden_spaces():
     assert g.node("blocks.0.conv1").family == "convolutional"
 
 
+def test_wide_resnet_is_wider_and_shallower_with_tieable_groups():
+    model = zoo.wide_resnet(widen=2, blocks=2)
+    g = build_layer_graph(model, (torch.randn(1, 3, 16, 16),))
+    assert [b.skip for b in g.blocks] == ["identity", "identity", "projection", "identity"]
+    assert g.blocks[0].hidden[0].size == 32 and g.blocks[2].hidden[0].size == 64
+    # same-role 3x3 convolutions of equal width are compatible (what tying fuses); the
+    # downsampling block's conv1 (32->64, stride 2) fits no group
+    groups = {k.split(":")[1] + ":" + k.split(":")[2]: len(v) for k, v in g.groups().items()}
+    assert groups == {"conv1:32x32x3x3": 2, "conv2:32x32x3x3": 2, "conv2:64x64x3x3": 2}
+
+
 @pytest.mark.parametrize("name,build,n_groups,hidden", [
     ("llama", lambda: CausalLMLogits(zoo.tiny_llama(layers=4)), 7, 128),
     ("gpt2", lambda: CausalLMLogits(zoo.tiny_gpt2(layers=4)), 4, 256),
