@@ -1,4 +1,5 @@
-"""``lfgraph study``: every method x every target on one model, one shot, one protocol.
+"""``lfgraph study``: every method x every target on one model, one protocol, one shot
+(and healed, with ``--heal STEPS``).
 
 Language models: each method of :data:`lfgraph.baselines.METHODS` compresses the model at
 each target from the same calibration windows (the bundled corpus's calibration pool);
@@ -217,13 +218,20 @@ def synthetic_images(n: int, classes: int = 10, size: int = 16, seed: int = 0, n
 def sweep(
     track: Track, methods: list[str], targets: list[float], options: dict[str, dict[str, Any]] | None = None,
     log: Callable[[str], None] = print, on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+    heal_steps: int = 0, heal_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every method at every target on ``track``: one row per (method, target) with the
     method's :meth:`~lfgraph.baselines.MethodResult.row` and its scores (or ``error``).
 
     A method may be a label ``"name=method"`` (e.g. ``"lfgraph-map=lfgraph"``) so that one
     method runs under several option sets; ``options`` are keyed by label. ``on_row(rows)``
-    is called after each row (to save partial results)."""
+    is called after each row (to save partial results).
+
+    ``heal_steps`` > 0: each depth method's result is then also healed (distillation from
+    the original on the calibration data, :func:`lfgraph.retrain.heal`, every parameter
+    trainable, ``heal_options`` into its ``HealConfig``) and scored again as a second row,
+    method ``"<label>+heal"`` with ``healed`` = steps and ``heal_cpu_s``. Width methods
+    (masks, clusters) are not healed: plain fine-tuning would undo what they removed."""
     from .baselines import METHODS, run_method
 
     rows: list[dict[str, Any]] = []
@@ -244,10 +252,27 @@ def sweep(
             row["eval_seconds"] = round(time.perf_counter() - t0 - res.seconds, 2)
             rows.append(row)
             log(f"{label} @ {target}: " + ", ".join(f"{k} {row[k]:.4g}" for k in track.lower_is_better) + f" ({res.seconds:.1f} s)")
+            if heal_steps > 0 and METHODS[method].kind == "depth":
+                rows.append(_healed_row(track, res.model, row, heal_steps, heal_options or {}))
+                log(f"{rows[-1]['method']} @ {target}: " + ", ".join(f"{k} {rows[-1][k]:.4g}" for k in track.lower_is_better)
+                    + f" ({rows[-1]['heal_cpu_s']:.0f} CPU-s of healing)")
             del res
             if on_row is not None:
                 on_row(rows)
     return rows
+
+
+def _healed_row(track: Track, model: nn.Module, row: dict[str, Any], steps: int, options: dict[str, Any]) -> dict[str, Any]:
+    """Heal ``model`` in place (distillation from ``track.model`` on the calibration data)
+    and score it: ``row`` with the new scores, method ``+heal``, steps and CPU seconds."""
+    from .retrain.heal import HealConfig, heal
+
+    config = HealConfig(**({"steps": steps, "progress": False, "keep_best": False, "objective": "distill"} | options))
+    t0 = time.process_time()
+    heal(model, track.model, track.calibration, config)
+    cpu = time.process_time() - t0
+    model.eval()
+    return row | track.score(model) | {"method": f"{row['method']}+heal", "healed": steps, "heal_cpu_s": round(cpu, 1)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,13 +308,17 @@ def summary_markdown(track: Track, rows: list[dict[str, Any]], best_of: list[str
             if not at:
                 continue
             best = (min if lower else max)(at, key=lambda r: r[metric])
-            # peers: the other methods, not lfgraph's own variants (those are ablations)
-            peers = [r for r in at if not r["method"].startswith(ours) and (best_of is None or r["method"] in best_of)]
-            mine = next((r for r in at if r["method"] == ours), None)
             rel = ""
-            if peers and mine:
-                peer = (min if lower else max)(peers, key=lambda r: r[metric])
-                rel = f"; {ours} / best peer ({peer['method']}) = {mine[metric] / peer[metric]:.3f}"
+            for healed in (False, True):  # one shot against one shot, healed against healed
+                state = [r for r in at if bool(r.get("healed")) == healed]
+                name = f"{ours}+heal" if healed else ours
+                # peers: the other methods, not lfgraph's own variants (those are ablations)
+                peers = [r for r in state if not r["method"].startswith(ours)
+                         and (best_of is None or r["method"].removesuffix("+heal") in best_of)]
+                mine = next((r for r in state if r["method"] == name), None)
+                if peers and mine:
+                    peer = (min if lower else max)(peers, key=lambda r: r[metric])
+                    rel += f"; {name} / best peer ({peer['method']}) = {mine[metric] / peer[metric]:.3f}"
             lines.append(f"- {t:g}: best {best['method']} ({best[metric]:.4g}){rel}")
     errors = [r for r in rows if "error" in r]
     if errors:
@@ -400,6 +429,9 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--sleb-windows", type=int, default=4, help="SLEB's reduced calibration budget (windows)")
     p.add_argument("--sleb-tokens", type=int, default=128, help="SLEB's reduced calibration budget (tokens per window)")
     p.add_argument("--cnn-steps", type=int, default=300, help="training steps of the vision track's CNN")
+    p.add_argument("--heal", type=int, default=0, metavar="STEPS",
+                   help="also heal each depth method's result for STEPS steps (distillation from the original on the "
+                        "calibration data, all parameters) and score it again as '<method>+heal'")
     p.set_defaults(run=run)
 
 
@@ -415,7 +447,11 @@ def run(args: argparse.Namespace) -> int:
     options = {"sleb": budget, "lfgraph-sleb": {"sleb_budget": (args.sleb_windows, args.sleb_tokens)}}
     track.protocol["sleb_budget"] = f"{args.sleb_windows} windows x {args.sleb_tokens} tokens"
     print(f"lfgraph study {track.name}: original " + ", ".join(f"{k} {v:.4g}" for k, v in track.original.items()), flush=True)
-    rows = sweep(track, list(args.methods), sorted(args.targets), options, log=lambda s: print(f"  {s}", flush=True))
+    if args.heal < 0:
+        raise LfgraphError(f"--heal must be a number of steps >= 0, got {args.heal}")
+    if args.heal:
+        track.protocol["healing"] = f"{args.heal} steps of distillation from the original on the calibration data, all parameters (rows '+heal')"
+    rows = sweep(track, list(args.methods), sorted(args.targets), options, log=lambda s: print(f"  {s}", flush=True), heal_steps=args.heal)
     paths = write_outputs(track, rows, Path(args.out))
     print((Path(args.out) / "study.md").read_text())
     print("written: " + ", ".join(str(p) for p in paths))

@@ -13,7 +13,7 @@ import torch
 from lfgraph import zoo
 from lfgraph.errors import LfgraphError
 from lfgraph.models import CausalLMLogits
-from lfgraph.study import Track, add_subcommand, inflection_point, licenses_text, lm_scores, run, sweep, write_outputs
+from lfgraph.study import Track, add_subcommand, inflection_point, licenses_text, lm_scores, run, summary_markdown, sweep, write_outputs
 
 
 def test_inflection_point_finds_the_knee_of_an_exponential_rise() -> None:
@@ -137,3 +137,25 @@ def test_vision_track_runs_depth_and_width_methods(tmp_path) -> None:
     assert 0.0 <= by["lfgraph"]["accuracy"] <= 1.0
     assert by["prune-global"]["weight_fraction"] == pytest.approx(0.25, abs=1e-3)
     assert "error" in by["replaceme-lstsq"]  # a CNN has no MLP down projection: an error row, not a crash
+
+
+def test_sweep_heals_depth_methods_and_compares_healed_with_healed(tmp_path) -> None:
+    track = _tiny_track()
+    rows = sweep(track, ["shortgpt", "lfgraph", "prune-global"], [0.34], log=lambda s: None, heal_steps=4,
+                 heal_options={"lr": 1e-3, "batch_size": 2})
+    assert [r["method"] for r in rows] == ["shortgpt", "shortgpt+heal", "lfgraph", "lfgraph+heal", "prune-global"]
+    for one, healed in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert healed["healed"] == 4 and healed["heal_cpu_s"] >= 0
+        assert healed["removed"] == one["removed"]  # healing trains, it never changes the depth
+        assert healed["ppl_x"] != one["ppl_x"]  # the healed model was trained and scored again
+    md = summary_markdown(track, rows)
+    assert "lfgraph / best peer (" in md and "lfgraph+heal / best peer (shortgpt+heal)" in md  # healed peers only
+
+
+def test_vision_track_heals_without_labels(tmp_path) -> None:
+    from lfgraph.study import vision_track
+
+    track = vision_track(steps=5, n_train=64, n_calib=32, n_test=64)
+    rows = sweep(track, ["shortgpt"], [0.25], log=lambda s: None, heal_steps=2)
+    assert [r["method"] for r in rows] == ["shortgpt", "shortgpt+heal"]
+    assert 0.0 <= rows[1]["accuracy"] <= 1.0
