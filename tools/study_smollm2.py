@@ -30,6 +30,18 @@ OPTIONS = {
     "lfgraph-attn": {"fit_attention": True}, "lfgraph-angular-attn": {"fit_attention": True},
     "lfgraph-ridge0.1": {"strengths": (0.1,)},
 }
+#: The ablation of the default recipe (each a variant of ``lfgraph``, i.e. angular +
+#: calibrated-map up to 20% of the blocks): ``--methods lfgraph-repair-all=lfgraph ...``.
+#: ``repair-N``: the N blocks after each run also get a square map refitted towards the
+#: original model's hidden states (``repair_next``); ``attn``: the attention output
+#: projection refitted too; ``sleb-select``: SLEB's selection (reduced budget) instead of
+#: angular; ``keep-last``: the run's last block is kept and refitted instead of its first.
+ABLATION = {
+    "lfgraph-ridge0.3": {"strengths": (0.3,)}, "lfgraph-ridge1": {"strengths": (1.0,)}, "lfgraph-ridge3": {"strengths": (3.0,)},
+    "lfgraph-repair-2": {"repair_next": 2}, "lfgraph-repair-all": {"repair_next": 1000}, "lfgraph-attn": {"fit_attention": True},
+    "lfgraph-sleb-select": {"select": "sleb"}, "lfgraph-keep-last": {"keep": "last"},
+}
+OPTIONS |= ABLATION
 
 
 def main() -> None:
@@ -50,6 +62,7 @@ def main() -> None:
     options = dict(OPTIONS)
     options["sleb"] = {"max_windows": args.sleb[0], "max_tokens": args.sleb[1]}
     options["lfgraph-sleb"] = {"sleb_budget": tuple(args.sleb)}
+    options["lfgraph-sleb-select"] = options["lfgraph-sleb-select"] | {"sleb_budget": tuple(args.sleb)}
     out = Path(args.out)
     sweep(track, args.methods, args.targets, options, log=lambda s: print(s, flush=True), on_row=lambda rows: write_outputs(track, rows, out))
 
