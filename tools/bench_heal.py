@@ -36,8 +36,8 @@ def cpu_clock() -> float:
 
 
 def steps_for_budget(compressed: torch.nn.Module, teacher: torch.nn.Module, calib: torch.Tensor, plan, trainable: str,
-                     args: argparse.Namespace, probe_steps: int = 4) -> int:
-    """Steps that fill ``args.cpu_minutes`` of CPU time, from a short probe run on a copy.
+                     args: argparse.Namespace, minutes: float, probe_steps: int = 4) -> int:
+    """Steps that fill ``minutes`` of CPU time, from a short probe run on a copy.
 
     The probe's time includes setting up (e.g. wrapping LoRA adapters), so the estimate
     errs on the short side; the curve records the CPU time actually spent.
@@ -47,9 +47,21 @@ def steps_for_budget(compressed: torch.nn.Module, teacher: torch.nn.Module, cali
     heal(probe, teacher, calib, HealConfig(steps=probe_steps, batch_size=args.batch_size, trainable=trainable, plan=plan,
                                            lr=args.lr.get(trainable), progress=False, keep_best=False))
     per_step = (cpu_clock() - c) / probe_steps
-    steps = max(1, int(args.cpu_minutes * 60 / per_step))
-    print(f"  {trainable}: {per_step:.1f} CPU-s/step -> {steps} steps for {args.cpu_minutes:g} CPU-min", file=sys.stderr, flush=True)
+    steps = max(1, int(minutes * 60 / per_step))
+    print(f"  {trainable}: {per_step:.1f} CPU-s/step -> {steps} steps for {minutes:g} CPU-min", file=sys.stderr, flush=True)
     return steps
+
+
+def budget_for(args: argparse.Namespace, trainable: str) -> float | None:
+    """The CPU-minute budget of ``trainable``: ``--cpu-minutes`` gives one for all sets or
+    one per set of ``--trainable``, in order; None = run ``--steps``."""
+    if not args.cpu_minutes:
+        return None
+    if len(args.cpu_minutes) == 1:
+        return args.cpu_minutes[0]
+    if len(args.cpu_minutes) != len(args.trainable):
+        raise SystemExit(f"--cpu-minutes: give one budget, or one per trainable set ({len(args.trainable)})")
+    return args.cpu_minutes[args.trainable.index(trainable)]
 
 
 def run_lm(args: argparse.Namespace) -> dict:
@@ -72,7 +84,8 @@ def run_lm(args: argparse.Namespace) -> dict:
         print(f"{fraction:.0%}: one-shot ppl {math.exp(one_shot):.2f}", file=sys.stderr, flush=True)
         rows = {}
         for trainable in args.trainable:
-            steps = args.steps if not args.cpu_minutes else steps_for_budget(compressed, model.module, calib, plan, trainable, args)
+            budget = budget_for(args, trainable)
+            steps = args.steps if budget is None else steps_for_budget(compressed, model.module, calib, plan, trainable, args, budget)
             student = copy.deepcopy(compressed)
             cpu0 = cpu_clock()
             marks: list[tuple[int, float, float]] = []
@@ -96,6 +109,9 @@ def run_lm(args: argparse.Namespace) -> dict:
                                "lr": cfg.learning_rate, "train_loss": res.losses}
             print(f"  {trainable}: {[(c['step'], round(c['ppl'], 2), round(c['cpu_min'], 2)) for c in curve]} "
                   f"{res.tokens_per_second:.0f} tok/s", file=sys.stderr, flush=True)
+            out["fractions"][str(fraction)] = {"one_shot_ppl": math.exp(one_shot), "removed": plan.absorbed, "rows": rows}
+            if args.out:  # after every setting, so a run cut short keeps what it measured
+                write_text_atomic(args.out, json.dumps(out, indent=1))
         out["fractions"][str(fraction)] = {"one_shot_ppl": math.exp(one_shot), "removed": plan.absorbed, "rows": rows}
         if args.out:
             write_text_atomic(args.out, json.dumps(out, indent=1))
@@ -171,8 +187,9 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25])
     p.add_argument("--trainable", nargs="+", default=["all", "neighbors", "lora"])
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--cpu-minutes", type=float, default=None,
-                   help="instead of --steps: as many steps as fill this much CPU time, per trainable set (probed)")
+    p.add_argument("--cpu-minutes", type=float, nargs="+", default=None,
+                   help="instead of --steps: as many steps as fill this much CPU time (probed), one budget for every "
+                        "trainable set or one per set of --trainable")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -186,7 +203,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--gamma-steps", type=int, default=60)
-    p.add_argument("--out", default=None, help="JSON results (written after each fraction); 'table' reads it")
+    p.add_argument("--out", default=None, help="JSON results (written after each setting); 'table' reads it")
     args = p.parse_args()
     if args.what == "gamma":
         print(run_gamma(args))
