@@ -439,6 +439,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the study the arguments describe; prints the summary and the files written."""
     if any(not 0.0 < t < 1.0 for t in args.targets):
         raise LfgraphError(f"targets must be fractions strictly between 0 and 1, got {args.targets}")
+    if args.heal < 0:  # checked before the model is loaded
+        raise LfgraphError(f"--heal must be a number of steps >= 0, got {args.heal}")
     if args.model == "cnn":
         track = vision_track(args.cnn_steps)
     else:
@@ -447,8 +449,6 @@ def run(args: argparse.Namespace) -> int:
     options = {"sleb": budget, "lfgraph-sleb": {"sleb_budget": (args.sleb_windows, args.sleb_tokens)}}
     track.protocol["sleb_budget"] = f"{args.sleb_windows} windows x {args.sleb_tokens} tokens"
     print(f"lfgraph study {track.name}: original " + ", ".join(f"{k} {v:.4g}" for k, v in track.original.items()), flush=True)
-    if args.heal < 0:
-        raise LfgraphError(f"--heal must be a number of steps >= 0, got {args.heal}")
     if args.heal:
         track.protocol["healing"] = f"{args.heal} steps of distillation from the original on the calibration data, all parameters (rows '+heal')"
     rows = sweep(track, list(args.methods), sorted(args.targets), options, log=lambda s: print(f"  {s}", flush=True), heal_steps=args.heal)

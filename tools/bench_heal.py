@@ -112,9 +112,6 @@ def run_lm(args: argparse.Namespace) -> dict:
             out["fractions"][str(fraction)] = {"one_shot_ppl": math.exp(one_shot), "removed": plan.absorbed, "rows": rows}
             if args.out:  # after every setting, so a run cut short keeps what it measured
                 write_text_atomic(args.out, json.dumps(out, indent=1))
-        out["fractions"][str(fraction)] = {"one_shot_ppl": math.exp(one_shot), "removed": plan.absorbed, "rows": rows}
-        if args.out:
-            write_text_atomic(args.out, json.dumps(out, indent=1))
     return out
 
 
