@@ -129,9 +129,13 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     clean.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
+    import shutil
 
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        # another process finished first (and may be reading it): keep its copy
+        shutil.rmtree(tmp)
+        return out
+    if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

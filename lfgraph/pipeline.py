@@ -36,7 +36,7 @@ from .models import LoadedModel, load_model
 from .passes.analysis import Analysis, analyze
 from .passes.base import PassResult
 from .plan import FusionPlan
-from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_recipe, describe, split_fusion_rule
+from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_recipe, describe, refit_provenance, split_fusion_rule
 from .report import CompressReport
 from .sources import Source, TorchSource, check_model_spec, is_onnx_spec, open_source
 from .verify import verify_onnx
@@ -155,12 +155,11 @@ def plan_model(
 
 
 def _finish_plan(plan: FusionPlan, graph: LayerGraph, fusion_rule: str) -> FusionPlan:
-    """Record what a plan's reader needs beyond its fusions: the refit's capacity for
-    ``calibrated-map``, and the fraction actually removed (targets round to whole blocks
+    """Record what a plan's reader needs beyond its fusions: the refit's capacity and
+    distillation for ``calibrated-map``/``calibrated-distill``, and the fraction actually removed (targets round to whole blocks
     or layers)."""
     p = plan.provenance
-    if fusion_rule == "calibrated-map":
-        p["refit"] = "map"
+    p.update(refit_provenance(fusion_rule))
     if plan.mode == "merge" and graph.blocks:
         removed = sum(len(f.absorb) for f in plan.fusions)
         p["achieved"] = round(removed / len(graph.blocks), 4)

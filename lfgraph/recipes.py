@@ -10,8 +10,10 @@ One word for one idea, the same in code, CLI, README and plan JSON:
 - **fusion rule** (``--fuse``, plan key ``fuse``): how a fused run becomes one block:
   ``remove`` (keep one, delete the rest), ``mean`` (average), ``aligned-mean`` (average
   after neuron alignment), ``calibrated`` (keep one and refit its output projection on
-  calibration data) or ``calibrated-map`` (the same refit limited to a square map on the
-  projection's output, ReplaceMe's capacity; plan ``fuse: calibrated``, ``refit: map``).
+  calibration data), ``calibrated-map`` (the same refit limited to a square map on the
+  projection's output, ReplaceMe's capacity; plan ``fuse: calibrated``, ``refit: map``) or
+  ``calibrated-distill`` (that map, then trained by logit distillation from the original
+  on the calibration windows; plan ``refit: map``, ``distill_steps: N``).
 - **retraining mode** (``lfgraph.retrain``): how tied layers train during healing
   (the paper's mean, freeze, mix): a different idea from the fusion rule, with its own name.
 """
@@ -21,7 +23,9 @@ from __future__ import annotations
 #: Selection criteria: weight similarity (the paper) and activation-based ones.
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
-FUSION_RULES = ("remove", "mean", "aligned-mean", "calibrated", "calibrated-map")
+FUSION_RULES = ("remove", "mean", "aligned-mean", "calibrated", "calibrated-map", "calibrated-distill")
+#: Fusion rules that are the ``calibrated`` rule with a limited or distilled refit.
+CALIBRATED_VARIANTS = ("calibrated-map", "calibrated-distill")
 #: Selections that need calibration data (activations).
 ACTIVATION_SELECTIONS = ("block_influence", "angular", "sleb")
 
@@ -68,11 +72,12 @@ def default_recipe(family: str, mode: str, has_data: bool, target: float | None 
 
 
 def split_fusion_rule(rule: str) -> tuple[str, bool]:
-    """The plan's (``fuse``, ``align``) for a CLI fusion rule (``calibrated-map`` is
-    ``calibrated`` with ``refit: map`` in the plan's provenance)."""
+    """The plan's (``fuse``, ``align``) for a CLI fusion rule (``calibrated-map`` and
+    ``calibrated-distill`` are ``calibrated`` with ``refit``/``distill_steps`` in the plan's
+    provenance, see :func:`refit_provenance`)."""
     if rule == "aligned-mean":
         return "mean", True
-    return ("calibrated", False) if rule == "calibrated-map" else (rule, False)
+    return ("calibrated", False) if rule in CALIBRATED_VARIANTS else (rule, False)
 
 
 def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_default: bool, family: str) -> str:
@@ -85,3 +90,14 @@ def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_defa
         text += " [default for tie]" if mode == "tie" else f" [default for {family} models]"
     return text
 
+
+
+def refit_provenance(rule: str) -> dict[str, object]:
+    """What a plan's provenance records for a calibrated variant (empty for other rules)."""
+    from .passes.map_distillation import DEFAULT_STEPS
+
+    if rule == "calibrated-map":
+        return {"refit": "map"}
+    if rule == "calibrated-distill":
+        return {"refit": "map", "distill_steps": DEFAULT_STEPS}
+    return {}

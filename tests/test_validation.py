@@ -269,3 +269,12 @@ def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):
     refits = [r for r in report.log.records if r.action == "refit"]
     assert refits and all(r.detail["refit"] == "map" for r in refits)
     assert report.exit_code == 0
+
+
+def test_calibrated_distill_rule_reaches_the_distillation(tiny_llama_folder, tmp_path):
+    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "m.onnx", target=0.2, fuse="calibrated-distill", calibration_windows=4,
+                               calibration_seq_len=32, eval_windows=0, quiet=True)
+    assert "fuse calibrated-distill" in report.recipe
+    assert report.plan.fuse == "calibrated" and report.plan.provenance["refit"] == "map" and report.plan.provenance["distill_steps"] > 0
+    assert [r.action for r in report.log.records].count("distill") == 1
+    assert report.exit_code == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lfgraph.passes.map_distillation import DistillSettings
 from lfgraph.study import lm_track, sweep, write_outputs
 
 #: The peers and lfgraph's default first, then lfgraph's other recipes and the ablation of
@@ -42,6 +43,14 @@ ABLATION = {
     "lfgraph-sleb-select": {"select": "sleb"}, "lfgraph-keep-last": {"keep": "last"},
 }
 OPTIONS |= ABLATION
+#: The distilled map (``calibrated-distill``: the closed-form map, then trained by logit KL
+#: on the calibration windows) after the default's selection, and after the full refit.
+DISTILLED = {
+    "lfgraph-distill": {"fuse": "calibrated-distill"},
+    "lfgraph-full-distill": {"fuse": "calibrated", "distill": DistillSettings()},
+    "lfgraph-angular-full-distill": {"fuse": "calibrated", "distill": DistillSettings()},
+}
+OPTIONS |= DISTILLED
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..passes.block_stack import remove_blocks
 from ..passes.calibrated_fusion import calibrated_merge_plan
+from ..passes.map_distillation import DistillSettings
 from ..passes.selection import runs_to_plan, select_runs
 from ._hidden import calibration_slice
 from .interface import Method, find_block_stack, n_blocks_for, register, removable_blocks
@@ -44,13 +45,15 @@ def fuse_runs(
     sleb_budget: tuple[int, int] = SLEB_BUDGET, batch_size: int = 4, **options: Any,
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """Select runs with ``select`` and fuse them with ``fuse`` (defaults: the family's recipe)."""
-    from ..recipes import default_recipe
+    from ..recipes import CALIBRATED_VARIANTS, default_recipe, refit_provenance
 
     recipe = default_recipe(family_of(model), "merge", True, target)
     select, fuse = select or recipe[0], fuse or recipe[1]
-    if fuse == "calibrated-map":  # the same refit, limited to a square map (see lfgraph.recipes)
-        fuse = "calibrated"
-        options.setdefault("refit", "map")
+    if fuse in CALIBRATED_VARIANTS:  # the same refit, limited to a square map (see lfgraph.recipes)
+        fuse, extra = "calibrated", refit_provenance(fuse)
+        options.setdefault("refit", extra["refit"])
+        if "distill_steps" in extra:
+            options.setdefault("distill", DistillSettings(steps=int(extra["distill_steps"])))
     cpath = find_block_stack(model)
     n = n_blocks_for(model, target, cpath)
     data = calibration_slice(calibration, *sleb_budget) if select == "sleb" else calibration

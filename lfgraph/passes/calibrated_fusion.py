@@ -39,7 +39,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from ..errors import LfgraphError, UnsupportedModelError
 from ..plan import FusionPlan
 from .base import PassResult, RewriteLog
 from .block_stack import remove_blocks, split_block_name
+
+if TYPE_CHECKING:
+    from .map_distillation import DistillSettings
 
 PASS_NAME = "calibrated_fusion"
 
@@ -281,6 +284,7 @@ def calibrated_merge(
     target: str = "composite",
     refit: str = "full",
     repair_next: int = 0,
+    distill: "DistillSettings | None" = None,
     val_fraction: float = 0.25,
     batch_size: int = 4,
     mlp_proj: str | None = None,
@@ -314,12 +318,16 @@ def calibrated_merge(
         repair_next: after each run, also refit the output projection(s) of up to this
             many following (kept, unfused) blocks so that the hidden state after each of
             them matches the original model's; they stay in the model.
+        distill: after every fit, train a square map on each refitted projection's output
+            by logit distillation from ``module`` on the calibration windows
+            (:mod:`lfgraph.passes.map_distillation`); ``None``: closed form only.
         inplace: modify ``module`` itself; by default a deep copy is rewritten.
 
     Returns:
         ``PassResult`` whose ``model`` has one block per run (the absorbed blocks deleted,
         Hugging Face configs updated) and whose log has a ``refit`` record per fitted
-        projection and a ``remove`` record per deleted block. ``module`` is unchanged
+        projection, a ``remove`` record per deleted block and, with ``distill``, one
+        ``distill`` record with the held-out KL before and after. ``module`` is unchanged
         unless ``inplace``.
     """
     for value, allowed, what in ((token_weighting, TOKEN_WEIGHTINGS, "token weighting"), (target, TARGETS, "target"), (refit, REFITS, "refit")):
@@ -327,6 +335,8 @@ def calibrated_merge(
             raise LfgraphError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
     if not runs:
         return PassResult(module, False)
+    # distillation needs the original model as teacher: keep a copy when rewriting in place
+    teacher = (copy.deepcopy(module) if inplace else module) if distill is not None else None
     model = module if inplace else copy.deepcopy(module)
     model.eval()
     specs = _run_specs(runs, keep)
@@ -377,8 +387,17 @@ def calibrated_merge(
                 b.xo = _run_blocks(original, spec.index, b.xo, b.kwargs)  # type: ignore[arg-type]
         pos = spec.index[-1] + 1
 
+    refitted = [model.get_submodule(r.target) for r in log.records if r.action == "refit"]
     absorbed = [f"{cpath}.{i}" for s in specs for i in s.index if i != s.keep]
     remove_blocks(model, absorbed)
+    if distill is not None:
+        from .map_distillation import distill_maps
+
+        curve = distill_maps(model, teacher, refitted, calibration, distill)  # type: ignore[arg-type]
+        log.add(PASS_NAME, "distill", cpath, [r.target for r in log.records if r.action == "refit"],
+                steps=curve["steps"], best_step=curve["best_step"], kl_start=curve.get("kl_start"), kl_best=curve.get("kl_best"),
+                seconds=round(curve["seconds"], 3), trainable_params=curve["trainable_params"])
+        model.eval()
     for s in specs:
         for i in s.index:
             if i != s.keep:

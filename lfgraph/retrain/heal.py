@@ -76,6 +76,7 @@ class HealConfig:
     evaluate: Any = None  # optional callable(model) -> float (lower is better) instead of the objective on eval_data
     eval_every: int = 0
     keep_best: bool = True
+    eval_at_start: bool = False  # also score the starting state (step 0): keep_best then never returns worse
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -410,6 +411,11 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
         from tqdm import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=config.desc, leave=False)
+    if config.eval_at_start and start == 0 and not evals and config.eval_data is not None:
+        value = D.mean_over_ranks(_eval_loss(wrapped, teacher, config.eval_data, config, taps), par)
+        evals.append((0, value, 0.0))
+        if config.keep_best:
+            best, best_state = (value, 0), D.full_state(wrapped, par)
     _train_mode(wrapped, config)
     t0 = t_mark = time.perf_counter()
     train_seconds = 0.0  # training time without held-out evaluation

@@ -206,3 +206,57 @@ def test_map_refit_only_mixes_the_projections_outputs() -> None:
     assert [r.detail["refit"] for r in out.log.records if r.action == "refit"] == ["map"]
     with pytest.raises(LfgraphError, match="refit"):
         calibrated_merge(model, [["model.model.layers.1", "model.model.layers.2"]], ids, refit="half")
+
+
+def _kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(ids), -1)
+        return float((t.exp() * (t - torch.log_softmax(student(ids), -1))).sum(-1).mean())
+
+
+def test_distilled_map_changes_only_the_map_and_lowers_the_kl() -> None:
+    """``distill``: after the closed-form map, only the kept block's down projection moves,
+    and only by a square map on its output (``W = M W_map``: no new row space); the held-out
+    KL to the original falls, the original is untouched and no parametrization is left."""
+    from torch.nn.utils import parametrize
+
+    from lfgraph.passes.map_distillation import DistillSettings
+
+    model = CausalLMLogits(tiny_llama(layers=6)).eval()
+    before = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    calib, test = torch.randint(0, 128, (16, 24), generator=gen), torch.randint(0, 128, (8, 24), generator=gen)
+    run = [f"model.model.layers.{i}" for i in (2, 3, 4)]
+    closed = calibrated_merge(model, [run], calib, refit="map").model
+    out = calibrated_merge(model, [run], calib, refit="map", distill=DistillSettings(steps=60, lr=3e-3, eval_every=5))
+    distilled = out.model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the teacher is the caller's model, unchanged
+    changed = [k for k, v in distilled.state_dict().items() if not torch.equal(v, closed.state_dict()[k])]
+    assert changed == ["model.model.layers.2.mlp.down_proj.weight"]
+    w_map = closed.model.model.layers[2].mlp.down_proj.weight.detach().double()
+    w = distilled.model.model.layers[2].mlp.down_proj.weight.detach().double()
+    assert int(torch.linalg.matrix_rank(torch.cat([w_map.T, w.T], dim=1), atol=1e-4)) == int(torch.linalg.matrix_rank(w_map.T, atol=1e-4))
+    assert not parametrize.is_parametrized(distilled.model.model.layers[2].mlp.down_proj)
+    assert all(p.requires_grad for p in distilled.parameters())
+    (rec,) = [r for r in out.log.records if r.action == "distill"]
+    assert rec.detail["kl_best"] < rec.detail["kl_start"] and rec.detail["best_step"] > 0
+    # the held-out windows were never trained on; unseen windows improve too
+    assert _kl(distilled, model, test) < _kl(closed, model, test)
+
+
+def test_distillation_never_returns_worse_than_its_start() -> None:
+    """A learning rate that only hurts: the best state kept is the closed-form start."""
+    from lfgraph.passes.map_distillation import DistillSettings
+
+    model = CausalLMLogits(tiny_llama(layers=4)).eval()
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(4))
+    run = ["model.model.layers.1", "model.model.layers.2"]
+    closed = calibrated_merge(model, [run], ids, refit="map").model
+    out = calibrated_merge(model, [run], ids, refit="map", distill=DistillSettings(steps=4, lr=5.0, eval_every=1, extra={"warmup": 0}))
+    (rec,) = [r for r in out.log.records if r.action == "distill"]
+    assert rec.detail["best_step"] == 0
+    for k, v in out.model.state_dict().items():
+        torch.testing.assert_close(v, closed.state_dict()[k], rtol=0, atol=0)
+    with pytest.raises(LfgraphError, match="at least 2 calibration windows"):
+        calibrated_merge(model, [run], ids[:1], refit="map", distill=DistillSettings(steps=2))

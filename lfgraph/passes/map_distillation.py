@@ -1,0 +1,133 @@
+"""Distilled output maps: after a calibrated fusion, train only a square map on each refitted
+projection's output (``W <- M W``) so that the fused model's next-token distribution
+matches the original's on the calibration windows.
+
+The closed-form refit (:mod:`lfgraph.passes.calibrated_fusion`) makes the kept block
+reproduce the run's *hidden state*; perplexity measures the *next-token distribution*,
+which the layers above the cut turn that hidden state into. This pass fits what perplexity
+measures, with the same data and the same capacity as ReplaceMe's ``T`` (one ``d x d``
+matrix per fused run, nothing else trains): logit KL from the original model, a held-out
+part of the calibration windows for early stopping (the best state is kept, so the result
+is never worse on those windows than the closed-form start). The loop is healing's
+(:func:`lfgraph.retrain.heal`: warm-up and cosine schedule, clipping, progress bar), with
+every parameter frozen except the maps.
+
+Expects: ``student`` is ``teacher`` after a calibrated fusion (same inputs, same outputs),
+``projections`` the refitted modules inside ``student`` (``nn.Linear``, ``nn.Conv*d`` or
+Hugging Face ``Conv1D``). Guarantees: only the projections' weights change (to ``M W``,
+stored as plain tensors: no parametrization is left behind); ``teacher`` is not modified;
+every parameter's ``requires_grad`` flag is restored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import LfgraphError
+
+#: Defaults of the ``calibrated-distill`` fusion rule (docs/study: the map trained for 60
+#: steps at 1e-4 was still improving; see DistillSettings).
+DEFAULT_STEPS = 150
+DEFAULT_LR = 3e-4
+
+
+@dataclass
+class DistillSettings:
+    """How the maps are trained. ``val_fraction`` of the windows (at least one) are held out
+    to keep the best state; ``temperature`` 1 matches what perplexity scores."""
+
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
+    batch_size: int = 2
+    val_fraction: float = 0.25
+    eval_every: int = 10
+    temperature: float = 1.0
+    seed: int = 0
+    progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # further HealConfig fields
+
+
+class OutputMap(nn.Module):
+    """Parametrization ``W -> M W`` (``M``: out x out, starting at the identity) on the
+    output side of a projection's weight, whatever its layout: ``(out, in)`` Linear,
+    ``(out, in, k...)`` convolutions, ``(in, out)`` Conv1D (``transposed``)."""
+
+    def __init__(self, d_out: int, transposed: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.M = nn.Parameter(torch.eye(d_out, dtype=dtype))
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return W @ self.M.T
+        return (self.M @ W.reshape(W.shape[0], -1)).reshape(W.shape)
+
+
+def _out_features(m: nn.Module) -> tuple[int, bool]:
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise LfgraphError(f"cannot distil a map on {type(m).__name__}: it has no weight")
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
+        return int(w.shape[1]), True
+    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return int(w.shape[0]), False
+    raise LfgraphError(f"cannot distil a map on {type(m).__name__}: only Linear, Conv and Conv1D projections")
+
+
+def split_windows(calibration: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, held-out windows): the last ``val_fraction`` (at least one window,
+    at least one left to train on)."""
+    n = int(calibration.shape[0])
+    if n < 2:
+        raise LfgraphError("distilling the maps needs at least 2 calibration windows (one is held out): give more calibration data")
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return calibration[: n - n_val], calibration[n - n_val :]
+
+
+def distill_maps(
+    student: nn.Module, teacher: nn.Module, projections: Sequence[nn.Module], calibration: torch.Tensor,
+    settings: DistillSettings | None = None,
+) -> dict[str, Any]:
+    """Train ``M`` on every projection in ``projections`` by logit distillation from
+    ``teacher`` (see the module docstring). Returns the healing curve (``heal``'s
+    ``curve()``) plus ``kl_start``/``kl_best`` on the held-out windows."""
+    from ..retrain.heal import HealConfig, heal
+
+    s = settings or DistillSettings()
+    if s.steps <= 0:
+        raise LfgraphError(f"distillation steps must be > 0, got {s.steps}")
+    if not projections:
+        raise LfgraphError("no refitted projection to distil a map on")
+    train, val = split_windows(calibration, s.val_fraction)
+    flags = {id(p): p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    maps = []
+    try:
+        for m in projections:
+            d, transposed = _out_features(m)
+            parametrize.register_parametrization(m, "weight", OutputMap(d, transposed, m.weight.dtype))
+            maps.append(m.parametrizations.weight[0].M)
+        config = HealConfig(
+            steps=s.steps, lr=s.lr, batch_size=s.batch_size, objective="distill", temperature=s.temperature,
+            trainable="all", eval_data=val, eval_every=s.eval_every, keep_best=True, eval_at_start=True, seed=s.seed, progress=s.progress,
+            desc="distil maps", **s.extra,
+        )
+        with torch.enable_grad():  # callers (the method interface) may run under no_grad
+            result = heal(student, teacher, train, config)
+    finally:
+        for m in projections:
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        for p in student.parameters():
+            p.requires_grad_(flags.get(id(p), True))
+    curve = result.curve()
+    if result.evals:
+        curve["kl_start"] = float(result.evals[0][1])
+        curve["kl_best"] = float(min(e[1] for e in result.evals))
+    return curve
