@@ -215,6 +215,15 @@ def synthetic_images(n: int, classes: int = 10, size: int = 16, seed: int = 0, n
     return patterns[y] + noise * torch.randn(n, 3, size, size, generator=g), y
 
 
+def _options_for(label: str, options: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The options of ``label`` (``"name=method"`` or ``"method"``): keyed by the whole label
+    or by its name."""
+    options = options or {}
+    if label in options:
+        return dict(options[label])
+    return dict(options.get(label.partition("=")[0], {}))
+
+
 def sweep(
     track: Track, methods: list[str], targets: list[float], options: dict[str, dict[str, Any]] | None = None,
     log: Callable[[str], None] = print, on_row: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -224,7 +233,8 @@ def sweep(
     method's :meth:`~lfgraph.baselines.MethodResult.row` and its scores (or ``error``).
 
     A method may be a label ``"name=method"`` (e.g. ``"lfgraph-map=lfgraph"``) so that one
-    method runs under several option sets; ``options`` are keyed by label. ``on_row(rows)``
+    method runs under several option sets; ``options`` are keyed by the label's name (or the
+    whole label). ``on_row(rows)``
     is called after each row (to save partial results).
 
     ``heal_steps`` > 0: each depth method's result is then also healed (distillation from
@@ -242,7 +252,7 @@ def sweep(
         for target in targets:
             t0 = time.perf_counter()
             try:
-                res = run_method(method, track.model, target, track.calibration, **(options or {}).get(label, {}))
+                res = run_method(method, track.model, target, track.calibration, **_options_for(label, options))
             except LfgraphError as e:
                 rows.append({"method": label.partition("=")[0], "target": target, "error": str(e)})
                 log(f"{label} @ {target}: {e}")

@@ -77,6 +77,8 @@ def test_sweep_writes_tables_and_plots(tmp_path) -> None:
     assert seen == [1, 2, 3, 4, 5, 6]
     assert [r["method"] for r in rows] == ["shortgpt"] * 2 + ["lfgraph"] * 2 + ["lfgraph-map"] * 2
     assert [r["depth_fraction"] for r in rows[:2]] == [pytest.approx(1 / 6), pytest.approx(2 / 6)]
+    # the option set reached its method: at 2/6 the default refits in full, lfgraph-map does not
+    assert rows[3]["ppl_x"] != rows[5]["ppl_x"]
     paths = write_outputs(track, rows, tmp_path / "out")
     assert {p.name for p in paths} == {"study.json", "study.csv", "study.md", "study_ppl_x.png", "study_top1_x.png"}
     data = json.loads((tmp_path / "out" / "study.json").read_text())
