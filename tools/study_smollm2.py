@@ -49,6 +49,7 @@ DISTILLED = {
     "lfgraph-distill": {"fuse": "calibrated-distill"},
     "lfgraph-full-distill": {"fuse": "calibrated", "distill": DistillSettings()},
     "lfgraph-angular-full-distill": {"fuse": "calibrated", "distill": DistillSettings()},
+    "lfgraph-angular-full": {"fuse": "calibrated"},
 }
 OPTIONS |= DISTILLED
 

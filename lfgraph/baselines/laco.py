@@ -4,7 +4,12 @@ their parameter differences (Reserving-Differences-while-Seeking-Common, RDSC):
     θ*_l = θ_l + Σ_{k=1..m} (θ_{l+k} − θ_l)
 
 for every floating-point parameter and buffer of the block; blocks ``l+1 .. l+m`` are then
-deleted. The paper's search goes from the top of the stack down: a merge of ``m = C − 1``
+deleted. ``rule="released"`` follows the authors' released code instead
+(``yangyifei729/LaCo``): it applies the additions one after the other to the *copy being
+merged* (``W_l += W_{l+k} − W_l`` with the updated ``W_l``), and only to the seven
+projection weights (q, k, v, o, gate, up, down), which leaves the last merged layer's
+projections and the first layer's norms: a different (and much milder) merge than the
+formula, measured side by side in the study as ``laco-released``. The paper's search goes from the top of the stack down: a merge of ``m = C − 1``
 layers into ``l`` is kept when the cosine similarity between the merged model's and the
 original model's last hidden states on a few calibration samples stays above a threshold
 ``T`` (then ``l`` moves down by the interval ``I``), else ``l`` moves down by one.
@@ -42,12 +47,30 @@ def rdsc_merge(blocks: list[nn.Module]) -> dict[str, torch.Tensor]:
     return {k: v + sum((o[k] - v for o in others), torch.zeros_like(v)) for k, v in base.items()}
 
 
+#: Where the released code's merge applies: the projection weights of a Llama-style block.
+RELEASED_TENSORS = tuple(f"{m}.{p}_proj.weight" for m, ps in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps)
+RULES = ("paper", "released")
+
+
 @torch.no_grad()
-def _merged_block(blocks: list[nn.Module]) -> nn.Module:
+def released_merge(blocks: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """The released code's merge: ``W_l += W_{l+k} − W_l`` in turn, on the updated ``W_l``,
+    for the projection weights only; every other tensor stays the first block's."""
+    merged = {k: v.clone() for k, v in _tensors(blocks[0]).items()}
+    for b in blocks[1:]:
+        other = _tensors(b)
+        for k in merged:
+            if k in RELEASED_TENSORS:
+                merged[k] += other[k] - merged[k]
+    return merged
+
+
+@torch.no_grad()
+def _merged_block(blocks: list[nn.Module], rule: str = "paper") -> nn.Module:
     import copy
 
     new = copy.deepcopy(blocks[0])
-    merged = rdsc_merge(blocks)
+    merged = rdsc_merge(blocks) if rule == "paper" else released_merge(blocks)
     for k, t in _tensors(new).items():
         t.copy_(merged[k])
     return new
@@ -68,14 +91,17 @@ def _similarity(blocks: list[nn.Module], inputs: list[tuple[torch.Tensor, dict]]
 def laco(
     model: nn.Module, target: float, calibration: torch.Tensor, *, merge_layers: int = 4, interval: int = 2,
     threshold: float = 0.65, threshold_step: float = 0.05, lowest: int = 1, max_windows: int = 4, max_tokens: int = 128,
-    batch_size: int = 4,
+    batch_size: int = 4, rule: str = "paper",
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """Collapse layers with LaCo's search until ``round(target x blocks)`` are gone.
 
     ``merge_layers`` is the paper's ``C`` (``C − 1`` following layers merged into one),
     ``interval`` its ``I``, ``threshold`` its ``T``, ``lowest`` its ``L`` (layers below are
     never merged into). The similarity uses ``max_windows x max_tokens`` calibration tokens.
+    ``rule``: ``"paper"`` (the RDSC formula) or ``"released"`` (the authors' code).
     """
+    if rule not in RULES:
+        raise LfgraphError(f"unknown LaCo rule {rule!r}: choose one of {', '.join(RULES)}")
     cpath = find_block_stack(model)
     n = n_blocks_for(model, target, cpath)
     if len(removable_blocks(model, cpath)) != len(model.get_submodule(cpath)):
@@ -97,7 +123,7 @@ def laco(
             if m < 1:
                 l -= 1
                 continue
-            candidate = blocks[:l] + [_merged_block(blocks[l : l + m + 1])] + blocks[l + m + 1 :]
+            candidate = blocks[:l] + [_merged_block(blocks[l : l + m + 1], rule)] + blocks[l + m + 1 :]
             sim = _similarity(candidate, inputs, reference)
             if sim > T:
                 merges.append({"into": origin[l], "merged": origin[l + 1 : l + m + 1], "similarity": round(sim, 5), "threshold": T})
@@ -121,7 +147,12 @@ def laco(
                     t.copy_(_tensors(b)[k])
     names = [f"{cpath}.{i}" for i in sorted(removed)]
     remove_blocks(model, names)
-    return model, names, {"merges": merges, "final_threshold": T}
+    return model, names, {"merges": merges, "final_threshold": T, "rule": rule}
+
+
+def _released(model: nn.Module, target: float, calibration: torch.Tensor, **options: Any) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    return laco(model, target, calibration, rule="released", **options)
 
 
 register(Method("laco", "depth", "LaCo: layer collapse, parameter differences of following layers added into one (RDSC)", laco))
+register(Method("laco-released", "depth", "LaCo as its released code merges (sequential additions on the projections only)", _released))

@@ -61,7 +61,7 @@ def test_registry_has_every_method_and_refuses_unknown() -> None:
         run_method("shortgpt", lm(), 0.2, None)
 
 
-@pytest.mark.parametrize("name", ["shortgpt", "gromov", "sleb", "laco", "replaceme-lstsq", "replaceme-cosine", "linearpatch", "lfgraph", "lfgraph-angular"])
+@pytest.mark.parametrize("name", ["shortgpt", "gromov", "sleb", "laco", "laco-released", "replaceme-lstsq", "replaceme-cosine", "linearpatch", "lfgraph", "lfgraph-angular"])
 def test_depth_methods_remove_the_target_and_leave_the_input_alone(name: str) -> None:
     model, x = lm(), ids()
     before = copy.deepcopy(model.state_dict())
@@ -135,6 +135,22 @@ def test_laco_merged_weights_equal_its_formula() -> None:
         torch.testing.assert_close(v, expected, rtol=0, atol=1e-6)
     for i in range(3):  # layers below are untouched
         assert all(torch.equal(p, orig[i][k]) for k, p in out.model.model.layers[i].named_parameters())
+
+
+def test_laco_released_rule_keeps_the_last_projections_and_the_first_norms() -> None:
+    """The released code adds ``W_{l+k} − W_l`` to the already-updated copy, so each
+    projection ends as the last merged layer's; norms are not merged."""
+    model, x = lm(), ids()
+    orig = [dict(b.named_parameters()) for b in model.model.model.layers]
+    out, removed, details = laco(copy.deepcopy(model), 0.34, x, merge_layers=3, threshold=-1.0, rule="released")
+    assert removed == [f"{STACK}.4", f"{STACK}.5"] and details["rule"] == "released"
+    merged = dict(out.model.model.layers[3].named_parameters())
+    projections = [k for k in merged if k.endswith("_proj.weight")]
+    assert len(projections) == 7
+    for k, v in merged.items():
+        torch.testing.assert_close(v, orig[5][k] if k in projections else orig[3][k], rtol=0, atol=1e-6)
+    with pytest.raises(LfgraphError, match="LaCo rule"):
+        laco(copy.deepcopy(model), 0.34, x, rule="nope")
 
 
 def test_replaceme_map_is_the_least_squares_solution_and_is_folded() -> None:
