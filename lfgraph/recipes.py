@@ -11,9 +11,10 @@ One word for one idea, the same in code, CLI, README and plan JSON:
   ``remove`` (keep one, delete the rest), ``mean`` (average), ``aligned-mean`` (average
   after neuron alignment), ``calibrated`` (keep one and refit its output projection on
   calibration data), ``calibrated-map`` (the same refit limited to a square map on the
-  projection's output, ReplaceMe's capacity; plan ``fuse: calibrated``, ``refit: map``) or
-  ``calibrated-distill`` (that map, then trained by logit distillation from the original
-  on the calibration windows; plan ``refit: map``, ``distill_steps: N``).
+  projection's output, ReplaceMe's capacity; plan ``fuse: calibrated``, ``refit: map``);
+  ``calibrated-distill`` and ``calibrated-map-distill`` add a second stage: a square map on
+  each refitted projection trained by logit distillation from the original on the
+  calibration windows (plan ``distill_steps: N``).
 - **retraining mode** (``lfgraph.retrain``): how tied layers train during healing
   (the paper's mean, freeze, mix): a different idea from the fusion rule, with its own name.
 """
@@ -23,9 +24,9 @@ from __future__ import annotations
 #: Selection criteria: weight similarity (the paper) and activation-based ones.
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
-FUSION_RULES = ("remove", "mean", "aligned-mean", "calibrated", "calibrated-map", "calibrated-distill")
+FUSION_RULES = ("remove", "mean", "aligned-mean", "calibrated", "calibrated-map", "calibrated-distill", "calibrated-map-distill")
 #: Fusion rules that are the ``calibrated`` rule with a limited or distilled refit.
-CALIBRATED_VARIANTS = ("calibrated-map", "calibrated-distill")
+CALIBRATED_VARIANTS = ("calibrated-map", "calibrated-distill", "calibrated-map-distill")
 #: Selections that need calibration data (activations).
 ACTIVATION_SELECTIONS = ("block_influence", "angular", "sleb")
 
@@ -96,8 +97,9 @@ def refit_provenance(rule: str) -> dict[str, object]:
     """What a plan's provenance records for a calibrated variant (empty for other rules)."""
     from .passes.map_distillation import DEFAULT_STEPS
 
-    if rule == "calibrated-map":
-        return {"refit": "map"}
-    if rule == "calibrated-distill":
-        return {"refit": "map", "distill_steps": DEFAULT_STEPS}
-    return {}
+    out: dict[str, object] = {}
+    if rule in ("calibrated-map", "calibrated-map-distill"):
+        out["refit"] = "map"
+    if rule.endswith("-distill"):
+        out["distill_steps"] = DEFAULT_STEPS
+    return out

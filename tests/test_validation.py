@@ -259,6 +259,10 @@ def test_default_recipe_per_target_for_language_models():
     assert default_recipe("causal-lm", "merge", False, 0.1) == ("similarity", "remove")
     assert default_recipe("causal-lm", "tie", True, 0.1) == ("similarity", "mean")
     assert split_fusion_rule("calibrated-map") == ("calibrated", False)
+    from lfgraph.recipes import refit_provenance
+
+    assert refit_provenance("calibrated-distill")["distill_steps"] > 0 and "refit" not in refit_provenance("calibrated-distill")
+    assert refit_provenance("calibrated-map-distill")["refit"] == "map" and refit_provenance("calibrated") == {}
 
 
 def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):
@@ -272,9 +276,9 @@ def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):
 
 
 def test_calibrated_distill_rule_reaches_the_distillation(tiny_llama_folder, tmp_path):
-    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "m.onnx", target=0.2, fuse="calibrated-distill", calibration_windows=4,
+    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "m.onnx", target=0.2, fuse="calibrated-map-distill", calibration_windows=4,
                                calibration_seq_len=32, eval_windows=0, quiet=True)
-    assert "fuse calibrated-distill" in report.recipe
+    assert "fuse calibrated-map-distill" in report.recipe
     assert report.plan.fuse == "calibrated" and report.plan.provenance["refit"] == "map" and report.plan.provenance["distill_steps"] > 0
     assert [r.action for r in report.log.records].count("distill") == 1
     assert report.exit_code == 0

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from lfgraph.passes.map_distillation import DistillSettings
 from lfgraph.study import lm_track, sweep, write_outputs
 
 #: The peers and lfgraph's default first, then lfgraph's other recipes and the ablation of
@@ -43,12 +42,13 @@ ABLATION = {
     "lfgraph-sleb-select": {"select": "sleb"}, "lfgraph-keep-last": {"keep": "last"},
 }
 OPTIONS |= ABLATION
-#: The distilled map (``calibrated-distill``: the closed-form map, then trained by logit KL
-#: on the calibration windows) after the default's selection, and after the full refit.
+#: The distilled map (``calibrated-map-distill``: the closed-form map, then trained by logit
+#: KL on the calibration windows; ``calibrated-distill``: the full refit, then the map) after
+#: the default's selection and after angular selection.
 DISTILLED = {
-    "lfgraph-distill": {"fuse": "calibrated-distill"},
-    "lfgraph-full-distill": {"fuse": "calibrated", "distill": DistillSettings()},
-    "lfgraph-angular-full-distill": {"fuse": "calibrated", "distill": DistillSettings()},
+    "lfgraph-distill": {"fuse": "calibrated-map-distill"},
+    "lfgraph-full-distill": {"fuse": "calibrated-distill"},
+    "lfgraph-angular-full-distill": {"fuse": "calibrated-distill"},
     "lfgraph-angular-full": {"fuse": "calibrated"},
 }
 OPTIONS |= DISTILLED

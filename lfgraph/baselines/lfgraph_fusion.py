@@ -51,7 +51,7 @@ def fuse_runs(
     select, fuse = select or recipe[0], fuse or recipe[1]
     if fuse in CALIBRATED_VARIANTS:  # the same refit, limited to a square map (see lfgraph.recipes)
         fuse, extra = "calibrated", refit_provenance(fuse)
-        options.setdefault("refit", extra["refit"])
+        options.setdefault("refit", extra.get("refit", "full"))
         if "distill_steps" in extra:
             options.setdefault("distill", DistillSettings(steps=int(extra["distill_steps"])))
     cpath = find_block_stack(model)
@@ -60,10 +60,15 @@ def fuse_runs(
     runs = select_runs(select, model, removable_blocks(model, cpath), data, n, batch_size=batch_size)
     names = [f"{cpath}.{i}" for r in runs for i in r.absorb]
     details: dict[str, Any] = {"select": select, "fuse": fuse, "runs": [r.blocks for r in runs], "keep": [r.keep for r in runs]}
+    if options.get("refit", "full") != "full":
+        details["refit"] = options["refit"]
     if fuse == "calibrated":
         plan = runs_to_plan(runs, cpath, fuse="calibrated")
         result = calibrated_merge_plan(model, plan, calibration, inplace=True, batch_size=batch_size, **options)
         details["strengths"] = [r.detail.get("strength") for r in result.log.records if r.action == "refit"]
+        for r in result.log.records:
+            if r.action == "distill":
+                details["distill"] = {k: r.detail[k] for k in ("steps", "best_step", "kl_start", "kl_best", "seconds")}
         return result.model, names, details
     if fuse != "remove":
         from ..errors import LfgraphError
