@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -143,8 +143,11 @@ class Track:
     original: dict[str, float] = field(default_factory=dict)
 
 
-def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: int, eval_tokens: int) -> Track:
-    """A causal LM (alias, folder or .gguf) with the two held-out texts."""
+def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: int, eval_tokens: int,
+             lm_eval_tasks: Sequence[str] = (), lm_eval_include: str | None = None, lm_eval_limit: int | None = None) -> Track:
+    """A causal LM (alias, folder or .gguf) with the two held-out texts, plus zero-shot
+    ``lm_eval_tasks`` through lm-eval when given (:mod:`lfgraph.harness`; ``lm_eval_include``
+    a folder of local task files, ``lm_eval_limit`` examples per task)."""
     from .calibration import calibration_windows
     from .models import load_model
 
@@ -162,6 +165,10 @@ def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: i
         for name, w in texts.items():
             ppl, agree, _ = lm_scores(m, w, reference[name])
             out[f"ppl_{name}"], out[f"top1_{name}"] = ppl, agree
+        if lm_eval_tasks:
+            from .harness import task_scores
+
+            out |= task_scores(m, loaded.tokenizer, lm_eval_tasks, lm_eval_include, lm_eval_limit)
         return out
 
     lower = {f"ppl_{n}": True for n in texts} | {f"top1_{n}": False for n in texts}
@@ -171,8 +178,12 @@ def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: i
         "texts": {"pydoc-heldout": "pydoc_data.topics, last 30% of its tokens (never used for calibration)", "licenses": f"every distinct file of {LICENSES_DIR}, sorted by name"},
         "agreement": "share of positions where the compressed model's top-1 next token equals the original model's",
     }
+    if lm_eval_tasks:
+        protocol["zero_shot"] = (f"lm-eval tasks {', '.join(lm_eval_tasks)}" + (f" from {lm_eval_include}" if lm_eval_include else "")
+                                 + (f", at most {lm_eval_limit} examples each" if lm_eval_limit else "") + " (higher is better)")
     t = Track(loaded.name, loaded.module, calib, score, lower, protocol)
     t.original = score(loaded.module)
+    t.lower_is_better |= {k: False for k in t.original if k not in lower}
     return t
 
 
@@ -439,6 +450,10 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--sleb-windows", type=int, default=4, help="SLEB's reduced calibration budget (windows)")
     p.add_argument("--sleb-tokens", type=int, default=128, help="SLEB's reduced calibration budget (tokens per window)")
     p.add_argument("--cnn-steps", type=int, default=300, help="training steps of the vision track's CNN")
+    p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
+                   help="also score zero-shot lm-eval tasks (needs 'lfgraph[lm-eval]'; offline: local task files via --lm-eval-include)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-eval task YAMLs (e.g. written by lfgraph.harness.write_cloze_task)")
+    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
     p.add_argument("--heal", type=int, default=0, metavar="STEPS",
                    help="also heal each depth method's result for STEPS steps (distillation from the original on the "
                         "calibration data, all parameters) and score it again as '<method>+heal'")
@@ -451,10 +466,19 @@ def run(args: argparse.Namespace) -> int:
         raise LfgraphError(f"targets must be fractions strictly between 0 and 1, got {args.targets}")
     if args.heal < 0:  # checked before the model is loaded
         raise LfgraphError(f"--heal must be a number of steps >= 0, got {args.heal}")
+    if args.lm_eval:  # checked before the model is loaded
+        from .harness import _harness
+
+        if args.model == "cnn":
+            raise LfgraphError("--lm-eval scores language models: the cnn track has no text tasks")
+        if args.lm_eval_include and not Path(args.lm_eval_include).is_dir():
+            raise LfgraphError(f"lm-eval task folder {args.lm_eval_include} does not exist: give a folder of task YAML files")
+        _harness()
     if args.model == "cnn":
         track = vision_track(args.cnn_steps)
     else:
-        track = lm_track(args.model, args.calib_windows, args.calib_tokens, args.eval_windows, args.eval_tokens)
+        track = lm_track(args.model, args.calib_windows, args.calib_tokens, args.eval_windows, args.eval_tokens,
+                         args.lm_eval, args.lm_eval_include, args.lm_eval_limit)
     budget = {"max_windows": args.sleb_windows, "max_tokens": args.sleb_tokens}
     options = {"sleb": budget, "lfgraph-sleb": {"sleb_budget": (args.sleb_windows, args.sleb_tokens)}}
     track.protocol["sleb_budget"] = f"{args.sleb_windows} windows x {args.sleb_tokens} tokens"
