@@ -31,27 +31,29 @@ CALIBRATED_VARIANTS = ("calibrated-map", "calibrated-distill", "calibrated-map-d
 ACTIVATION_SELECTIONS = ("block_influence", "angular", "sleb")
 
 #: The default (selection, fusion rule) per model family, from the measurements in README
-#: ("Depth reduction"): causal LMs and the ResNet-style CNN do best with Block Influence
+#: ("Depth reduction") and docs/study: the ResNet-style CNN does best with Block Influence
 #: selection and the calibrated refit. BERT-style encoders are post-LayerNorm, which the
 #: refit refuses, so they get ShortGPT-style deletion. Without calibration data only
 #: weight similarity can select, and deleting the selected blocks beat averaging them on
-#: both measured models.
+#: both measured models. Causal LMs depend on the target: see ``CAUSAL_LM_BANDS``.
 DEFAULT_RECIPES = {
-    "causal-lm": ("block_influence", "calibrated"),
-    # up to this fraction of the blocks, causal LMs get angular selection and the map refit
-    # (docs/study: better than the full refit on text of another kind at 10% and 20%,
-    # worse at 30%, where the full refit after Block Influence wins)
-    "causal-lm-shallow": ("angular", "calibrated-map"),
+    "causal-lm": ("block_influence", "calibrated-distill"),
     "encoder": ("block_influence", "remove"),
     "vision": ("block_influence", "calibrated"),
     "generic": ("similarity", "remove"),
 }
+#: Causal LMs by the fraction of blocks removed: (largest fraction, (selection, fusion
+#: rule)), first match wins. Measured on SmolLM2-135M (docs/study): angular selection (one
+#: contiguous run) is best up to 20% and at 50%, where Block Influence's scattered blocks
+#: collapse; Block Influence is best at 30%. The full refit beats the square map at every
+#: level, and the distilled map improves on the closed form at every level measured.
+CAUSAL_LM_BANDS = (
+    (0.2, ("angular", "calibrated-distill")),
+    (0.35, ("block_influence", "calibrated-distill")),
+    (1.0, ("angular", "calibrated-distill")),
+)
 #: ONNX sources carry no activations lfgraph can compute from PyTorch: weights only.
 ONNX_RECIPE = ("similarity", "aligned-mean")
-
-
-#: Largest fraction of blocks for which ``causal-lm-shallow`` is the default.
-SHALLOW_TARGET = 0.2
 
 
 def default_recipe(family: str, mode: str, has_data: bool, target: float | None = None, target_kind: str = "blocks") -> tuple[str, str]:
@@ -59,7 +61,7 @@ def default_recipe(family: str, mode: str, has_data: bool, target: float | None 
 
     ``has_data``: calibration data is at hand (text for language models, samples for
     others). ``tie`` always shares the mean weight: that is what tying means. Causal LMs
-    losing at most ``SHALLOW_TARGET`` of their blocks get the ``causal-lm-shallow`` recipe.
+    with a target in blocks get the recipe of their band in ``CAUSAL_LM_BANDS``.
     """
     if mode == "tie":
         return "similarity", "mean"
@@ -67,8 +69,10 @@ def default_recipe(family: str, mode: str, has_data: bool, target: float | None 
         return ONNX_RECIPE
     if not has_data:
         return DEFAULT_RECIPES["generic"]
-    if family == "causal-lm" and target is not None and target_kind == "blocks" and target <= SHALLOW_TARGET + 1e-9:
-        return DEFAULT_RECIPES["causal-lm-shallow"]
+    if family == "causal-lm" and target is not None and target_kind == "blocks":
+        for upper, recipe in CAUSAL_LM_BANDS:
+            if target <= upper + 1e-9:
+                return recipe
     return DEFAULT_RECIPES.get(family, DEFAULT_RECIPES["generic"])
 
 

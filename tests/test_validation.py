@@ -253,9 +253,11 @@ def test_tie_of_constant_built_weights_never_grows_the_file_and_counts_them(tmp_
 def test_default_recipe_per_target_for_language_models():
     from lfgraph.recipes import default_recipe, split_fusion_rule
 
-    assert default_recipe("causal-lm", "merge", True, 0.1) == ("angular", "calibrated-map")
-    assert default_recipe("causal-lm", "merge", True, 0.2) == ("angular", "calibrated-map")
-    assert default_recipe("causal-lm", "merge", True, 0.25) == ("block_influence", "calibrated")
+    assert default_recipe("causal-lm", "merge", True, 0.1) == ("angular", "calibrated-distill")
+    assert default_recipe("causal-lm", "merge", True, 0.2) == ("angular", "calibrated-distill")
+    assert default_recipe("causal-lm", "merge", True, 0.25) == ("block_influence", "calibrated-distill")
+    assert default_recipe("causal-lm", "merge", True, 0.5) == ("angular", "calibrated-distill")
+    assert default_recipe("vision", "merge", True, 0.5) == ("block_influence", "calibrated")
     assert default_recipe("causal-lm", "merge", False, 0.1) == ("similarity", "remove")
     assert default_recipe("causal-lm", "tie", True, 0.1) == ("similarity", "mean")
     assert split_fusion_rule("calibrated-map") == ("calibrated", False)
@@ -266,9 +268,9 @@ def test_default_recipe_per_target_for_language_models():
 
 
 def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):
-    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "m.onnx", target=0.2, calibration_windows=4,
+    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "m.onnx", target=0.2, fuse="calibrated-map", calibration_windows=4,
                                calibration_seq_len=32, eval_windows=0, quiet=True)
-    assert "select angular" in report.recipe and "fuse calibrated-map" in report.recipe
+    assert "fuse calibrated-map" in report.recipe
     assert report.plan.fuse == "calibrated" and report.plan.provenance["refit"] == "map"
     refits = [r for r in report.log.records if r.action == "refit"]
     assert refits and all(r.detail["refit"] == "map" for r in refits)

@@ -64,9 +64,20 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=512)
     ap.add_argument("--sleb", nargs=2, type=int, default=[4, 128], metavar=("WINDOWS", "TOKENS"))
+    ap.add_argument("--cloze", type=int, default=0, metavar="N",
+                    help="also score a zero-shot cloze task of N items from the licence texts through lm-eval (needs lfgraph[lm-eval])")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    track = lm_track("smollm2", args.calib_windows, args.calib_tokens, args.eval_windows, args.eval_tokens)
+    tasks, include = [], None
+    if args.cloze:
+        from lfgraph.harness import write_cloze_task
+        from lfgraph.models import cache_dir
+        from lfgraph.study import licenses_text
+
+        include = cache_dir() / "lm-eval-tasks"
+        write_cloze_task(licenses_text(), include, "cloze_licenses", n=args.cloze)
+        tasks = ["cloze_licenses"]
+    track = lm_track("smollm2", args.calib_windows, args.calib_tokens, args.eval_windows, args.eval_tokens, tasks, include)
     track.protocol["sleb_budget"] = f"{args.sleb[0]} windows x {args.sleb[1]} tokens (SLEB and lfgraph-sleb selection only)"
     print("original", track.original, flush=True)
     options = dict(OPTIONS)

@@ -32,7 +32,7 @@ from ..errors import LfgraphError
 
 #: Defaults of the ``calibrated-distill`` fusion rule (docs/study: the map trained for 60
 #: steps at 1e-4 was still improving; see DistillSettings).
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 60
 DEFAULT_LR = 3e-4
 
 
