@@ -337,6 +337,11 @@ def compress(
     with stage("rewrite"):
         result = rewrite(source, graph, plan, calibration=calibration, progress=not quiet)
     compressed = result.model
+    for r in result.log.records if result.log is not None else []:
+        if r.action == "distill" and r.detail.get("kl_start") is not None:
+            d = r.detail
+            notes.append(f"distilled maps: KL to the original on held-out calibration windows {d['kl_start']:.4g} -> {d['kl_best']:.4g} "
+                         f"(best of {d['steps']} steps at step {d['best_step']}, {d['seconds']:.0f} s)")
     metadata = {"lfgraph.version": __version__, "lfgraph.plan": plan.to_json(), "lfgraph.recipe": recipe,
                 "lfgraph.source_model": source.name}
     heal_curve = None

@@ -283,4 +283,5 @@ def test_calibrated_distill_rule_reaches_the_distillation(tiny_llama_folder, tmp
     assert "fuse calibrated-map-distill" in report.recipe
     assert report.plan.fuse == "calibrated" and report.plan.provenance["refit"] == "map" and report.plan.provenance["distill_steps"] > 0
     assert [r.action for r in report.log.records].count("distill") == 1
+    assert any(n.startswith("distilled maps: KL to the original") for n in report.notes)
     assert report.exit_code == 0
