@@ -411,8 +411,19 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
         from tqdm import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=config.desc, leave=False)
-    if config.eval_at_start and start == 0 and not evals and config.eval_data is not None:
-        value = D.mean_over_ranks(_eval_loss(wrapped, teacher, config.eval_data, config, taps), par)
+    def held_out_score() -> float:
+        """The held-out value keep_best compares: ``config.evaluate`` when given, else the objective."""
+        if config.evaluate is not None:
+            wrapped.eval()
+            with torch.no_grad():
+                value = D.mean_over_ranks(float(config.evaluate(wrapped)), par)
+            _train_mode(wrapped, config)
+            return value
+        return D.mean_over_ranks(_eval_loss(wrapped, teacher, config.eval_data, config, taps), par)
+
+    has_eval = config.eval_data is not None or config.evaluate is not None
+    if config.eval_at_start and start == 0 and not evals and has_eval:
+        value = held_out_score()
         evals.append((0, value, 0.0))
         if config.keep_best:
             best, best_state = (value, 0), D.full_state(wrapped, par)
@@ -441,16 +452,9 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
             losses.append(D.mean_over_ranks(step_loss, par))
             tokens += step_tokens * par.world
             done = step + 1
-            has_eval = config.eval_data is not None or config.evaluate is not None
             if has_eval and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
                 train_seconds += time.perf_counter() - t_mark
-                if config.evaluate is not None:
-                    wrapped.eval()
-                    with torch.no_grad():
-                        value = D.mean_over_ranks(float(config.evaluate(wrapped)), par)
-                    _train_mode(wrapped, config)
-                else:
-                    value = D.mean_over_ranks(_eval_loss(wrapped, teacher, config.eval_data, config, taps), par)
+                value = held_out_score()
                 evals.append((done, value, train_seconds))
                 t_mark = time.perf_counter()
                 if config.keep_best and value < best[0]:
@@ -475,7 +479,8 @@ def _heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: Heal
             teacher.train(teacher_was_training)
     seconds = train_seconds + (time.perf_counter() - t_mark)
     best_step = len(losses)
-    if best_state is not None and evals and best[1] != evals[-1][0]:
+    # the weights in hand are the last step's: restore unless that step is the best one
+    if best_state is not None and evals and best[1] != len(losses):
         D.load_full_state(wrapped, par, best_state)
         best_step = best[1]
     elif best_state is not None:

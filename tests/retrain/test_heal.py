@@ -205,6 +205,19 @@ def test_eval_keeps_the_best_state(trained: dict) -> None:
     assert mean_nll(r.model, held) == pytest.approx(values[best], abs=1e-6)
 
 
+def test_a_best_starting_state_is_restored_without_periodic_evaluation(trained: dict) -> None:
+    """eval_at_start with eval_every=0: the only evaluation is step 0, so keep_best must hand
+    back the starting weights, scored with the same ``evaluate`` the steps would use."""
+    start = copy.deepcopy(trained["student"])
+    reference = [p.detach().clone() for p in start.parameters()]
+    # distance from the starting weights: 0 at step 0, positive after any update
+    evaluate = lambda m: float(sum((p.detach() - r).abs().sum() for p, r in zip(m.parameters(), reference)))  # noqa: E731
+    r = heal(start, trained["teacher"], trained["train"],
+             HealConfig(steps=3, lr=1e-3, eval_every=0, eval_at_start=True, evaluate=evaluate, progress=False, warmup=0))
+    assert r.evals == [(0, 0.0, 0.0)] and r.best_step == 0
+    assert all(torch.equal(p, q) for p, q in zip(r.model.parameters(), reference))
+
+
 def test_interrupted_run_resumes_to_the_same_weights(trained: dict, tmp_path) -> None:
     """In-process interruption (an exception at step 6, after the checkpoint at 4); the
     subprocess kill -9 variant is in test_heal_cli.py."""
