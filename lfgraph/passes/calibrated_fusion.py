@@ -333,6 +333,12 @@ def calibrated_merge(
     for value, allowed, what in ((token_weighting, TOKEN_WEIGHTINGS, "token weighting"), (target, TARGETS, "target"), (refit, REFITS, "refit")):
         if value not in allowed:
             raise LfgraphError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+    if distill is not None:  # refuse what the distillation would refuse before minutes of refitting
+        from .map_distillation import split_windows
+
+        if distill.steps <= 0:
+            raise LfgraphError(f"distillation steps must be > 0, got {distill.steps}")
+        split_windows(calibration, distill.val_fraction)  # type: ignore[arg-type]
     if not runs:
         return PassResult(module, False)
     # distillation needs the original model as teacher: keep a copy when rewriting in place
