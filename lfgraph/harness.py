@@ -47,33 +47,48 @@ def hf_model_of(model: nn.Module) -> nn.Module:
 
 
 def task_scores(model: nn.Module, tokenizer: Any, tasks: Sequence[str], include_path: str | Path | None = None,
-                limit: int | None = None, batch_size: int = 4) -> dict[str, float]:
-    """``{"<task>_<metric>": value}`` for every accuracy-like metric lm-eval reports
-    (``acc``, ``acc_norm``, ``exact_match``...; standard errors left out). Higher is better.
-    ``limit``: at most this many examples per task."""
+                limit: int | None = None, batch_size: int = 4, lower_is_better: dict[str, bool] | None = None) -> dict[str, float]:
+    """``{"<task>_<metric>": value}`` for every metric lm-eval reports (``acc``,
+    ``acc_norm``, ``word_perplexity``...; standard errors left out), see :func:`read_results`.
+    ``limit``: at most this many examples per task. ``lower_is_better``, when given, is
+    filled with each metric's direction as the task declares it."""
     lm_eval, HFLM, TaskManager = _harness()
     if include_path is not None and not Path(include_path).is_dir():
         raise LfgraphError(f"lm-eval task folder {include_path} does not exist: give a folder of task YAML files")
     hf = hf_model_of(model)
     was = hf.training
-    hf.eval()
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise LfgraphError(f"lm-eval does not know task(s) {', '.join(unknown)}: check the names or the --lm-eval-include folder")
-    lm = HFLM(pretrained=hf, tokenizer=tokenizer, batch_size=batch_size, device=str(next(hf.parameters()).device))
     try:
+        hf.eval()
+        manager = TaskManager(include_path=str(include_path) if include_path else None)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise LfgraphError(f"lm-eval does not know task(s) {', '.join(unknown)}: check the names or the --lm-eval-include folder")
+        lm = HFLM(pretrained=hf, tokenizer=tokenizer, batch_size=batch_size, device=str(next(hf.parameters()).device))
         result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
                                          verbosity="ERROR")
     finally:
         hf.train(was)
-    out: dict[str, float] = {}
-    for task, metrics in (result or {}).get("results", {}).items():
+    scores, lower = read_results(result or {})
+    if lower_is_better is not None:
+        lower_is_better.update(lower)
+    return scores
+
+
+def read_results(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]:
+    """(scores, lower_is_better) from ``lm_eval.simple_evaluate``'s result: every numeric
+    metric of ``result["results"]`` (keys ``"<metric>,<filter>"``; standard errors and
+    aliases left out) as ``"<task>_<metric>"``, and its direction from
+    ``result["higher_is_better"]`` (higher is better where a task does not say)."""
+    scores: dict[str, float] = {}
+    lower: dict[str, bool] = {}
+    directions = result.get("higher_is_better", {})
+    for task, metrics in result.get("results", {}).items():
         for key, value in metrics.items():
             name, _, _filter = key.partition(",")
-            if isinstance(value, float) and "stderr" not in name and name != "alias":
-                out[f"{task}_{name}"] = value
-    return out
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name and name != "alias":
+                scores[f"{task}_{name}"] = float(value)
+                lower[f"{task}_{name}"] = directions.get(task, {}).get(name, True) is False
+    return scores, lower
 
 
 def write_cloze_task(text: str, out_dir: str | Path, name: str, n: int = 200, choices: int = 4, context_words: int = 48,
@@ -107,7 +122,7 @@ def write_cloze_task(text: str, out_dir: str | Path, name: str, n: int = 200, ch
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
-        f"    test: {data.resolve()}",
+        f"    test: {json.dumps(str(data.resolve()))}",  # quoted: any path is one YAML string
         "test_split: test",
         "output_type: multiple_choice",
         'doc_to_text: "{{context}}"',

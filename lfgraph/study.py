@@ -160,6 +160,8 @@ def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: i
     for name, w in texts.items():
         _, _, reference[name] = lm_scores(loaded.module, w, None)
 
+    task_directions: dict[str, bool] = {}  # lm-eval metric -> lower is better, as each task declares it
+
     def score(m: nn.Module) -> dict[str, float]:
         out = {}
         for name, w in texts.items():
@@ -168,7 +170,7 @@ def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: i
         if lm_eval_tasks:
             from .harness import task_scores
 
-            out |= task_scores(m, loaded.tokenizer, lm_eval_tasks, lm_eval_include, lm_eval_limit)
+            out |= task_scores(m, loaded.tokenizer, lm_eval_tasks, lm_eval_include, lm_eval_limit, lower_is_better=task_directions)
         return out
 
     lower = {f"ppl_{n}": True for n in texts} | {f"top1_{n}": False for n in texts}
@@ -180,10 +182,10 @@ def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: i
     }
     if lm_eval_tasks:
         protocol["zero_shot"] = (f"lm-eval tasks {', '.join(lm_eval_tasks)}" + (f" from {lm_eval_include}" if lm_eval_include else "")
-                                 + (f", at most {lm_eval_limit} examples each" if lm_eval_limit else "") + " (higher is better)")
+                                 + (f", at most {lm_eval_limit} examples each" if lm_eval_limit else ""))
     t = Track(loaded.name, loaded.module, calib, score, lower, protocol)
     t.original = score(loaded.module)
-    t.lower_is_better |= {k: False for k in t.original if k not in lower}
+    t.lower_is_better |= {k: task_directions.get(k, False) for k in t.original if k not in lower}
     return t
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lfgraph.errors import LfgraphError
-from lfgraph.harness import task_scores, write_cloze_task
+from lfgraph.harness import read_results, task_scores, write_cloze_task
 from lfgraph.models import CausalLMLogits
 from lfgraph.zoo import tiny_llama
 from tiny_text import TEXT, tiny_tokenizer
@@ -38,6 +38,30 @@ def test_cloze_items_hold_the_true_next_word(tmp_path) -> None:
         assert f"{it['context']} {it['choices'][it['answer']]}" in joined
     with pytest.raises(LfgraphError, match="cloze task needs"):
         write_cloze_task("too short", tmp_path, "x")
+
+
+def test_task_file_names_its_data_in_any_folder(tmp_path) -> None:
+    """The YAML's data path is one string even where the folder name holds ': ' or '#'."""
+    yaml = pytest.importorskip("yaml")
+    folder = tmp_path / "odd: name #1"
+    path = write_cloze_task(_text(), folder, "cloze", n=5)
+    spec = yaml.safe_load(path.read_text())
+    assert spec["dataset_kwargs"]["data_files"]["test"] == str((folder / "cloze.jsonl").resolve())
+
+
+def test_results_keep_each_metric_and_its_declared_direction() -> None:
+    """lm-eval's result layout: ``"<metric>,<filter>"`` keys, standard errors and aliases
+    beside them, directions under ``higher_is_better``."""
+    result = {
+        "results": {
+            "cloze": {"alias": "cloze", "acc,none": 0.75, "acc_stderr,none": 0.02, "acc_norm,none": 0.5},
+            "wikitext": {"word_perplexity,none": 31.5, "word_perplexity_stderr,none": "N/A", "bits_per_byte,none": 1.1},
+        },
+        "higher_is_better": {"cloze": {"acc": True, "acc_norm": True}, "wikitext": {"word_perplexity": False, "bits_per_byte": False}},
+    }
+    scores, lower = read_results(result)
+    assert scores == {"cloze_acc": 0.75, "cloze_acc_norm": 0.5, "wikitext_word_perplexity": 31.5, "wikitext_bits_per_byte": 1.1}
+    assert lower == {"cloze_acc": False, "cloze_acc_norm": False, "wikitext_word_perplexity": True, "wikitext_bits_per_byte": True}
 
 
 def test_missing_lm_eval_is_one_clear_error(monkeypatch) -> None:
