@@ -57,6 +57,10 @@ def released_merge(blocks: list[nn.Module]) -> dict[str, torch.Tensor]:
     """The released code's merge: ``W_l += W_{l+k} − W_l`` in turn, on the updated ``W_l``,
     for the projection weights only; every other tensor stays the first block's."""
     merged = {k: v.clone() for k, v in _tensors(blocks[0]).items()}
+    if not any(k in RELEASED_TENSORS for k in merged):
+        # otherwise the merge would silently be plain deletion of the other blocks
+        raise LfgraphError(f"laco-released merges Llama-style projections ({', '.join(RELEASED_TENSORS[:2])}, ...) and "
+                           f"{type(blocks[0]).__name__} has none: use laco (the paper's formula) for this model")
     for b in blocks[1:]:
         other = _tensors(b)
         for k in merged:

@@ -13,7 +13,7 @@ from torch import nn
 
 from lfgraph import zoo
 from lfgraph.baselines import METHODS, compressible_layers, run_method
-from lfgraph.baselines.laco import laco
+from lfgraph.baselines.laco import laco, released_merge
 from lfgraph.baselines.linearpatch import PatchedBlock, hadamard_rotation
 from lfgraph.baselines.replaceme import cut_activations, lstsq_map
 from lfgraph.baselines.svd import rank_for
@@ -151,6 +151,9 @@ def test_laco_released_rule_keeps_the_last_projections_and_the_first_norms() -> 
         torch.testing.assert_close(v, orig[5][k] if k in projections else orig[3][k], rtol=0, atol=1e-6)
     with pytest.raises(LfgraphError, match="LaCo rule"):
         laco(copy.deepcopy(model), 0.34, x, rule="nope")
+    # a block without Llama-style projections: refused, not silently reduced to deletion
+    with pytest.raises(LfgraphError, match="laco-released merges Llama-style projections"):
+        released_merge([nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4))])
 
 
 def test_replaceme_map_is_the_least_squares_solution_and_is_folded() -> None:
