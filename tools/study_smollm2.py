@@ -19,28 +19,30 @@ from lfgraph.study import lm_track, sweep, write_outputs
 #: The peers and lfgraph's default first, then lfgraph's other recipes and the ablation of
 #: its calibrated rule: how much the refit may move (full down-projection refit vs. a
 #: ReplaceMe-style d x d map), the ridge strength (fixed vs. chosen on held-out windows),
-#: the attention output projection refitted too.
+#: the attention output projection refitted too. The ablation rows are closed-form variants
+#: (no distillation): each names its fusion rule, since the family's default now distils.
 METHODS = [
     "shortgpt", "gromov", "replaceme-lstsq", "replaceme-cosine", "linearpatch", "lfgraph", "lfgraph-angular", "laco", "sleb",
     "lfgraph-map=lfgraph", "lfgraph-angular-map=lfgraph-angular", "lfgraph-attn=lfgraph", "lfgraph-angular-attn=lfgraph-angular",
     "lfgraph-ridge0.1=lfgraph", "lfgraph-sleb",
 ]
+MAP, FULL = {"fuse": "calibrated-map"}, {"fuse": "calibrated"}
 OPTIONS = {
-    "lfgraph-map": {"refit": "map"}, "lfgraph-angular-map": {"refit": "map"},
-    "lfgraph-attn": {"fit_attention": True}, "lfgraph-angular-attn": {"fit_attention": True},
-    "lfgraph-ridge0.1": {"strengths": (0.1,)},
+    "lfgraph-map": MAP, "lfgraph-angular-map": MAP,
+    "lfgraph-attn": FULL | {"fit_attention": True}, "lfgraph-angular-attn": FULL | {"fit_attention": True},
+    "lfgraph-ridge0.1": FULL | {"strengths": (0.1,)},
 }
-#: The ablation of the default recipe (each a variant of ``lfgraph``, i.e. angular +
-#: calibrated-map up to 20% of the blocks): ``--methods lfgraph-repair-all=lfgraph ...``.
+#: The ablation of the closed-form rule (each a variant of ``lfgraph``'s selection with the
+#: full refit): ``--methods lfgraph-repair-all=lfgraph ...``.
 #: ``repair-N``: the N blocks after each run also get a square map refitted towards the
 #: original model's hidden states (``repair_next``); ``attn``: the attention output
 #: projection refitted too; ``sleb-select``: SLEB's selection (reduced budget) instead of
-#: angular; ``keep-last``: the run's last block is kept and refitted instead of its first.
-ABLATION = {
+#: the default's; ``keep-last``: the run's last block is kept and refitted instead of its first.
+ABLATION = {name: FULL | o for name, o in {
     "lfgraph-ridge0.3": {"strengths": (0.3,)}, "lfgraph-ridge1": {"strengths": (1.0,)}, "lfgraph-ridge3": {"strengths": (3.0,)},
     "lfgraph-repair-2": {"repair_next": 2}, "lfgraph-repair-all": {"repair_next": 1000}, "lfgraph-attn": {"fit_attention": True},
     "lfgraph-sleb-select": {"select": "sleb"}, "lfgraph-keep-last": {"keep": "last"},
-}
+}.items()}
 OPTIONS |= ABLATION
 #: The distilled map (``calibrated-map-distill``: the closed-form map, then trained by logit
 #: KL on the calibration windows; ``calibrated-distill``: the full refit, then the map) after

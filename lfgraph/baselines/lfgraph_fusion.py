@@ -86,7 +86,7 @@ def _named(select: str | None):
     return compress
 
 
-register(Method("lfgraph", "depth", "lfgraph's default recipe for the model family (Block Influence + calibrated refit for LMs)", _named(None)))
-register(Method("lfgraph-angular", "depth", "lfgraph: angular-distance selection + calibrated refit", _named("angular")))
-register(Method("lfgraph-bi", "depth", "lfgraph: Block Influence selection + calibrated refit", _named("block_influence")))
-register(Method("lfgraph-sleb", "depth", "lfgraph: SLEB selection (reduced budget) + calibrated refit", _named("sleb")))
+register(Method("lfgraph", "depth", "lfgraph's default recipe for the model family (causal LMs: per target band, lfgraph.recipes.CAUSAL_LM_BANDS)", _named(None)))
+register(Method("lfgraph-angular", "depth", "lfgraph: angular-distance selection + the family's default fusion rule", _named("angular")))
+register(Method("lfgraph-bi", "depth", "lfgraph: Block Influence selection + the family's default fusion rule", _named("block_influence")))
+register(Method("lfgraph-sleb", "depth", "lfgraph: SLEB selection (reduced budget) + the family's default fusion rule", _named("sleb")))
