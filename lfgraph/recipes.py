@@ -96,7 +96,6 @@ def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_defa
     return text
 
 
-
 def refit_provenance(rule: str) -> dict[str, object]:
     """What a plan's provenance records for a calibrated variant (empty for other rules)."""
     from .passes.map_distillation import DEFAULT_STEPS

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from ..passes.block_stack import remove_blocks
-from ..passes.calibrated_fusion import calibrated_merge_plan
-from ..passes.map_distillation import DistillSettings
+from ..passes.calibrated_fusion import calibrated_merge_plan, options_from_provenance
 from ..passes.selection import runs_to_plan, select_runs
 from ._hidden import calibration_slice
 from .interface import Method, find_block_stack, n_blocks_for, register, removable_blocks
@@ -49,11 +48,10 @@ def fuse_runs(
 
     recipe = default_recipe(family_of(model), "merge", True, target)
     select, fuse = select or recipe[0], fuse or recipe[1]
-    if fuse in CALIBRATED_VARIANTS:  # the same refit, limited to a square map (see lfgraph.recipes)
-        fuse, extra = "calibrated", refit_provenance(fuse)
-        options.setdefault("refit", extra.get("refit", "full"))
-        if "distill_steps" in extra:
-            options.setdefault("distill", DistillSettings(steps=int(extra["distill_steps"])))
+    if fuse in CALIBRATED_VARIANTS:  # the calibrated refit, limited and/or distilled (see lfgraph.recipes)
+        for key, value in options_from_provenance(refit_provenance(fuse)).items():
+            options.setdefault(key, value)
+        fuse = "calibrated"
     cpath = find_block_stack(model)
     n = n_blocks_for(model, target, cpath)
     data = calibration_slice(calibration, *sleb_budget) if select == "sleb" else calibration

@@ -334,11 +334,9 @@ def calibrated_merge(
         if value not in allowed:
             raise LfgraphError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
     if distill is not None:  # refuse what the distillation would refuse before minutes of refitting
-        from .map_distillation import split_windows
+        from .map_distillation import check_settings
 
-        if distill.steps <= 0:
-            raise LfgraphError(f"distillation steps must be > 0, got {distill.steps}")
-        split_windows(calibration, distill.val_fraction)  # type: ignore[arg-type]
+        check_settings(distill, calibration)  # type: ignore[arg-type]
     if not runs:
         return PassResult(module, False)
     # distillation needs the original model as teacher: keep a copy when rewriting in place
@@ -719,6 +717,15 @@ def _fit_conv_run(
         relative_error_after=everything.loss(W) / max(everything.S, 1e-30),
         heldout_losses={f"{k:g}": v for k, v in losses.items()}, seconds=round(time.perf_counter() - t0, 3),
     )
+
+
+def options_from_provenance(provenance: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """The :func:`calibrated_merge` options a plan's provenance asks for (``refit``, and
+    ``distill`` when it records ``distill_steps``; see :func:`lfgraph.recipes.refit_provenance`)."""
+    from .map_distillation import DistillSettings
+
+    steps = int(provenance.get("distill_steps", 0))
+    return {"refit": provenance.get("refit", "full"), "distill": DistillSettings(steps=steps, progress=progress) if steps > 0 else None}
 
 
 def calibrated_merge_plan(module: nn.Module, plan: FusionPlan, calibration: torch.Tensor, **options: Any) -> PassResult:

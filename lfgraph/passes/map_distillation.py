@@ -94,6 +94,14 @@ def split_windows(calibration: torch.Tensor, val_fraction: float) -> tuple[torch
     return calibration[: n - n_val], calibration[n - n_val :]
 
 
+def check_settings(settings: DistillSettings, calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refuse settings the distillation cannot run with (no steps, fewer than 2 windows);
+    returns (training windows, held-out windows)."""
+    if settings.steps <= 0:
+        raise LfgraphError(f"distillation steps must be > 0, got {settings.steps}")
+    return split_windows(calibration, settings.val_fraction)
+
+
 def distill_maps(
     student: nn.Module, teacher: nn.Module, projections: Sequence[nn.Module], calibration: torch.Tensor,
     settings: DistillSettings | None = None,
@@ -104,11 +112,9 @@ def distill_maps(
     from ..retrain.heal import HealConfig, heal
 
     s = settings or DistillSettings()
-    if s.steps <= 0:
-        raise LfgraphError(f"distillation steps must be > 0, got {s.steps}")
     if not projections:
         raise LfgraphError("no refitted projection to distil a map on")
-    train, val = split_windows(calibration, s.val_fraction)
+    train, val = check_settings(s, calibration)
     for m in projections:
         _out_features(m)  # refuse an unsupported projection before anything changes
     # heal trains on the GPU when there is one; both models go back to where they were

@@ -202,8 +202,7 @@ def permute_block_in_place(block: nn.Module, space: HiddenSpace, perm: np.ndarra
 def _calibrated(model: nn.Module, graph: LayerGraph, plan: FusionPlan, calibration: Any, progress: bool) -> PassResult:
     if calibration is None:
         raise LfgraphError("fuse rule 'calibrated' needs calibration data: pass calibration windows (CLI: --calibration-windows)")
-    from .calibrated_fusion import calibrated_merge_plan
-    from .map_distillation import DistillSettings
+    from .calibrated_fusion import calibrated_merge_plan, options_from_provenance
 
     index = {b.name: b.index for b in graph.blocks}
     for f in plan.fusions:
@@ -211,6 +210,4 @@ def _calibrated(model: nn.Module, graph: LayerGraph, plan: FusionPlan, calibrati
         if idx != list(range(idx[0], idx[0] + len(idx))):
             raise LfgraphError(f"calibrated fusion needs runs of consecutive blocks; {[f.keep, *f.absorb]} is not one (use --scope adjacent)")
     # ``model`` is already this pass's private copy
-    steps = int(plan.provenance.get("distill_steps", 0))
-    distill = DistillSettings(steps=steps, progress=progress) if steps > 0 else None
-    return calibrated_merge_plan(model, plan, calibration, inplace=True, progress=progress, refit=plan.provenance.get("refit", "full"), distill=distill)
+    return calibrated_merge_plan(model, plan, calibration, inplace=True, progress=progress, **options_from_provenance(plan.provenance, progress))
