@@ -98,11 +98,12 @@ def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_defa
 
 def refit_provenance(rule: str) -> dict[str, object]:
     """What a plan's provenance records for a calibrated variant (empty for other rules)."""
-    from .passes.map_distillation import DEFAULT_STEPS
+    from .passes.map_distillation import DEFAULT_SAMPLED_WINDOWS, DEFAULT_STEPS
 
     out: dict[str, object] = {}
     if rule in ("calibrated-map", "calibrated-map-distill"):
         out["refit"] = "map"
     if rule.endswith("-distill"):
         out["distill_steps"] = DEFAULT_STEPS
+        out["distill_sampled_windows"] = DEFAULT_SAMPLED_WINDOWS
     return out

@@ -400,7 +400,7 @@ def calibrated_merge(
         curve = distill_maps(model, teacher, refitted, calibration, distill)  # type: ignore[arg-type]
         log.add(PASS_NAME, "distill", cpath, [r.target for r in log.records if r.action == "refit"],
                 steps=curve["steps"], best_step=curve["best_step"], kl_start=curve.get("kl_start"), kl_best=curve.get("kl_best"),
-                seconds=round(curve["seconds"], 3), trainable_params=curve["trainable_params"])
+                seconds=round(curve["seconds"], 3), trainable_params=curve["trainable_params"], sampled_windows=curve["sampled_windows"])
         model.eval()
     for s in specs:
         for i in s.index:
@@ -721,11 +721,15 @@ def _fit_conv_run(
 
 def options_from_provenance(provenance: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """The :func:`calibrated_merge` options a plan's provenance asks for (``refit``, and
-    ``distill`` when it records ``distill_steps``; see :func:`lfgraph.recipes.refit_provenance`)."""
+    ``distill`` when it records ``distill_steps``, with ``distill_sampled_windows`` windows
+    sampled from the original, none for plans that predate it; see
+    :func:`lfgraph.recipes.refit_provenance`)."""
     from .map_distillation import DistillSettings
 
     steps = int(provenance.get("distill_steps", 0))
-    return {"refit": provenance.get("refit", "full"), "distill": DistillSettings(steps=steps, progress=progress) if steps > 0 else None}
+    sampled = int(provenance.get("distill_sampled_windows", 0))
+    return {"refit": provenance.get("refit", "full"),
+            "distill": DistillSettings(steps=steps, sampled_windows=sampled, progress=progress) if steps > 0 else None}
 
 
 def calibrated_merge_plan(module: nn.Module, plan: FusionPlan, calibration: torch.Tensor, **options: Any) -> PassResult:

@@ -260,3 +260,48 @@ def test_distillation_never_returns_worse_than_its_start() -> None:
         torch.testing.assert_close(v, closed.state_dict()[k], rtol=0, atol=0)
     with pytest.raises(LfgraphError, match="at least 2 calibration windows"):
         calibrated_merge(model, [run], ids[:1], refit="map", distill=DistillSettings(steps=2))
+
+
+def test_sampled_windows_continue_the_prompts_from_the_original() -> None:
+    """``sample_windows``: each window keeps its prompt, has the calibration windows' length,
+    is reproducible from its seed, and comes from the original's distribution: with a nucleus
+    so small that only the top token survives, sampling is the original's greedy decoding."""
+    from lfgraph.passes.map_distillation import sample_windows
+
+    model = CausalLMLogits(tiny_llama(layers=2)).eval()
+    windows = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(5))
+    a = sample_windows(model, windows, 5, prompt_tokens=4, seed=1)
+    assert a.shape == (5, 12) and a.dtype == windows.dtype
+    assert torch.equal(a[:, :4], windows[torch.arange(5) % 3, :4])
+    assert torch.equal(a, sample_windows(model, windows, 5, prompt_tokens=4, seed=1))
+    assert not torch.equal(a, sample_windows(model, windows, 5, prompt_tokens=4, seed=2))
+    greedy = sample_windows(model, windows, 3, prompt_tokens=4, top_p=1e-6)
+    seq = windows[:, :4]
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy, seq)
+    with pytest.raises(LfgraphError, match="prompt_tokens"):
+        sample_windows(model, windows, 2, prompt_tokens=12)
+    with pytest.raises(LfgraphError, match="generate"):
+        sample_windows(nn.Linear(2, 2), windows, 2, prompt_tokens=4)
+
+
+def test_distillation_trains_on_sampled_windows_and_holds_out_real_ones() -> None:
+    """``sampled_windows``: the count is recorded, the held-out windows stay the real ones
+    (the starting KL equals a run without samples), and only the map changes."""
+    from lfgraph.passes.map_distillation import DistillSettings
+
+    model = CausalLMLogits(tiny_llama(layers=4)).eval()
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(6))
+    run = ["model.model.layers.1", "model.model.layers.2"]
+    plain = calibrated_merge(model, [run], ids, refit="map", distill=DistillSettings(steps=3, eval_every=1))
+    out = calibrated_merge(model, [run], ids, refit="map", distill=DistillSettings(steps=30, lr=3e-3, eval_every=5, sampled_windows=12, prompt_tokens=4))
+    (a,) = [r for r in plain.log.records if r.action == "distill"]
+    (b,) = [r for r in out.log.records if r.action == "distill"]
+    assert (a.detail["sampled_windows"], b.detail["sampled_windows"]) == (0, 12)
+    assert b.detail["kl_best"] < b.detail["kl_start"]
+    assert b.detail["kl_start"] == pytest.approx(a.detail["kl_start"], rel=1e-6)
+    closed = calibrated_merge(model, [run], ids, refit="map").model.state_dict()
+    changed = [k for k, v in out.model.state_dict().items() if not torch.equal(v, closed[k])]
+    assert changed == ["model.model.layers.1.mlp.down_proj.weight"]
