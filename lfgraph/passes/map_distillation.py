@@ -125,7 +125,7 @@ def _generator(model: nn.Module) -> nn.Module:
 
 
 def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt_tokens: int, top_p: float = 0.95,
-                   seed: int = 0, batch_size: int = 24) -> torch.Tensor:
+                   seed: int = 0, batch_size: int = 24, progress: bool = False) -> torch.Tensor:
     """``count`` windows as long as ``windows``' rows, each the first ``prompt_tokens`` of a
     row of ``windows`` (cycling) continued by nucleus sampling from ``teacher`` (KV cache,
     temperature 1, no early stop). Seeded: the same arguments give the same tokens."""
@@ -134,10 +134,12 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
         raise LfgraphError(f"prompt_tokens must be between 1 and the window length - 1 ({length - 1}), got {prompt_tokens}")
     gen = _generator(teacher)
     device = _device_of(gen)
+    from tqdm import tqdm
+
     out = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        for start in range(0, count, batch_size):
+        for start in tqdm(range(0, count, batch_size), desc="sample windows from the original", disable=not progress, leave=False):
             rows = torch.arange(start, min(count, start + batch_size)) % n
             prompt = windows[rows, :prompt_tokens].to(device)
             new = length - prompt_tokens
@@ -176,7 +178,7 @@ def distill_maps(
     if s.sampled_windows > 0 and train.shape[1] >= 2 and _find_generator(teacher) is not None:
         # short windows: the prompt is at most half of one, so that something is sampled
         prompt = max(1, min(s.prompt_tokens, int(train.shape[1]) // 2))
-        extra = sample_windows(teacher, train, s.sampled_windows, prompt, s.top_p, s.seed)
+        extra = sample_windows(teacher, train, s.sampled_windows, prompt, s.top_p, s.seed, progress=s.progress)
         train, sampled = torch.cat([train, extra]), int(extra.shape[0])
     # heal trains on the GPU when there is one; both models go back to where they were
     devices = {id(m): _device_of(m) for m in (student, teacher)}
