@@ -14,7 +14,8 @@ One word for one idea, the same in code, CLI, README and plan JSON:
   projection's output, ReplaceMe's capacity; plan ``fuse: calibrated``, ``refit: map``);
   ``calibrated-distill`` and ``calibrated-map-distill`` add a second stage: a square map on
   each refitted projection trained by logit distillation from the original on the
-  calibration windows (plan ``distill_steps: N``).
+  calibration windows plus windows the original samples from calibration prompts (plan
+  ``distill_steps: N``, ``distill_sampled_windows: K``).
 - **retraining mode** (``lfgraph.retrain``): how tied layers train during healing
   (the paper's mean, freeze, mix): a different idea from the fusion rule, with its own name.
 """
@@ -46,7 +47,8 @@ DEFAULT_RECIPES = {
 #: rule)), first match wins. Measured on SmolLM2-135M (docs/study): angular selection (one
 #: contiguous run) is best up to 20% and at 50%, where Block Influence's scattered blocks
 #: collapse; Block Influence is best at 30%. The full refit beats the square map at every
-#: level, and the distilled map improves on the closed form at every level measured.
+#: level, and the distilled map improves on the closed form at every level measured
+#: (more so with windows sampled from the original added to its training windows).
 CAUSAL_LM_BANDS = (
     (0.2, ("angular", "calibrated-distill")),
     (0.35, ("block_influence", "calibrated-distill")),
