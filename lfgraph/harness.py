@@ -38,10 +38,10 @@ def _harness() -> Any:
 
 def hf_model_of(model: nn.Module) -> nn.Module:
     """The Hugging Face ``PreTrainedModel`` inside lfgraph's wrappers (``CausalLMLogits``)."""
-    inner = model
-    while not hasattr(inner, "config") and isinstance(getattr(inner, "model", None), nn.Module):
-        inner = inner.model
-    if not hasattr(inner, "config"):
+    from .models import inner_hf_model
+
+    inner = inner_hf_model(model)
+    if inner is None:
         raise LfgraphError(f"{type(model).__name__} is not a Hugging Face model: lm-eval tasks need one")
     return inner
 

@@ -71,6 +71,15 @@ class CausalLMLogits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def inner_hf_model(model: nn.Module) -> nn.Module | None:
+    """The Hugging Face ``PreTrainedModel`` inside lfgraph's wrappers (``CausalLMLogits``),
+    ``model`` itself when it is one, ``None`` when there is none."""
+    inner = model
+    while not hasattr(inner, "config") and isinstance(getattr(inner, "model", None), nn.Module):
+        inner = inner.model
+    return inner if hasattr(inner, "config") else None
+
+
 class EncoderHidden(nn.Module):
     """``(input_ids[, attention_mask]) -> last_hidden_state`` for a Hugging Face encoder."""
 

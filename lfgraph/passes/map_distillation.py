@@ -58,9 +58,8 @@ class DistillSettings:
     #: of a training window) added to the training windows: the maps overfit ~6k calibration
     #: tokens within a few epochs, and the original's own text is new data at no cost in
     #: calibration text. Held-out windows stay real calibration text. The prompt is at most
-    #: half a window. Only an original that
-    #: can ``generate`` (Hugging Face causal LMs) is sampled; otherwise none are, and the
-    #: record says 0.
+    #: half a window. Only an original that can ``generate`` (Hugging Face causal LMs) is
+    #: sampled; otherwise none are, and the record says 0.
     sampled_windows: int = DEFAULT_SAMPLED_WINDOWS
     prompt_tokens: int = 16
     top_p: float = 0.95
@@ -109,19 +108,12 @@ def split_windows(calibration: torch.Tensor, val_fraction: float) -> tuple[torch
     return calibration[: n - n_val], calibration[n - n_val :]
 
 
-def _find_generator(model: nn.Module) -> nn.Module | None:
-    """The Hugging Face model inside ``model`` that can ``generate`` (lfgraph wraps causal LMs)."""
-    for m in (model, getattr(model, "model", None)):
-        if m is not None and callable(getattr(m, "generate", None)):
-            return m
-    return None
+def _generator(model: nn.Module) -> nn.Module | None:
+    """The Hugging Face model inside ``model`` when it can ``generate``, else ``None``."""
+    from ..models import inner_hf_model
 
-
-def _generator(model: nn.Module) -> nn.Module:
-    found = _find_generator(model)
-    if found is not None:
-        return found
-    raise LfgraphError(f"sampling windows from the original needs a Hugging Face causal LM with generate(); {type(model).__name__} has none: set sampled_windows=0")
+    inner = inner_hf_model(model)
+    return inner if inner is not None and callable(getattr(inner, "generate", None)) else None
 
 
 def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt_tokens: int, top_p: float = 0.95,
@@ -132,10 +124,12 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
     n, length = int(windows.shape[0]), int(windows.shape[1])
     if not 0 < prompt_tokens < length:
         raise LfgraphError(f"prompt_tokens must be between 1 and the window length - 1 ({length - 1}), got {prompt_tokens}")
-    gen = _generator(teacher)
-    device = _device_of(gen)
     from tqdm import tqdm
 
+    gen = _generator(teacher)
+    if gen is None:
+        raise LfgraphError(f"sampling windows from the original needs a Hugging Face causal LM with generate(); {type(teacher).__name__} has none: set sampled_windows=0")
+    device = _device_of(gen)
     out = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -175,7 +169,7 @@ def distill_maps(
     for m in projections:
         _out_features(m)  # refuse an unsupported projection before anything changes
     sampled = 0
-    if s.sampled_windows > 0 and train.shape[1] >= 2 and _find_generator(teacher) is not None:
+    if s.sampled_windows > 0 and train.shape[1] >= 2 and _generator(teacher) is not None:
         # short windows: the prompt is at most half of one, so that something is sampled
         prompt = max(1, min(s.prompt_tokens, int(train.shape[1]) // 2))
         extra = sample_windows(teacher, train, s.sampled_windows, prompt, s.top_p, s.seed, progress=s.progress)
