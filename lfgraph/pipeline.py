@@ -340,7 +340,8 @@ def compress(
     for r in result.log.records if result.log is not None else []:
         if r.action == "distill" and r.detail.get("kl_start") is not None:
             d = r.detail
-            notes.append(f"distilled maps: KL to the original on held-out calibration windows {d['kl_start']:.4g} -> {d['kl_best']:.4g} "
+            what = "distilled maps" + (" and the blocks around each cut" if d.get("trainable") == "neighbors" else "")
+            notes.append(f"{what}: KL to the original on held-out calibration windows {d['kl_start']:.4g} -> {d['kl_best']:.4g} "
                          f"(best of {d['steps']} steps at step {d['best_step']}, {d['seconds']:.0f} s"
                          + (f", {d['sampled_windows']} windows sampled from the original added to the training windows)" if d.get("sampled_windows") else ")"))
     metadata = {"lfgraph.version": __version__, "lfgraph.plan": plan.to_json(), "lfgraph.recipe": recipe,

@@ -15,7 +15,8 @@ One word for one idea, the same in code, CLI, README and plan JSON:
   ``calibrated-distill`` and ``calibrated-map-distill`` add a second stage: a square map on
   each refitted projection trained by logit distillation from the original on the
   calibration windows plus windows the original samples from calibration prompts (plan
-  ``distill_steps: N``, ``distill_sampled_windows: K``).
+  ``distill_steps: N``, ``distill_sampled_windows: K``, ``distill_trainable: maps`` or
+  ``neighbors``: also the blocks around each cut).
 - **retraining mode** (``lfgraph.retrain``): how tied layers train during healing
   (the paper's mean, freeze, mix): a different idea from the fusion rule, with its own name.
 """
@@ -100,7 +101,7 @@ def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_defa
 
 def refit_provenance(rule: str) -> dict[str, object]:
     """What a plan's provenance records for a calibrated variant (empty for other rules)."""
-    from .passes.map_distillation import DEFAULT_SAMPLED_WINDOWS, DEFAULT_STEPS
+    from .passes.map_distillation import DEFAULT_SAMPLED_WINDOWS, DEFAULT_STEPS, DEFAULT_TRAINABLE
 
     out: dict[str, object] = {}
     if rule in ("calibrated-map", "calibrated-map-distill"):
@@ -108,4 +109,6 @@ def refit_provenance(rule: str) -> dict[str, object]:
     if rule.endswith("-distill"):
         out["distill_steps"] = DEFAULT_STEPS
         out["distill_sampled_windows"] = DEFAULT_SAMPLED_WINDOWS
+        # the map-only rule keeps ReplaceMe's capacity in its second stage too
+        out["distill_trainable"] = "maps" if rule == "calibrated-map-distill" else DEFAULT_TRAINABLE
     return out

@@ -265,6 +265,14 @@ def test_default_recipe_per_target_for_language_models():
 
     assert refit_provenance("calibrated-distill")["distill_steps"] > 0 and "refit" not in refit_provenance("calibrated-distill")
     assert refit_provenance("calibrated-map-distill")["refit"] == "map" and refit_provenance("calibrated") == {}
+    # the map-only rule keeps ReplaceMe's capacity when it distils; plans from before the
+    # trainable choice existed distil the maps alone, as they did when they were written
+    from lfgraph.passes.calibrated_fusion import options_from_provenance
+
+    assert refit_provenance("calibrated-distill")["distill_trainable"] == "neighbors"
+    assert refit_provenance("calibrated-map-distill")["distill_trainable"] == "maps"
+    assert options_from_provenance(refit_provenance("calibrated-distill"))["distill"].trainable == "neighbors"
+    assert options_from_provenance({"distill_steps": 60})["distill"].trainable == "maps"
 
 
 def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):

@@ -66,7 +66,7 @@ def fuse_runs(
         details["strengths"] = [r.detail.get("strength") for r in result.log.records if r.action == "refit"]
         for r in result.log.records:
             if r.action == "distill":
-                details["distill"] = {k: r.detail[k] for k in ("steps", "best_step", "kl_start", "kl_best", "sampled_windows", "seconds") if k in r.detail}
+                details["distill"] = {k: r.detail[k] for k in ("steps", "best_step", "kl_start", "kl_best", "sampled_windows", "trainable", "seconds") if k in r.detail}
         return result.model, names, details
     if fuse != "remove":
         from ..errors import LfgraphError

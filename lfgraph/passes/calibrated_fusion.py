@@ -393,14 +393,22 @@ def calibrated_merge(
 
     refitted = [model.get_submodule(r.target) for r in log.records if r.action == "refit"]
     absorbed = [f"{cpath}.{i}" for s in specs for i in s.index if i != s.keep]
+    # the blocks around each cut (kept block, first surviving block after the run), held as
+    # objects because remove_blocks renumbers the stack
+    gone = {i for s in specs for i in s.index if i != s.keep}
+    cut_neighbors: list[nn.Module] = []
+    for s in specs:
+        after = [j for j in range(max(s.index) + 1, len(stack)) if j not in gone][:1]
+        cut_neighbors += [stack[i] for i in [s.keep, *after] if all(stack[i] is not b for b in cut_neighbors)]
     remove_blocks(model, absorbed)
     if distill is not None:
         from .map_distillation import distill_maps
 
-        curve = distill_maps(model, teacher, refitted, calibration, distill)  # type: ignore[arg-type]
+        curve = distill_maps(model, teacher, refitted, calibration, distill, neighbors=cut_neighbors)  # type: ignore[arg-type]
         log.add(PASS_NAME, "distill", cpath, [r.target for r in log.records if r.action == "refit"],
                 steps=curve["steps"], best_step=curve["best_step"], kl_start=curve.get("kl_start"), kl_best=curve.get("kl_best"),
-                seconds=round(curve["seconds"], 3), trainable_params=curve["trainable_params"], sampled_windows=curve["sampled_windows"])
+                seconds=round(curve["seconds"], 3), trainable_params=curve["trainable_params"], sampled_windows=curve["sampled_windows"],
+                trainable=distill.trainable)
         model.eval()
     for s in specs:
         for i in s.index:
@@ -722,14 +730,15 @@ def _fit_conv_run(
 def options_from_provenance(provenance: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """The :func:`calibrated_merge` options a plan's provenance asks for (``refit``, and
     ``distill`` when it records ``distill_steps``, with ``distill_sampled_windows`` windows
-    sampled from the original, none for plans that predate it; see
-    :func:`lfgraph.recipes.refit_provenance`)."""
+    sampled from the original and ``distill_trainable`` (plans that predate them: none,
+    ``maps``); see :func:`lfgraph.recipes.refit_provenance`)."""
     from .map_distillation import DistillSettings
 
     steps = int(provenance.get("distill_steps", 0))
     sampled = int(provenance.get("distill_sampled_windows", 0))
+    trainable = str(provenance.get("distill_trainable", "maps"))
     return {"refit": provenance.get("refit", "full"),
-            "distill": DistillSettings(steps=steps, sampled_windows=sampled, progress=progress) if steps > 0 else None}
+            "distill": DistillSettings(steps=steps, sampled_windows=sampled, trainable=trainable, progress=progress) if steps > 0 else None}
 
 
 def calibrated_merge_plan(module: nn.Module, plan: FusionPlan, calibration: torch.Tensor, **options: Any) -> PassResult:

@@ -230,7 +230,7 @@ def test_distilled_map_changes_only_the_map_and_lowers_the_kl() -> None:
     closed = calibrated_merge(model, [run], calib, refit="map").model
     # calibration windows only: these random-token windows are nothing like the random tiny
     # model's own samples, and the unseen windows below are drawn like the calibration ones
-    out = calibrated_merge(model, [run], calib, refit="map", distill=DistillSettings(steps=60, lr=3e-3, eval_every=5, sampled_windows=0))
+    out = calibrated_merge(model, [run], calib, refit="map", distill=DistillSettings(steps=60, lr=3e-3, eval_every=5, sampled_windows=0, trainable="maps"))
     distilled = out.model
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the teacher is the caller's model, unchanged
@@ -298,7 +298,7 @@ def test_distillation_trains_on_sampled_windows_and_holds_out_real_ones() -> Non
     ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(6))
     run = ["model.model.layers.1", "model.model.layers.2"]
     plain = calibrated_merge(model, [run], ids, refit="map", distill=DistillSettings(steps=3, eval_every=1, sampled_windows=0))
-    out = calibrated_merge(model, [run], ids, refit="map", distill=DistillSettings(steps=30, lr=3e-3, eval_every=5, sampled_windows=12, prompt_tokens=4))
+    out = calibrated_merge(model, [run], ids, refit="map", distill=DistillSettings(steps=30, lr=3e-3, eval_every=5, sampled_windows=12, prompt_tokens=4, trainable="maps"))
     (a,) = [r for r in plain.log.records if r.action == "distill"]
     (b,) = [r for r in out.log.records if r.action == "distill"]
     assert (a.detail["sampled_windows"], b.detail["sampled_windows"]) == (0, 12)
@@ -307,3 +307,29 @@ def test_distillation_trains_on_sampled_windows_and_holds_out_real_ones() -> Non
     closed = calibrated_merge(model, [run], ids, refit="map").model.state_dict()
     changed = [k for k, v in out.model.state_dict().items() if not torch.equal(v, closed[k])]
     assert changed == ["model.model.layers.1.mlp.down_proj.weight"]
+
+
+def test_neighbor_distillation_trains_the_blocks_around_the_cut_only() -> None:
+    """``trainable="neighbors"``: the kept block and the block right after the cut train with
+    the map, nothing else moves; the held-out KL falls; an unknown trainable set, and
+    neighbours asked for but not given, are one clear error each."""
+    from lfgraph.passes.map_distillation import DistillSettings, distill_maps
+
+    model = CausalLMLogits(tiny_llama(layers=6)).eval()
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(7))
+    run = [f"model.model.layers.{i}" for i in (2, 3, 4)]
+    closed = calibrated_merge(model, [run], ids, refit="map").model
+    out = calibrated_merge(model, [run], ids, refit="map",
+                           distill=DistillSettings(steps=20, lr=1e-3, eval_every=5, sampled_windows=0, trainable="neighbors"))
+    changed = {k for k, v in out.model.state_dict().items() if not torch.equal(v, closed.state_dict()[k])}
+    # merged stack: 0, 1, 2 (kept, holds the map), 3 (old block 5, right after the cut)
+    assert changed and all(k.startswith(("model.model.layers.2.", "model.model.layers.3.")) for k in changed)
+    assert any(k.startswith("model.model.layers.3.") for k in changed)
+    assert "model.model.layers.2.mlp.down_proj.weight" in changed
+    (rec,) = [r for r in out.log.records if r.action == "distill"]
+    assert rec.detail["trainable"] == "neighbors" and rec.detail["kl_best"] < rec.detail["kl_start"]
+    with pytest.raises(LfgraphError, match="trainable"):
+        calibrated_merge(model, [run], ids, refit="map", distill=DistillSettings(steps=2, trainable="everything"))
+    student = copy.deepcopy(closed)
+    with pytest.raises(LfgraphError, match="neighbors"):
+        distill_maps(student, model, [student.model.model.layers[2].mlp.down_proj], ids, DistillSettings(steps=2, trainable="neighbors"))
