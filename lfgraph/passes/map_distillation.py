@@ -211,7 +211,7 @@ def distill_maps(
         config = HealConfig(
             steps=s.steps, lr=s.lr, batch_size=s.batch_size, objective="distill", temperature=s.temperature,
             trainable="all", eval_data=val, eval_every=s.eval_every, keep_best=True, eval_at_start=True, seed=s.seed, progress=s.progress,
-            desc="distil maps", **({"strategy": "none"} | s.extra),
+            desc="distil maps" + (" and neighbor blocks" if blocks else ""), **({"strategy": "none"} | s.extra),
         )
         with torch.enable_grad():  # callers (the method interface) may run under no_grad
             result = heal(student, teacher, train, config)
