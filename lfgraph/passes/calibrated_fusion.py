@@ -392,10 +392,10 @@ def calibrated_merge(
         pos = spec.index[-1] + 1
 
     refitted = [model.get_submodule(r.target) for r in log.records if r.action == "refit"]
-    absorbed = [f"{cpath}.{i}" for s in specs for i in s.index if i != s.keep]
+    gone = [i for s in specs for i in s.index if i != s.keep]
+    absorbed = [f"{cpath}.{i}" for i in gone]
     # the blocks around each cut (kept block, first surviving block after the run), held as
     # objects because remove_blocks renumbers the stack
-    gone = {i for s in specs for i in s.index if i != s.keep}
     cut_neighbors: list[nn.Module] = []
     for s in specs:
         after = [j for j in range(max(s.index) + 1, len(stack)) if j not in gone][:1]

@@ -8,9 +8,9 @@ which the layers above the cut turn that hidden state into. This pass fits what 
 measures, with the same data as ReplaceMe's ``T`` and, under ``trainable="maps"``, the
 same capacity (one ``d x d`` matrix per fused run, nothing else trains): logit KL from the
 original model, a held-out part of the calibration windows for early stopping (the best
-state is kept, so the result is never worse on those windows than the closed-form start). The loop is healing's
-(:func:`lfgraph.retrain.heal`: warm-up and cosine schedule, clipping, progress bar), with
-every parameter frozen except the trained ones.
+state is kept, so the result is never worse on those windows than the closed-form start).
+The loop is healing's (:func:`lfgraph.retrain.heal`: warm-up and cosine schedule, clipping,
+progress bar), with every parameter frozen except the trained ones.
 
 ``trainable="neighbors"`` (the default) trains more than ReplaceMe's capacity: every
 parameter of the block that holds each map and of the block right after it (the first
@@ -46,7 +46,7 @@ DEFAULT_LR = 3e-4
 DEFAULT_SAMPLED_WINDOWS = 72
 #: What the distillation trains: the maps alone, or also the blocks around each cut. The
 #: default trains the blocks too: on SmolLM2 at the same steps and windows (so at no extra
-#: time) better on both held-out texts at 10, 20 and 30% (docs/study).
+#: time) better on both held-out texts at 10, 20, 30 and 50% (docs/study).
 DISTILL_TRAINABLE = ("maps", "neighbors")
 DEFAULT_TRAINABLE = "neighbors"
 
@@ -175,8 +175,8 @@ def distill_maps(
     """Train ``M`` on every projection in ``projections`` by logit distillation from
     ``teacher`` (see the module docstring); under ``trainable="neighbors"`` every parameter
     of ``neighbors`` (blocks of ``student``: each cut's kept block and the block after it)
-    trains too. Returns the healing curve (``heal``'s
-    ``curve()``) plus ``kl_start``/``kl_best`` on the held-out windows."""
+    trains too. Returns the healing curve (``heal``'s ``curve()``) plus
+    ``kl_start``/``kl_best`` on the held-out windows."""
     from ..retrain.heal import HealConfig, heal
 
     s = settings or DistillSettings()
