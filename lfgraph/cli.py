@@ -37,6 +37,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse", choices=FUSION_RULES, default=None, help="fusion rule: how a fused run becomes one block (default: best measured for the model family)")
     p.add_argument("--metric", choices=_metric_names(), default=None, help="weight-similarity measure, for --select similarity (default bures)")
     p.add_argument("--scope", choices=["adjacent", "global"], default=None, help="fuse neighbours only, or any compatible pair, for --select similarity (default adjacent)")
+    p.add_argument("--distill-trainable", choices=["maps", "neighbors", "blocks"], default=None,
+                   help="what the distilling rules train with the maps: maps only, also the blocks around each cut, or every block (default: the rule's, neighbors for calibrated-distill)")
     p.add_argument("--calibration-text", default=None, help="text file (or folder of *.txt) to calibrate on (default: a part of the bundled corpus kept apart from evaluation)")
     p.add_argument("--calibration-tokens", default=None, metavar="FILE", help="token ids (.npy or .pt) to calibrate on, for models without a tokenizer")
     p.add_argument("--calibration-windows", type=int, default=16, help="number of calibration windows (default 16)")
@@ -177,7 +179,8 @@ def _plan(args: argparse.Namespace) -> int:
     select, fuse = args.select or select, args.fuse or fuse
     calibration = source.calibration(options) if select in ACTIVATION_SELECTIONS or fuse.startswith("calibrated") else None
     plan = plan_model(source, graph, args.target, mode=args.mode, select=select, fuse=fuse, metric=args.metric or "bures",
-                      scope=args.scope or "adjacent", target_kind=args.target_kind, calibration=calibration)
+                      scope=args.scope or "adjacent", target_kind=args.target_kind, calibration=calibration,
+                      distill_trainable=args.distill_trainable)
     print(plan_summary(plan))
     if args.dry_run or not args.output:
         if not args.dry_run:
@@ -200,6 +203,7 @@ def _compress(args: argparse.Namespace) -> int:
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
         eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, max_quality_loss=args.max_quality_loss,
         log_path=args.log, report_path=args.report, heal_steps=heal.pop("steps"), heal_options=heal, rtol=args.rtol, quiet=args.quiet,
+        distill_trainable=args.distill_trainable,
     )
     sys.stderr.flush()  # progress bars end before the table starts
     print(report.table())

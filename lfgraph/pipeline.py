@@ -107,14 +107,17 @@ def plan_model(
     calibration: Any = None,
     analysis: Analysis | None = None,
     progress: bool = True,
+    distill_trainable: str | None = None,
 ) -> FusionPlan:
     """A FusionPlan by weight similarity (``select="similarity"``) or by an activation-based
     selection (Block Influence, Gromov angular distance, SLEB; PyTorch sources only).
 
     The plan's provenance states the fraction actually removed (a target is rounded to
     whole blocks) and, for activation selections, each candidate block's score.
+    ``distill_trainable`` (``-distill`` rules only) replaces the rule's trainable set.
     """
     check_recipe(target, mode, select, fuse, target_kind)
+    refit_provenance(fuse, distill_trainable)  # refuse a bad combination before selecting
     rule, align = split_fusion_rule(fuse)
     if select == "similarity":
         from .passes.planner import make_plan
@@ -122,7 +125,7 @@ def plan_model(
         plan = make_plan(graph, metric=metric, target=target, target_kind=target_kind, scope=scope, mode=mode,
                          fuse=rule, align=align, analysis=analysis, progress=progress)
         plan.provenance["select"] = "similarity"
-        return _finish_plan(plan, graph, fuse)
+        return _finish_plan(plan, graph, fuse, distill_trainable)
     source = model if isinstance(model, Source) else TorchSource(model)
     if not isinstance(source, TorchSource):
         raise LfgraphError(f"selection {select!r} needs activations, which lfgraph computes from the PyTorch model; ONNX files support --select similarity")
@@ -151,15 +154,15 @@ def plan_model(
         "blocks_before": len(graph.blocks), "blocks_after": len(graph.blocks) - n_drop, "params_before": graph.total_params,
     }
     plan = runs_to_plan(runs, container, fuse=rule, align=align, provenance=provenance)
-    return _finish_plan(plan, graph, fuse)
+    return _finish_plan(plan, graph, fuse, distill_trainable)
 
 
-def _finish_plan(plan: FusionPlan, graph: LayerGraph, fusion_rule: str) -> FusionPlan:
+def _finish_plan(plan: FusionPlan, graph: LayerGraph, fusion_rule: str, distill_trainable: str | None = None) -> FusionPlan:
     """Record what a plan's reader needs beyond its fusions: the refit's capacity and
     distillation for ``calibrated-map``/``calibrated-distill``, and the fraction actually removed (targets round to whole blocks
     or layers)."""
     p = plan.provenance
-    p.update(refit_provenance(fusion_rule))
+    p.update(refit_provenance(fusion_rule, distill_trainable))
     if plan.mode == "merge" and graph.blocks:
         removed = sum(len(f.absorb) for f in plan.fusions)
         p["achieved"] = round(removed / len(graph.blocks), 4)
@@ -264,6 +267,7 @@ def compress(
     heal_options: dict[str, Any] | None = None,
     rtol: float | None = None,
     quiet: bool = False,
+    distill_trainable: str | None = None,
 ) -> CompressReport:
     """Compress a model to ``out`` (ONNX), verify the file and measure the cost.
 
@@ -271,7 +275,8 @@ def compress(
     otherwise one is made from ``target`` and the selection/fusion options, which default
     to the best measured recipe for the model family. ``metric``/``scope`` apply to
     ``select="similarity"`` only (given with another selection, the report says they were
-    ignored). ``eval_windows`` held-out windows of ``eval_seq_len`` tokens measure quality
+    ignored). ``distill_trainable`` chooses what the ``-distill`` rules train with the maps
+    (``maps``, ``neighbors``, ``blocks``; default: the rule's). ``eval_windows`` held-out windows of ``eval_seq_len`` tokens measure quality
     against the original for language models (0 skips the quality check). With
     ``max_quality_loss``, a larger loss makes the report fail (exit code 1; the file is
     kept and marked in its metadata). ``heal_steps`` > 0 fine-tunes the rewritten model by
@@ -295,6 +300,10 @@ def compress(
                 raise LfgraphError(f"folder of {what} {extra} does not exist: create it or choose another path")
         if given_plan is None:
             check_recipe(target, mode, select or "similarity", fuse or "remove", target_kind)
+            if fuse is not None:
+                refit_provenance(fuse, distill_trainable)
+        elif distill_trainable is not None:
+            raise LfgraphError("--distill-trainable chooses how a new plan distils; a plan from file already records it (provenance.distill_trainable): drop one of them")
         if max_quality_loss is not None and max_quality_loss < 0:
             raise LfgraphError(f"--max-quality-loss {max_quality_loss} is negative: give 0 or more (e.g. 0.5 for at most 50% higher perplexity)")
     if is_onnx_spec(spec) and _is_decoder_with_past(Path(spec)):
@@ -328,7 +337,8 @@ def compress(
             metric, scope = metric or "bures", scope or "adjacent"
             _progress(f"planning: select {chosen_select}, fuse {chosen_fuse}, target {target} of {target_kind}", quiet)
             plan = plan_model(source, graph, target, mode=mode, select=chosen_select, fuse=chosen_fuse, metric=metric,
-                              scope=scope, target_kind=target_kind, calibration=calibration, progress=not quiet)
+                              scope=scope, target_kind=target_kind, calibration=calibration, progress=not quiet,
+                              distill_trainable=distill_trainable)
             recipe = describe(mode, chosen_select, chosen_fuse, metric, scope, select is None and fuse is None, source.family)
         achieved = plan.provenance.get("achieved")
         if achieved is not None and given_plan is None and abs(achieved - target) > 1e-6:
@@ -340,7 +350,7 @@ def compress(
     for r in result.log.records if result.log is not None else []:
         if r.action == "distill" and r.detail.get("kl_start") is not None:
             d = r.detail
-            what = "distilled maps" + (" and the blocks around each cut" if d.get("trainable") == "neighbors" else "")
+            what = "distilled maps" + {"neighbors": " and the blocks around each cut", "blocks": " and every block"}.get(str(d.get("trainable")), "")
             notes.append(f"{what}: KL to the original on held-out calibration windows {d['kl_start']:.4g} -> {d['kl_best']:.4g} "
                          f"(best of {d['steps']} steps at step {d['best_step']}, {d['seconds']:.0f} s"
                          + (f", {d['sampled_windows']} windows sampled from the original added to the training windows)" if d.get("sampled_windows") else ")"))

@@ -15,8 +15,9 @@ One word for one idea, the same in code, CLI, README and plan JSON:
   ``calibrated-distill`` and ``calibrated-map-distill`` add a second stage: a square map on
   each refitted projection trained by logit distillation from the original on the
   calibration windows plus windows the original samples from calibration prompts (plan
-  ``distill_steps: N``, ``distill_sampled_windows: K``, ``distill_trainable: maps`` or
-  ``neighbors``: also the blocks around each cut).
+  ``distill_steps: N``, ``distill_sampled_windows: K``, ``distill_trainable: maps``,
+  ``neighbors``: also the blocks around each cut, or ``blocks``: also every block;
+  ``--distill-trainable`` chooses).
 - **retraining mode** (``lfgraph.retrain``): how tied layers train during healing
   (the paper's mean, freeze, mix): a different idea from the fusion rule, with its own name.
 """
@@ -99,10 +100,16 @@ def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_defa
     return text
 
 
-def refit_provenance(rule: str) -> dict[str, object]:
-    """What a plan's provenance records for a calibrated variant (empty for other rules)."""
-    from .passes.map_distillation import DEFAULT_SAMPLED_WINDOWS, DEFAULT_STEPS, DEFAULT_TRAINABLE
+def refit_provenance(rule: str, distill_trainable: str | None = None) -> dict[str, object]:
+    """What a plan's provenance records for a calibrated variant (empty for other rules).
+    ``distill_trainable`` replaces the rule's own trainable set (``-distill`` rules only)."""
+    from .errors import LfgraphError
+    from .passes.map_distillation import DEFAULT_SAMPLED_WINDOWS, DEFAULT_STEPS, DEFAULT_TRAINABLE, DISTILL_TRAINABLE
 
+    if distill_trainable is not None and not rule.endswith("-distill"):
+        raise LfgraphError(f"--distill-trainable applies to the distilling rules (calibrated-distill, calibrated-map-distill), not --fuse {rule}")
+    if distill_trainable is not None and distill_trainable not in DISTILL_TRAINABLE:
+        raise LfgraphError(f"--distill-trainable must be one of {list(DISTILL_TRAINABLE)}, got {distill_trainable!r}")
     out: dict[str, object] = {}
     if rule in ("calibrated-map", "calibrated-map-distill"):
         out["refit"] = "map"
@@ -110,5 +117,5 @@ def refit_provenance(rule: str) -> dict[str, object]:
         out["distill_steps"] = DEFAULT_STEPS
         out["distill_sampled_windows"] = DEFAULT_SAMPLED_WINDOWS
         # the map-only rule keeps ReplaceMe's capacity in its second stage too
-        out["distill_trainable"] = "maps" if rule == "calibrated-map-distill" else DEFAULT_TRAINABLE
+        out["distill_trainable"] = distill_trainable or ("maps" if rule == "calibrated-map-distill" else DEFAULT_TRAINABLE)
     return out

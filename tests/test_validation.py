@@ -11,6 +11,7 @@ import torch
 
 from lfgraph import models, pipeline, zoo
 from lfgraph.cli import main
+from lfgraph.errors import LfgraphError
 
 
 def _one_line(capsys, code, match, want=2):
@@ -45,6 +46,7 @@ def no_loading(monkeypatch):
     ("negative quality gate", ["--max-quality-loss", "-1"], "negative"),
     ("missing report folder", ["--report", "{tmp}/no/page.html"], "--report"),
     ("missing log folder", ["--log", "{tmp}/no/log.json"], "--log"),
+    ("distill trainable for a rule that does not distil", ["--fuse", "remove", "--distill-trainable", "blocks"], "--distill-trainable"),
 ])
 def test_compress_options_are_checked_before_loading(tiny_llama_folder, tmp_path, capsys, no_loading, case, args, match):
     before = _digest(tiny_llama_folder)
@@ -273,6 +275,11 @@ def test_default_recipe_per_target_for_language_models():
     assert refit_provenance("calibrated-map-distill")["distill_trainable"] == "maps"
     assert options_from_provenance(refit_provenance("calibrated-distill"))["distill"].trainable == "neighbors"
     assert options_from_provenance({"distill_steps": 60})["distill"].trainable == "maps"
+    # --distill-trainable replaces the rule's set, for the distilling rules only
+    assert options_from_provenance(refit_provenance("calibrated-distill", "blocks"))["distill"].trainable == "blocks"
+    assert refit_provenance("calibrated-map-distill", "neighbors")["distill_trainable"] == "neighbors"
+    with pytest.raises(LfgraphError, match="calibrated-distill"):
+        refit_provenance("calibrated", "blocks")
 
 
 def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):
@@ -293,3 +300,17 @@ def test_calibrated_distill_rule_reaches_the_distillation(tiny_llama_folder, tmp
     assert [r.action for r in report.log.records].count("distill") == 1
     assert any(n.startswith("distilled maps: KL to the original") for n in report.notes)
     assert report.exit_code == 0
+
+
+def test_distill_trainable_reaches_the_plan(tiny_llama_folder, tmp_path):
+    """``lfgraph plan --distill-trainable blocks`` records the set in the plan, which
+    ``apply``/``compress --plan`` read back as the distillation's setting."""
+    from lfgraph.passes.calibrated_fusion import options_from_provenance
+    from lfgraph.plan import FusionPlan
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(tiny_llama_folder), "--target", "0.25", "--select", "angular", "--fuse", "calibrated-distill",
+                 "--distill-trainable", "blocks", "--calibration-windows", "4", "--calibration-seq-len", "32", "-o", str(out)]) == 0
+    plan = FusionPlan.load(out)
+    assert plan.provenance["distill_trainable"] == "blocks"
+    assert options_from_provenance(plan.provenance)["distill"].trainable == "blocks"

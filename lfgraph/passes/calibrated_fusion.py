@@ -271,6 +271,24 @@ def _run_blocks(stack: list[nn.Module], indices: Sequence[int], x: torch.Tensor,
 
 
 @torch.no_grad()
+def blocks_to_train(stack: Sequence[nn.Module], keeps: Sequence[int], runs: Sequence[Sequence[int]], trainable: str) -> list[nn.Module]:
+    """The blocks of ``stack`` that train with the distilled maps under ``trainable``
+    (``lfgraph.passes.map_distillation.DISTILL_TRAINABLE``), before the runs' absorbed
+    blocks are removed: ``maps`` none; ``neighbors`` each run's kept block (``keeps``) and
+    the first surviving block after the run; ``blocks`` every surviving block. Each block
+    once, in stack order."""
+    gone = {i for run, keep in zip(runs, keeps) for i in run if i != keep}
+    alive = [i for i in range(len(stack)) if i not in gone]
+    if trainable == "maps":
+        return []
+    if trainable == "blocks":
+        return [stack[i] for i in alive]
+    picked: set[int] = set()
+    for run, keep in zip(runs, keeps):
+        picked |= {keep, *[j for j in alive if j > max(run)][:1]}
+    return [stack[i] for i in sorted(picked)]
+
+
 def calibrated_merge(
     module: nn.Module,
     runs: Sequence[Sequence[str]],
@@ -394,17 +412,15 @@ def calibrated_merge(
     refitted = [model.get_submodule(r.target) for r in log.records if r.action == "refit"]
     gone = [i for s in specs for i in s.index if i != s.keep]
     absorbed = [f"{cpath}.{i}" for i in gone]
-    # the blocks around each cut (kept block, first surviving block after the run), held as
-    # objects because remove_blocks renumbers the stack
-    cut_neighbors: list[nn.Module] = []
-    for s in specs:
-        after = [j for j in range(max(s.index) + 1, len(stack)) if j not in gone][:1]
-        cut_neighbors += [stack[i] for i in [s.keep, *after] if all(stack[i] is not b for b in cut_neighbors)]
+    # the blocks that train with the maps, held as objects: remove_blocks renumbers the stack
+    trained: list[nn.Module] = []
+    if distill is not None:
+        trained = blocks_to_train(stack, [s.keep for s in specs], [s.index for s in specs], distill.trainable)  # type: ignore[arg-type]
     remove_blocks(model, absorbed)
     if distill is not None:
         from .map_distillation import distill_maps
 
-        curve = distill_maps(model, teacher, refitted, calibration, distill, neighbors=cut_neighbors)  # type: ignore[arg-type]
+        curve = distill_maps(model, teacher, refitted, calibration, distill, blocks=trained)  # type: ignore[arg-type]
         log.add(PASS_NAME, "distill", cpath, [r.target for r in log.records if r.action == "refit"],
                 steps=curve["steps"], best_step=curve["best_step"], kl_start=curve.get("kl_start"), kl_best=curve.get("kl_best"),
                 seconds=round(curve["seconds"], 3), trainable_params=curve["trainable_params"], sampled_windows=curve["sampled_windows"],

@@ -15,12 +15,15 @@ progress bar), with every parameter frozen except the trained ones.
 ``trainable="neighbors"`` (the default) trains more than ReplaceMe's capacity: every
 parameter of the block that holds each map and of the block right after it (the first
 block above the cut) trains with the maps, on the same windows and steps.
+``trainable="blocks"`` trains every parameter of every surviving block with the maps (not
+the embeddings, final norm or head: a tied embedding would move the input too), at a lower
+default learning rate: a short healing of the whole stack from the original's logits.
 
 Expects: ``student`` is ``teacher`` after a calibrated fusion (same inputs, same outputs),
 ``projections`` the refitted modules inside ``student`` (``nn.Linear``, ``nn.Conv*d`` or
 Hugging Face ``Conv1D``). Guarantees: only the projections' weights change (to ``M W``,
-stored as plain tensors: no parametrization is left behind), and under ``neighbors`` also
-the parameters of the blocks around the cuts; ``teacher`` is not modified; every parameter's
+stored as plain tensors: no parametrization is left behind), and under ``neighbors`` or
+``blocks`` also the parameters of the blocks the caller names; ``teacher`` is not modified; every parameter's
 ``requires_grad`` flag is restored.
 """
 
@@ -41,14 +44,17 @@ from ..errors import LfgraphError
 #: held-out texts of another kind improve at every level (10-50%), the calibration kind's
 #: at 30 and 50%.
 DEFAULT_STEPS = 120
-DEFAULT_LR = 3e-4
 #: Windows sampled from the original for the default rule (0: calibration windows only).
 DEFAULT_SAMPLED_WINDOWS = 72
-#: What the distillation trains: the maps alone, or also the blocks around each cut. The
-#: default trains the blocks too: on SmolLM2 at the same steps and windows (so at no extra
-#: time) better on both held-out texts at 10, 20, 30 and 50% (docs/study).
-DISTILL_TRAINABLE = ("maps", "neighbors")
+#: What the distillation trains: the maps alone, also the blocks around each cut, or also
+#: every surviving block. ``neighbors`` trains the blocks around the cut too: on SmolLM2 at
+#: the same steps and windows (so at no extra time) better than ``maps`` on both held-out
+#: texts at 10, 20, 30 and 50% (docs/study).
+DISTILL_TRAINABLE = ("maps", "neighbors", "blocks")
 DEFAULT_TRAINABLE = "neighbors"
+#: Learning rate per trainable set when none is given: the maps' 3e-4 (60-150 steps); the
+#: whole stack at healing's 1e-4 (at 3e-4 for every block a step moves the model too far).
+DEFAULT_LR = {"maps": 3e-4, "neighbors": 3e-4, "blocks": 1e-4}
 
 
 @dataclass
@@ -57,7 +63,7 @@ class DistillSettings:
     to keep the best state; ``temperature`` 1 matches what perplexity scores."""
 
     steps: int = DEFAULT_STEPS
-    lr: float = DEFAULT_LR
+    lr: float | None = None  # None: DEFAULT_LR of the trainable set
     batch_size: int = 2
     val_fraction: float = 0.25
     eval_every: int = 10
@@ -74,9 +80,13 @@ class DistillSettings:
     prompt_tokens: int = 16
     top_p: float = 0.95
     #: ``maps``: only the maps (ReplaceMe's capacity); ``neighbors``: also every parameter of
-    #: the block holding each map and of the block after it.
+    #: the block holding each map and of the block after it; ``blocks``: also every block.
     trainable: str = DEFAULT_TRAINABLE
     extra: dict[str, Any] = field(default_factory=dict)  # further HealConfig fields
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.trainable, DEFAULT_LR["maps"])
 
 
 class OutputMap(nn.Module):
@@ -170,12 +180,13 @@ def check_settings(settings: DistillSettings, calibration: torch.Tensor) -> tupl
 
 def distill_maps(
     student: nn.Module, teacher: nn.Module, projections: Sequence[nn.Module], calibration: torch.Tensor,
-    settings: DistillSettings | None = None, neighbors: Sequence[nn.Module] = (),
+    settings: DistillSettings | None = None, blocks: Sequence[nn.Module] = (),
 ) -> dict[str, Any]:
     """Train ``M`` on every projection in ``projections`` by logit distillation from
-    ``teacher`` (see the module docstring); under ``trainable="neighbors"`` every parameter
-    of ``neighbors`` (blocks of ``student``: each cut's kept block and the block after it)
-    trains too. Returns the healing curve (``heal``'s ``curve()``) plus
+    ``teacher`` (see the module docstring); unless ``trainable="maps"`` every parameter of
+    ``blocks`` trains too (blocks of ``student`` that the caller picks for the set: for
+    ``neighbors`` each cut's kept block and the block after it, for ``blocks`` every
+    surviving block; :func:`lfgraph.passes.calibrated_fusion.blocks_to_train`). Returns the healing curve (``heal``'s ``curve()``) plus
     ``kl_start``/``kl_best`` on the held-out windows."""
     from ..retrain.heal import HealConfig, heal
 
@@ -185,9 +196,9 @@ def distill_maps(
     train, val = check_settings(s, calibration)
     for m in projections:
         _out_features(m)  # refuse an unsupported projection before anything changes
-    if s.trainable == "neighbors" and not neighbors:
-        raise LfgraphError("distilling with trainable='neighbors' needs the blocks around each cut: pass neighbors, or use trainable='maps'")
-    blocks = list(neighbors) if s.trainable == "neighbors" else []
+    if s.trainable != "maps" and not blocks:
+        raise LfgraphError(f"distilling with trainable={s.trainable!r} needs the blocks that train: pass blocks, or use trainable='maps'")
+    blocks = list(blocks) if s.trainable != "maps" else []
     sampled = 0
     if s.sampled_windows > 0 and train.shape[1] >= 2 and _generator(teacher) is not None:
         # short windows: the prompt is at most half of one, so that something is sampled
@@ -209,9 +220,9 @@ def distill_maps(
             parametrize.register_parametrization(m, "weight", OutputMap(d, transposed, m.weight.dtype))
             maps.append(m.parametrizations.weight[0].M)
         config = HealConfig(
-            steps=s.steps, lr=s.lr, batch_size=s.batch_size, objective="distill", temperature=s.temperature,
+            steps=s.steps, lr=s.learning_rate, batch_size=s.batch_size, objective="distill", temperature=s.temperature,
             trainable="all", eval_data=val, eval_every=s.eval_every, keep_best=True, eval_at_start=True, seed=s.seed, progress=s.progress,
-            desc="distil maps" + (" and neighbor blocks" if blocks else ""), **({"strategy": "none"} | s.extra),
+            desc="distil maps" + {"neighbors": " and neighbor blocks", "blocks": " and every block"}.get(s.trainable, ""), **({"strategy": "none"} | s.extra),
         )
         with torch.enable_grad():  # callers (the method interface) may run under no_grad
             result = heal(student, teacher, train, config)

@@ -333,3 +333,36 @@ def test_neighbor_distillation_trains_the_blocks_around_the_cut_only() -> None:
     student = copy.deepcopy(closed)
     with pytest.raises(LfgraphError, match="neighbors"):
         distill_maps(student, model, [student.model.model.layers[2].mlp.down_proj], ids, DistillSettings(steps=2, trainable="neighbors"))
+
+
+def test_blocks_to_train_names_each_set_in_stack_order() -> None:
+    """``neighbors``: the kept block and the first surviving block after each run (none
+    after a run at the top); ``blocks``: every surviving block; ``maps``: none."""
+    from lfgraph.passes.calibrated_fusion import blocks_to_train
+
+    stack = [nn.Identity() for _ in range(10)]
+    runs, keeps = [[2, 3, 4], [6, 7], [8, 9]], [2, 6, 8]
+    index = {id(b): i for i, b in enumerate(stack)}
+    names = lambda trainable: [index[id(b)] for b in blocks_to_train(stack, keeps, runs, trainable)]  # noqa: E731
+    assert names("maps") == []
+    assert names("neighbors") == [2, 5, 6, 8]
+    assert names("blocks") == [0, 1, 2, 5, 6, 8]
+
+
+def test_block_distillation_trains_every_block_and_nothing_outside_the_stack() -> None:
+    """``trainable="blocks"``: blocks below and above the cut may move, the embeddings, final
+    norm and head stay; the held-out KL falls; the default learning rate is the lower one."""
+    from lfgraph.passes.map_distillation import DEFAULT_LR, DistillSettings
+
+    model = CausalLMLogits(tiny_llama(layers=6)).eval()
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(7))
+    run = [f"model.model.layers.{i}" for i in (2, 3, 4)]
+    closed = calibrated_merge(model, [run], ids, refit="map").model.state_dict()
+    settings = DistillSettings(steps=20, lr=3e-4, eval_every=5, sampled_windows=0, trainable="blocks")
+    out = calibrated_merge(model, [run], ids, refit="map", distill=settings)
+    changed = {k for k, v in out.model.state_dict().items() if not torch.equal(v, closed[k])}
+    assert {k.split(".")[3] for k in changed} == {"0", "1", "2", "3"}  # every block of the merged stack
+    assert all(k.startswith("model.model.layers.") for k in changed)
+    (rec,) = [r for r in out.log.records if r.action == "distill"]
+    assert rec.detail["trainable"] == "blocks" and rec.detail["kl_best"] < rec.detail["kl_start"]
+    assert DistillSettings(trainable="blocks").learning_rate == DEFAULT_LR["blocks"] < DistillSettings().learning_rate
