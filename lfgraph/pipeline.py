@@ -35,6 +35,7 @@ from .model_types import CalibrationOptions
 from .models import LoadedModel, load_model
 from .passes.analysis import Analysis, analyze
 from .passes.base import PassResult
+from .passes.map_distillation import TRAINED_WITH_THE_MAPS
 from .plan import FusionPlan
 from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_recipe, describe, refit_provenance, split_fusion_rule
 from .report import CompressReport
@@ -276,8 +277,9 @@ def compress(
     to the best measured recipe for the model family. ``metric``/``scope`` apply to
     ``select="similarity"`` only (given with another selection, the report says they were
     ignored). ``distill_trainable`` chooses what the ``-distill`` rules train with the maps
-    (``maps``, ``neighbors``, ``blocks``; default: the rule's). ``eval_windows`` held-out windows of ``eval_seq_len`` tokens measure quality
-    against the original for language models (0 skips the quality check). With
+    (``maps``, ``neighbors``, ``blocks``; default: the rule's). ``eval_windows`` held-out
+    windows of ``eval_seq_len`` tokens measure quality against the original for language
+    models (0 skips the quality check). With
     ``max_quality_loss``, a larger loss makes the report fail (exit code 1; the file is
     kept and marked in its metadata). ``heal_steps`` > 0 fine-tunes the rewritten model by
     distillation from the original before it is written (``heal_options``: the keyword
@@ -350,7 +352,7 @@ def compress(
     for r in result.log.records if result.log is not None else []:
         if r.action == "distill" and r.detail.get("kl_start") is not None:
             d = r.detail
-            what = "distilled maps" + {"neighbors": " and the blocks around each cut", "blocks": " and every block"}.get(str(d.get("trainable")), "")
+            what = "distilled maps" + TRAINED_WITH_THE_MAPS.get(str(d.get("trainable")), "")
             notes.append(f"{what}: KL to the original on held-out calibration windows {d['kl_start']:.4g} -> {d['kl_best']:.4g} "
                          f"(best of {d['steps']} steps at step {d['best_step']}, {d['seconds']:.0f} s"
                          + (f", {d['sampled_windows']} windows sampled from the original added to the training windows)" if d.get("sampled_windows") else ")"))

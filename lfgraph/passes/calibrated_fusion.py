@@ -270,7 +270,6 @@ def _run_blocks(stack: list[nn.Module], indices: Sequence[int], x: torch.Tensor,
     return x
 
 
-@torch.no_grad()
 def blocks_to_train(stack: Sequence[nn.Module], keeps: Sequence[int], runs: Sequence[Sequence[int]], trainable: str) -> list[nn.Module]:
     """The blocks of ``stack`` that train with the distilled maps under ``trainable``
     (``lfgraph.passes.map_distillation.DISTILL_TRAINABLE``), before the runs' absorbed
@@ -289,6 +288,7 @@ def blocks_to_train(stack: Sequence[nn.Module], keeps: Sequence[int], runs: Sequ
     return [stack[i] for i in sorted(picked)]
 
 
+@torch.no_grad()
 def calibrated_merge(
     module: nn.Module,
     runs: Sequence[Sequence[str]],

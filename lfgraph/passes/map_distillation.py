@@ -23,8 +23,8 @@ Expects: ``student`` is ``teacher`` after a calibrated fusion (same inputs, same
 ``projections`` the refitted modules inside ``student`` (``nn.Linear``, ``nn.Conv*d`` or
 Hugging Face ``Conv1D``). Guarantees: only the projections' weights change (to ``M W``,
 stored as plain tensors: no parametrization is left behind), and under ``neighbors`` or
-``blocks`` also the parameters of the blocks the caller names; ``teacher`` is not modified; every parameter's
-``requires_grad`` flag is restored.
+``blocks`` also the parameters of the blocks the caller names; ``teacher`` is not
+modified; every parameter's ``requires_grad`` flag is restored.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ DEFAULT_SAMPLED_WINDOWS = 72
 DISTILL_TRAINABLE = ("maps", "neighbors", "blocks")
 DEFAULT_TRAINABLE = "neighbors"
 #: Learning rate per trainable set when none is given: the maps' 3e-4 (60-150 steps); the
-#: whole stack at healing's 1e-4 (at 3e-4 for every block a step moves the model too far).
+#: whole stack at healing's full fine-tuning rate 1e-4 (not tuned for this pass).
 DEFAULT_LR = {"maps": 3e-4, "neighbors": 3e-4, "blocks": 1e-4}
+#: What trains besides the maps, in words (progress bar, compress's note).
+TRAINED_WITH_THE_MAPS = {"maps": "", "neighbors": " and the blocks around each cut", "blocks": " and every block"}
 
 
 @dataclass
@@ -186,8 +188,9 @@ def distill_maps(
     ``teacher`` (see the module docstring); unless ``trainable="maps"`` every parameter of
     ``blocks`` trains too (blocks of ``student`` that the caller picks for the set: for
     ``neighbors`` each cut's kept block and the block after it, for ``blocks`` every
-    surviving block; :func:`lfgraph.passes.calibrated_fusion.blocks_to_train`). Returns the healing curve (``heal``'s ``curve()``) plus
-    ``kl_start``/``kl_best`` on the held-out windows."""
+    surviving block; :func:`lfgraph.passes.calibrated_fusion.blocks_to_train`). Returns the
+    healing curve (``heal``'s ``curve()``) plus ``kl_start``/``kl_best`` on the held-out
+    windows."""
     from ..retrain.heal import HealConfig, heal
 
     s = settings or DistillSettings()
@@ -222,7 +225,7 @@ def distill_maps(
         config = HealConfig(
             steps=s.steps, lr=s.learning_rate, batch_size=s.batch_size, objective="distill", temperature=s.temperature,
             trainable="all", eval_data=val, eval_every=s.eval_every, keep_best=True, eval_at_start=True, seed=s.seed, progress=s.progress,
-            desc="distil maps" + {"neighbors": " and neighbor blocks", "blocks": " and every block"}.get(s.trainable, ""), **({"strategy": "none"} | s.extra),
+            desc="distil maps" + TRAINED_WITH_THE_MAPS[s.trainable], **({"strategy": "none"} | s.extra),
         )
         with torch.enable_grad():  # callers (the method interface) may run under no_grad
             result = heal(student, teacher, train, config)
