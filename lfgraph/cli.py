@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import LfgraphError
+from .fileio import check_outputs, signals_as_interrupts
+from .options import COUNT, FRACTION, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEQ_LEN, Parser, add_overwrite_option
 
 EPILOG = "MODEL is an alias (smollm2, minilm), a Hugging Face model folder, a .gguf file, or an .onnx file."
 
@@ -30,7 +33,7 @@ def _metric_names() -> list[str]:
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     from .recipes import FUSION_RULES, SELECTIONS
 
-    p.add_argument("--target", type=float, default=0.25, help="fraction to remove: of blocks (default) or of parameters (default 0.25)")
+    p.add_argument("--target", type=FRACTION, default=0.25, help="fraction to remove: of blocks (default) or of parameters (default 0.25)")
     p.add_argument("--target-kind", choices=["blocks", "params"], default="blocks", help="what --target counts (default blocks)")
     p.add_argument("--mode", choices=["merge", "tie"], default="merge", help="merge: remove blocks (shallower); tie: share weights (default merge)")
     p.add_argument("--select", choices=SELECTIONS, default=None, help="selection: which blocks to fuse (default: best measured for the model family)")
@@ -41,12 +44,12 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="what the distilling rules train with the maps: maps only, also the blocks around each cut, or every block (default: the rule's, neighbors for calibrated-distill)")
     p.add_argument("--calibration-text", default=None, help="text file (or folder of *.txt) to calibrate on (default: a part of the bundled corpus kept apart from evaluation)")
     p.add_argument("--calibration-tokens", default=None, metavar="FILE", help="token ids (.npy or .pt) to calibrate on, for models without a tokenizer")
-    p.add_argument("--calibration-windows", type=int, default=16, help="number of calibration windows (default 16)")
-    p.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--calibration-windows", type=COUNT, default=16, help="number of calibration windows (default 16)")
+    p.add_argument("--calibration-seq-len", type=SEQ_LEN, default=256, help="tokens per calibration window (default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lfgraph", description="Compress trained networks by layer fusion and export a dense, shallower ONNX model.", epilog=EPILOG)
+    parser = Parser(prog="lfgraph", description="Compress trained networks by layer fusion and export a dense, shallower ONNX model.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"lfgraph {__import__('lfgraph').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -54,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model")
     a.add_argument("--metric", choices=_metric_names(), default="bures")
     a.add_argument("--scope", choices=["adjacent", "global"], default="global")
-    a.add_argument("--top", type=int, default=10, help="how many ranked pairs to print (default 10)")
+    a.add_argument("--top", type=COUNT, default=10, help="how many ranked pairs to print (default 10)")
     a.add_argument("--plot", default=None, help="write a PNG of the block distance matrix and per-group heatmaps")
+    add_overwrite_option(a)
     a.set_defaults(run=_analyze)
 
     p = sub.add_parser("plan", help="make a FusionPlan (JSON) for a target", epilog=EPILOG)
@@ -63,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     p.add_argument("-o", "--output", default=None, help="where to write the plan JSON")
     p.add_argument("--dry-run", action="store_true", help="print the plan without writing it")
+    add_overwrite_option(p)
     p.set_defaults(run=_plan)
 
     c = sub.add_parser("compress", help="rewrite the model, write ONNX, verify it and measure the cost against the original", epilog=EPILOG)
@@ -71,16 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", default=None, help="apply this plan instead of making one")
     c.add_argument("-o", "--output", required=True,
                    help="output .onnx file, or for causal LMs a folder (HF checkpoint + ONNX with KV cache + genai_config.json); written atomically")
-    c.add_argument("--eval-windows", "--eval-perplexity", dest="eval_windows", type=int, default=4, metavar="N",
+    c.add_argument("--eval-windows", "--eval-perplexity", dest="eval_windows", type=OPTIONAL_COUNT, default=4, metavar="N",
                    help="held-out windows for the quality check of language models (default 4; 0 skips it)")
-    c.add_argument("--eval-seq-len", type=int, default=512, help="tokens per held-out window (default 512)")
-    c.add_argument("--max-quality-loss", type=float, default=None, metavar="X",
+    c.add_argument("--eval-seq-len", type=SEQ_LEN, default=512, help="tokens per held-out window (default 512)")
+    c.add_argument("--max-quality-loss", type=NON_NEGATIVE, default=None, metavar="X",
                    help="fail (exit 1, file kept and marked) when the quality loss is above X: relative perplexity increase "
                         "(LMs), 1 - embedding cosine (encoders), 1 - top-1 agreement (others)")
-    c.add_argument("--rtol", type=float, default=None, help="tolerance of the export check (default 1e-4)")
+    c.add_argument("--rtol", type=POSITIVE, default=None, help="tolerance of the export check (default 1e-4)")
     c.add_argument("--log", default=None, help="write the rewrite log (JSON) here, for the visualizer")
     c.add_argument("--report", default=None, metavar="FILE", help="write the visualizer's page of this run (.html; .json for its data)")
     c.add_argument("--quiet", action="store_true")
+    add_overwrite_option(c)
     from .retrain.cli import add_compress_options
 
     add_compress_options(c)
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-check an lfgraph ONNX file against the model (PyTorch or ONNX) it came from", epilog=EPILOG)
     v.add_argument("onnx_file")
     v.add_argument("model", help="the original model the file was compressed from")
-    v.add_argument("--rtol", type=float, default=1e-4)
+    v.add_argument("--rtol", type=POSITIVE, default=1e-4)
     v.set_defaults(run=_verify)
 
     for name, add, run in _package_subcommands():
@@ -111,8 +117,11 @@ def _package_subcommands() -> list[tuple[str, Callable[[argparse._SubParsersActi
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return args.run(args)
+        with signals_as_interrupts():
+            args = build_parser().parse_args(argv)
+            return args.run(args)
+    except SystemExit as e:  # argparse: --help, --version, or an option error already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except LfgraphError as e:
         where = getattr(e, "stage", None)
         print(f"lfgraph: error: {where + ': ' if where else ''}{e}", file=sys.stderr)
@@ -120,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("lfgraph: interrupted; no output file was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (fileio.Terminated)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"lfgraph: interrupted ({signal.Signals(signum).name}); nothing was left at the output paths", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as e:  # an lfgraph bug or an unforeseen library failure
         if os.environ.get("LFGRAPH_DEBUG"):
             raise
@@ -135,8 +145,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from .pipeline import analyze_model, check_inputs
 
     check_inputs(args.model)
-    if args.plot and not Path(args.plot).parent.exists():
-        raise LfgraphError(f"folder of --plot {args.plot} does not exist: create it or choose another path")
+    check_outputs({"--plot": args.plot}, [args.model], args.overwrite)
     from .pipeline import weight_warnings
 
     _source, graph, analysis = analyze_model(args.model, args.metric, args.scope)
@@ -171,8 +180,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     check_inputs(args.model, calibration=_calibration(args))
     check_recipe(args.target, args.mode, args.select or "similarity", args.fuse or "remove", args.target_kind)
-    if args.output and not Path(args.output).parent.exists():
-        raise LfgraphError(f"output folder {Path(args.output).parent} does not exist: create it or choose another -o path")
+    check_outputs({"-o": None if args.dry_run else args.output},
+                  [args.model, args.calibration_text, args.calibration_tokens], args.overwrite)
     source, graph = graph_of(args.model)
     options = _calibration(args)
     select, fuse = default_recipe(source.family, args.mode, source.has_calibration(options), args.target, args.target_kind)
@@ -203,7 +212,7 @@ def _compress(args: argparse.Namespace) -> int:
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
         eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, max_quality_loss=args.max_quality_loss,
         log_path=args.log, report_path=args.report, heal_steps=heal.pop("steps"), heal_options=heal, rtol=args.rtol, quiet=args.quiet,
-        distill_trainable=args.distill_trainable,
+        distill_trainable=args.distill_trainable, overwrite=args.overwrite,
     )
     sys.stderr.flush()  # progress bars end before the table starts
     print(report.table())

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import LfgraphError
+from .fileio import commit_folder
 from .onnx_io import file_bytes
 from .sources import Source, TorchSource
 from .verify import alternating_latency, verify_onnx
@@ -54,12 +55,13 @@ class OnnxFileOutput:
         (before, _), (after, _) = alternating_latency([original, staged], self.source.latency_feed(), runs=10)
         return "ORT latency (median)", before, after
 
-    def finish(self, staged: Path) -> None:
-        """Move the staged file (the data file first) over ``out``."""
+    def finish(self, staged: Path, dest: Path) -> None:
+        """Move the staged file (the data file first) to ``dest`` (``out``, or where a
+        failed check puts it)."""
         data = staged.with_name(staged.name + ".data")
         if data.exists():
-            os.replace(data, self.out.with_name(self.out.name + ".data"))
-        os.replace(staged, self.out)
+            os.replace(data, dest.with_name(dest.name + ".data"))
+        os.replace(staged, dest)
 
 
 class DeployFolderOutput(OnnxFileOutput):
@@ -115,15 +117,9 @@ class DeployFolderOutput(OnnxFileOutput):
     def latency(self, original: Path, staged: Path) -> tuple[str, float, float]:
         return decode_latency(original / "model.onnx", staged / "model.onnx", self.model.vocab_size)
 
-    def finish(self, staged: Path) -> None:
-        """Put the staged folder at ``out``; an existing folder is replaced only now."""
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(staged, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    def finish(self, staged: Path, dest: Path) -> None:
+        """Put the staged folder at ``dest`` by :func:`lfgraph.fileio.commit_folder`'s rule."""
+        commit_folder(staged, dest)
 
 
 def decode_latency(original: Path, compressed: Path, vocab_size: int, prompt_len: int = 64, new_tokens: int = 32) -> tuple[str, float, float]:

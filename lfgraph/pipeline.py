@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,9 +27,10 @@ import torch
 
 from . import __version__
 from .errors import LfgraphError
-from .fileio import write_text_atomic
+from .fileio import check_outputs, commit_folder, failed_path, staging_folder, write_text_atomic
 from .graph import LayerGraph
 from .model_types import CalibrationOptions
+from .options import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEQ_LEN, STEPS, check
 from .models import LoadedModel, load_model
 from .passes.analysis import Analysis, analyze
 from .passes.base import PassResult
@@ -212,29 +211,18 @@ def check_recipe(target: float, mode: str, select: str, fuse: str, target_kind: 
         raise LfgraphError(f"target {target} is out of range: give a fraction strictly between 0 and 1 (e.g. 0.25)")
 
 
-def check_output(out: Path, spec: Any) -> None:
-    if out.suffix != ".onnx" and out.is_file():
-        raise LfgraphError(f"output {out} is an existing file: give a path ending in .onnx, or a folder for a deploy folder")
-    if not out.parent.exists():
-        raise LfgraphError(f"output folder {out.parent} does not exist: create it or choose another -o path")
-    if is_onnx_spec(spec) and Path(spec).exists() and out.resolve() == Path(spec).resolve():
-        raise LfgraphError("the output would overwrite the input model: choose another -o path")
-
-
-def check_inputs(spec: Any, out: Path | None = None, plan: Any = None, calibration: CalibrationOptions | None = None) -> FusionPlan | None:
-    """Every check that needs no model: paths, output folder, plan file, calibration files.
-    Returns the plan when a plan file was given (parsed, not yet matched to the model)."""
+def check_inputs(spec: Any, plan: Any = None, calibration: CalibrationOptions | None = None) -> FusionPlan | None:
+    """Every check of the inputs that needs no model: the model path, plan file, calibration
+    files. Returns the plan when a plan file was given (parsed, not yet matched to the model)."""
     if isinstance(spec, (str, os.PathLike)):
         check_model_spec(str(spec))
-    if out is not None:
-        check_output(Path(out), spec)
     if calibration is not None:
         if calibration.text_file and not Path(calibration.text_file).exists():
             raise LfgraphError(f"calibration text {calibration.text_file} does not exist: give a UTF-8 text file, or leave it out to use the bundled corpus")
         if calibration.token_file and not Path(calibration.token_file).is_file():
             raise LfgraphError(f"token file {calibration.token_file} does not exist: give a .npy or .pt file of token ids")
-        if calibration.windows < 1 or calibration.seq_len < 2:
-            raise LfgraphError(f"need at least one calibration window of at least 2 tokens, got {calibration.windows} x {calibration.seq_len}")
+        check("--calibration-windows", calibration.windows, COUNT)
+        check("--calibration-seq-len", calibration.seq_len, SEQ_LEN)
     if plan is None or isinstance(plan, FusionPlan):
         return plan
     return FusionPlan.load(plan)
@@ -269,6 +257,7 @@ def compress(
     rtol: float | None = None,
     quiet: bool = False,
     distill_trainable: str | None = None,
+    overwrite: bool = False,
 ) -> CompressReport:
     """Compress a model to ``out`` (ONNX), verify the file and measure the cost.
 
@@ -281,33 +270,42 @@ def compress(
     windows of ``eval_seq_len`` tokens measure quality against the original for language
     models (0 skips the quality check). With
     ``max_quality_loss``, a larger loss makes the report fail (exit code 1; the file is
-    kept and marked in its metadata). ``heal_steps`` > 0 fine-tunes the rewritten model by
+    written beside ``out``, see Guarantees). ``heal_steps`` > 0 fine-tunes the rewritten model by
     distillation from the original before it is written (``heal_options``: the keyword
     arguments of :func:`lfgraph.retrain.cli.heal_compressed`). ``out`` ending in ``.onnx``
     is one file; for causal LMs any other path is a deploy folder (Hugging Face checkpoint,
     with-past ``model.onnx``, ``genai_config.json``). ``report_path`` writes the
     visualizer's page of the run.
 
-    Guarantees: the model and input files are not modified; ``out`` (and its ``.data``)
-    appear only complete, after the export check ran.
+    Guarantees (:mod:`lfgraph.fileio`): the model and input files are not modified; every
+    output is checked before loading (not an input, writable, not a file lfgraph did not
+    write unless ``overwrite``); ``out`` (and its ``.data``) appear only complete, after the
+    export check ran. A failed check (export check or quality gate) leaves ``out`` as it
+    was: the output goes to :func:`~lfgraph.fileio.failed_path` (``NAME.failed.onnx``,
+    ``NAME.failed/``), marked ``lfgraph.check: FAILED …`` in its ONNX metadata, and the
+    report says so (exit code 1).
     """
     t0 = time.perf_counter()
     out = Path(out)
     cal_opts = CalibrationOptions(calibration_text, calibration_tokens, calibration_windows, calibration_seq_len)
     notes: list[str] = []
     with stage("options"):
-        given_plan = check_inputs(spec, out, plan, cal_opts)
-        for what, extra in (("--log", log_path), ("--report", report_path)):
-            if extra and not Path(extra).parent.exists():
-                raise LfgraphError(f"folder of {what} {extra} does not exist: create it or choose another path")
+        for name, value, rule in (("--eval-windows", eval_windows, OPTIONAL_COUNT), ("--eval-seq-len", eval_seq_len, SEQ_LEN),
+                                  ("--max-quality-loss", max_quality_loss, NON_NEGATIVE), ("--rtol", rtol, POSITIVE),
+                                  ("--heal", heal_steps, STEPS)):
+            check(name, value, rule)
+        given_plan = check_inputs(spec, plan, cal_opts)
+        folder_out = out.suffix != ".onnx"
+        inputs = [spec if isinstance(spec, (str, os.PathLike)) else None, plan if isinstance(plan, (str, os.PathLike)) else None,
+                  calibration_text, calibration_tokens]
+        check_outputs({"-o": out, "the output of a failed check": failed_path(out), "--log": log_path, "--report": report_path},
+                      inputs, overwrite, folders=("-o", "the output of a failed check") if folder_out else ())
         if given_plan is None:
             check_recipe(target, mode, select or "similarity", fuse or "remove", target_kind)
             if fuse is not None:
                 refit_provenance(fuse, distill_trainable)
         elif distill_trainable is not None:
             raise LfgraphError("--distill-trainable chooses how a new plan distils; a plan from file already records it (provenance.distill_trainable): drop one of them")
-        if max_quality_loss is not None and max_quality_loss < 0:
-            raise LfgraphError(f"--max-quality-loss {max_quality_loss} is negative: give 0 or more (e.g. 0.5 for at most 50% higher perplexity)")
     if is_onnx_spec(spec) and _is_decoder_with_past(Path(spec)):
         return compress_onnx_decoder(Path(spec), out, given_plan, target, eval_windows, max_quality_loss, quiet)
     _progress("loading the model", quiet)
@@ -364,7 +362,7 @@ def compress(
         with stage("heal"):
             compressed, heal_curve = source.heal(compressed, plan, cal_opts, heal_steps, dict(heal_options or {}), progress=not quiet)
     output = output_for(source, out)
-    with stage("write"), _staging(out) as folder:
+    with stage("write"), staging_folder(out) as folder:
         staged = output.staged_path(folder)
         _progress(f"writing {out.name}" + (" (deploy folder)" if output.kind == "deploy-folder" else ""), quiet)
         output.write(compressed, staged, metadata, plan)
@@ -382,16 +380,14 @@ def compress(
         if eval_windows > 0 or source.family not in ("causal-lm", "encoder"):
             _progress("measuring quality against the original", quiet)
         quality = source.quality(compressed, output.model_file(staged), source.verification_feed(), eval_windows, eval_seq_len)
-        if max_quality_loss is not None and quality is not None and quality.loss > max_quality_loss:
-            _mark_failed(output.model_file(staged), quality.loss, max_quality_loss)
         _progress("timing both models on ONNX Runtime", quiet)
         latency_name, before_ms, after_ms = output.latency(original, staged)
-        output.finish(staged)
+        written = _finish(output.model_file(staged), out, parity.ok, quality, max_quality_loss, lambda dest: output.finish(staged, dest))
     if log_path:
         write_text_atomic(log_path, result.log.to_json())
     removed = sum(len(f.absorb) for f in plan.fusions) if plan.mode == "merge" else 0
     report = CompressReport(
-        model=source.name, source_kind=source.kind, recipe=recipe, plan=plan, out=out,
+        model=source.name, source_kind=source.kind, recipe=recipe, plan=plan, out=written,
         blocks=(len(graph.blocks), len(graph.blocks) - removed),
         params=(source.parameter_count(None), source.parameter_count(compressed)),
         file_bytes=(size_before, size_after), latency_ms=(before_ms, after_ms), latency_name=latency_name,
@@ -438,7 +434,7 @@ def compress_onnx_decoder(src: Path, out: Path, plan: FusionPlan | None, target:
             _progress(f"planning: Block Influence measured on the ONNX decoder, target {target} of its layers", quiet)
             plan = plan_decoder_onnx(src, target)
         recipe = f"mode merge, select {plan.provenance.get('select', 'plan from file')}, fuse {plan.fuse} (ONNX decoder with KV cache)"
-    with stage("write"), _staging(out) as folder:
+    with stage("write"), staging_folder(out) as folder:
         staged = folder / out.name
         _progress(f"removing decoder layers and their cache inputs/outputs, writing {out.name}", quiet)
         rep = compress_decoder_onnx(src, staged, plan=plan)
@@ -466,21 +462,13 @@ def compress_onnx_decoder(src: Path, out: Path, plan: FusionPlan | None, target:
                                               f"16 greedy tokens on ORT {'==' if same else '!='} onnxruntime-genai from the written folder"))
         quality = output_quality({"logits": ref}, {"logits": got}, "prefill logits of 128 held-out tokens, original vs compressed decoder on ORT", "onnx-decoder")
         del original, compressed
-        if max_quality_loss is not None and quality.loss > max_quality_loss:
-            _mark_failed(model_file, quality.loss, max_quality_loss)
         _progress("timing both decoders on ONNX Runtime", quiet)
         latency_name, before_ms, after_ms = decode_latency(src, model_file, int(ref.shape[-1]))
-        if out.suffix == ".onnx":
-            data = staged.with_name(staged.name + ".data")
-            if data.exists():
-                os.replace(data, out.with_name(out.name + ".data"))
-        elif out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
+        written = _finish(model_file, out, parity.ok, quality, max_quality_loss, lambda dest: _move_into_place(staged, dest))
     n_before, n_after = rep.layers
     return CompressReport(
-        model=src.stem, source_kind="onnx decoder", recipe=recipe, plan=plan, out=out, blocks=(n_before, n_after),
-        params=(_onnx_params(src), _onnx_params(out if out.suffix == ".onnx" else out / "model.onnx")),
+        model=src.stem, source_kind="onnx decoder", recipe=recipe, plan=plan, out=written, blocks=(n_before, n_after),
+        params=(_onnx_params(src), _onnx_params(written if written.suffix == ".onnx" else written / "model.onnx")),
         file_bytes=rep.file_bytes, latency_ms=(before_ms, after_ms), latency_name=latency_name, parity=parity,
         quality=quality, max_quality_loss=max_quality_loss, seconds=time.perf_counter() - t0,
     )
@@ -527,19 +515,36 @@ def write_report_page(report: CompressReport, path: str | Path) -> list[Path]:
                         healed=healed, title=f"lfgraph compress {report.model}: {report.recipe}")
 
 
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` to write into; the output moves its files over
-    ``out`` only when every check ran, and on failure or Ctrl-C nothing is left."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def _finish(model_file: Path, out: Path, parity_ok: bool, quality: Any, max_quality_loss: float | None, move: Any) -> Path:
+    """Put a checked output in place by the one rule for failed checks: when the export check
+    or the quality gate failed, the model file is marked (``lfgraph.check`` in its metadata)
+    and the output goes to ``failed_path(out)``, leaving ``out`` as it was. ``move(dest)``
+    moves the staged output to ``dest``. Returns where it went."""
+    reasons = [] if parity_ok else ["the file does not compute what the rewritten model computes (export check)"]
+    if max_quality_loss is not None and quality is not None and quality.loss > max_quality_loss:
+        reasons.append(f"quality loss {quality.loss:.4f} > --max-quality-loss {max_quality_loss}")
+    if not reasons:
+        move(out)
+        return out
+    _mark_failed(model_file, "FAILED: " + "; ".join(reasons))
+    dest = failed_path(out)
+    move(dest)
+    return dest
 
 
-def _mark_failed(path: Path, loss: float, limit: float) -> None:
-    """Keep the file but say in its metadata that it failed the quality gate."""
+def _move_into_place(staged: Path, dest: Path) -> None:
+    """A staged ``.onnx`` file (its ``.data`` first) or folder to ``dest``."""
+    if staged.is_dir():
+        commit_folder(staged, dest)
+        return
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, dest.with_name(dest.name + ".data"))
+    os.replace(staged, dest)
+
+
+def _mark_failed(path: Path, verdict: str) -> None:
+    """Say in the file's metadata that it failed a check (``lfgraph.check``)."""
     import onnx
 
     from .onnx_io import add_metadata, save_onnx
@@ -547,11 +552,11 @@ def _mark_failed(path: Path, loss: float, limit: float) -> None:
     m = onnx.load(str(path), load_external_data=False)
     has_data = path.with_name(path.name + ".data").exists()
     if has_data:  # rewrite only the small model file; the data file stays as it is
-        add_metadata(m, {"lfgraph.quality_gate": f"FAILED: loss {loss:.4f} > {limit}"})
+        add_metadata(m, {"lfgraph.check": verdict})
         onnx.save_model(m, str(path))
         return
     m = onnx.load(str(path))
-    add_metadata(m, {"lfgraph.quality_gate": f"FAILED: loss {loss:.4f} > {limit}"})
+    add_metadata(m, {"lfgraph.check": verdict})
     save_onnx(m, path)
 
 

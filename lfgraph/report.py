@@ -113,9 +113,12 @@ class CompressReport:
                 lines.extend(self.quality.lines())
                 if self.max_quality_loss is not None:
                     gate = "✓ within" if self.quality_ok else "✗ FAILED: above"
-                    lines.append(f"  quality gate: {gate} --max-quality-loss {self.max_quality_loss:g}"
-                                 + ("" if self.quality_ok else " (file kept, marked in its metadata)"))
-        lines.append(f"  written: {self.out}  ({self.seconds:.0f} s)")
+                    lines.append(f"  quality gate: {gate} --max-quality-loss {self.max_quality_loss:g}")
+        if self.ok:
+            lines.append(f"  written: {self.out}  ({self.seconds:.0f} s)")
+        else:
+            lines.append(f"  ✗ the output failed its check: the requested path was left as it was; written for inspection to "
+                         f"{self.out} (marked lfgraph.check: FAILED in its metadata)  ({self.seconds:.0f} s)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import LfgraphError
+from .options import COUNT, FRACTION, SEQ_LEN, STEPS
 from .fileio import atomic_path, write_text_atomic
 
 LICENSES_DIR = Path("/usr/share/common-licenses")
@@ -443,20 +444,20 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("model", help="a causal LM (smollm2, a Hugging Face folder, a .gguf) or 'cnn' for the vision track")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",
                    help=f"methods to compare (default: %(default)s); choices: {', '.join(METHODS)}")
-    p.add_argument("--targets", nargs="+", type=float, default=list(DEFAULT_TARGETS), help="fractions of depth (width methods: of weights)")
+    p.add_argument("--targets", nargs="+", type=FRACTION, default=list(DEFAULT_TARGETS), help="fractions of depth (width methods: of weights)")
     p.add_argument("--out", default="study", help="folder for study.json/.csv/.md and plots (default: %(default)s)")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--calib-tokens", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows per text")
-    p.add_argument("--eval-tokens", type=int, default=512)
-    p.add_argument("--sleb-windows", type=int, default=4, help="SLEB's reduced calibration budget (windows)")
-    p.add_argument("--sleb-tokens", type=int, default=128, help="SLEB's reduced calibration budget (tokens per window)")
-    p.add_argument("--cnn-steps", type=int, default=300, help="training steps of the vision track's CNN")
+    p.add_argument("--calib-windows", type=COUNT, default=32)
+    p.add_argument("--calib-tokens", type=SEQ_LEN, default=256)
+    p.add_argument("--eval-windows", type=COUNT, default=8, help="held-out windows per text")
+    p.add_argument("--eval-tokens", type=SEQ_LEN, default=512)
+    p.add_argument("--sleb-windows", type=COUNT, default=4, help="SLEB's reduced calibration budget (windows)")
+    p.add_argument("--sleb-tokens", type=SEQ_LEN, default=128, help="SLEB's reduced calibration budget (tokens per window)")
+    p.add_argument("--cnn-steps", type=COUNT, default=300, help="training steps of the vision track's CNN")
     p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
                    help="also score zero-shot lm-eval tasks (needs 'lfgraph[lm-eval]'; offline: local task files via --lm-eval-include)")
     p.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-eval task YAMLs (e.g. written by lfgraph.harness.write_cloze_task)")
-    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
-    p.add_argument("--heal", type=int, default=0, metavar="STEPS",
+    p.add_argument("--lm-eval-limit", type=COUNT, metavar="N", help="at most N examples per lm-eval task")
+    p.add_argument("--heal", type=STEPS, default=0, metavar="STEPS",
                    help="also heal each depth method's result for STEPS steps (distillation from the original on the "
                         "calibration data, all parameters) and score it again as '<method>+heal'")
     p.set_defaults(run=run)

@@ -115,6 +115,6 @@ def test_interrupted_compress_leaves_no_output(tiny_llama_folder, tmp_path, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export.onnx, "save_model", crash)
-    assert main(["compress", str(tiny_llama_folder), "--select", "similarity", "--fuse", "remove", "-o", str(out), "--quiet"]) == 130
+    assert main(["compress", str(tiny_llama_folder), "--select", "similarity", "--fuse", "remove", "-o", str(out), "--quiet", "--overwrite"]) == 130
     assert out.read_bytes() == b"old result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]

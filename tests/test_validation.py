@@ -43,7 +43,7 @@ def no_loading(monkeypatch):
     ("missing token file", ["--calibration-tokens", "{tmp}/none.npy"], "none.npy"),
     ("target out of range", ["--target", "1.5"], "out of range"),
     ("missing output folder", ["-o", "{tmp}/missing/out.onnx"], "does not exist"),
-    ("negative quality gate", ["--max-quality-loss", "-1"], "negative"),
+    ("negative quality gate", ["--max-quality-loss", "-1"], "--max-quality-loss"),
     ("missing report folder", ["--report", "{tmp}/no/page.html"], "--report"),
     ("missing log folder", ["--log", "{tmp}/no/log.json"], "--log"),
     ("distill trainable for a rule that does not distil", ["--fuse", "remove", "--distill-trainable", "blocks"], "--distill-trainable"),
@@ -115,13 +115,19 @@ def test_quality_against_the_original_and_the_gate(tiny_llama_folder, tmp_path, 
         return q
 
     monkeypatch.setattr(model_types, "causal_lm_quality", worse)
+    before = out.read_bytes()
     code = main(args + ["--max-quality-loss", "0.25"])
     table = capsys.readouterr().out
     assert code == 1 and "✗ FAILED: above --max-quality-loss" in table
-    assert out.exists()  # kept, but marked
+    # the one rule for a failed check: the requested path keeps what it held (here the
+    # passing output of the first run); the failed output lies beside it, marked
+    assert out.read_bytes() == before
+    failed = tmp_path / "lm.failed.onnx"
+    assert str(failed) in table
     from lfgraph.onnx_io import read_metadata
 
-    assert read_metadata(out)["lfgraph.quality_gate"].startswith("FAILED")
+    assert read_metadata(failed)["lfgraph.check"].startswith("FAILED: quality loss 0.5000 > --max-quality-loss 0.25")
+    assert "lfgraph.check" not in read_metadata(out)
 
 
 def test_perplexity_of_the_quality_check_equals_a_second_computation(tiny_llama_folder):

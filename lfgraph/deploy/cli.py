@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import LfgraphError
+from ..options import COUNT
 
 
 def add_subcommand(subparsers: Any) -> None:
@@ -29,7 +30,7 @@ def add_subcommand(subparsers: Any) -> None:
     g.add_argument("folder", metavar="OUT_DIR", help="deploy folder (model.onnx with KV cache, genai_config.json, tokenizer)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several prompts)")
     g.add_argument("--original", default=None, metavar="MODEL", help="the uncompressed model (alias such as smollm2, or a Hugging Face folder) to compare with")
-    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per prompt (default 48)")
+    g.add_argument("--max-new-tokens", type=COUNT, default=48, help="tokens to generate per prompt (default 48)")
     g.add_argument("--runtime", choices=["genai", "ort"], default=None,
                    help="run the compressed model with onnxruntime-genai (default when genai_config.json is present) or plain ONNX Runtime")
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text even when the tokenizer has a chat template")

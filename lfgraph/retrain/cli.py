@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import LfgraphError
+from ..options import COUNT, EVERY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, SEQ_LEN, STEPS, WARMUP, Parser
 from ..plan import FusionPlan
 from .batches import check_token_windows
 from .distributed import STRATEGIES
@@ -128,29 +129,29 @@ def heal_compressed(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The healing options (shared by ``heal`` and, under other names, ``compress --heal``)."""
     g = p.add_argument_group("healing")
-    g.add_argument("--steps", type=int, default=HEAL_DEFAULTS["steps"], help="optimizer steps (default 120)")
+    g.add_argument("--steps", type=STEPS, default=HEAL_DEFAULTS["steps"], help="optimizer steps (default 120)")
     g.add_argument("--trainable", choices=TRAINABLE_SETS, default=HEAL_DEFAULTS["trainable"],
                    help="what trains: all parameters, the blocks next to each removed run, or LoRA adapters merged back (default all)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 for --trainable lora)")
-    g.add_argument("--batch-size", type=int, default=HEAL_DEFAULTS["batch_size"], help="windows per step, all processes together (default 4)")
-    g.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--seq-len", type=int, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
-    g.add_argument("--windows", type=int, default=HEAL_DEFAULTS["windows"], help="training windows drawn from the text (default 128)")
+    g.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate (default 1e-4; 1e-3 for --trainable lora)")
+    g.add_argument("--batch-size", type=COUNT, default=HEAL_DEFAULTS["batch_size"], help="windows per step, all processes together (default 4)")
+    g.add_argument("--accumulation", type=COUNT, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--seq-len", type=SEQ_LEN, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
+    g.add_argument("--windows", type=COUNT, default=HEAL_DEFAULTS["windows"], help="training windows drawn from the text (default 128)")
     g.add_argument("--text", default=None, help="training text file or folder of *.txt (default: the bundled calibration text)")
     g.add_argument("--objective", choices=HEAL_OBJECTIVES, default="auto", help="default auto: distillation from the original model")
-    g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
-    g.add_argument("--hidden-weight", type=float, default=0.0, help="weight of a hidden-state loss at matching depths (default 0: off)")
-    g.add_argument("--warmup", type=float, default=0.1, help="warm-up: a fraction of --steps, or a step count >= 1 (default 0.1)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1; 0 = off)")
-    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
+    g.add_argument("--temperature", type=POSITIVE, default=2.0, help="distillation temperature (default 2)")
+    g.add_argument("--hidden-weight", type=NON_NEGATIVE, default=0.0, help="weight of a hidden-state loss at matching depths (default 0: off)")
+    g.add_argument("--warmup", type=WARMUP, default=0.1, help="warm-up: a fraction of --steps, or a step count >= 1 (default 0.1)")
+    g.add_argument("--clip", type=NON_NEGATIVE, default=1.0, help="gradient-norm clip (default 1; 0 = off)")
+    g.add_argument("--lora-rank", type=COUNT, default=16, help="LoRA rank (default 16)")
     g.add_argument("--retrain-mode", choices=sorted(RETRAIN_MODES), default=None,
                    help="with --mode tie: train the tied sets under this retraining mode, tie at the end")
-    g.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every K steps, best state kept (default 0: off)")
-    g.add_argument("--eval-windows", type=int, default=4, help="held-out windows for --eval-every (default 4)")
+    g.add_argument("--eval-every", type=EVERY, default=0, help="held-out perplexity every K steps, best state kept (default 0: off)")
+    g.add_argument("--eval-windows", type=COUNT, default=4, help="held-out windows for --eval-every (default 4)")
     g.add_argument("--checkpoint-dir", default=None, help="write a checkpoint here every --checkpoint-every steps")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="default: --eval-every, else a tenth of --steps")
+    g.add_argument("--checkpoint-every", type=EVERY, default=0, help="default: --eval-every, else a tenth of --steps")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--strategy", choices=STRATEGIES, default="auto", help="under torchrun: ddp (auto) or fsdp")
 
 
@@ -158,13 +159,13 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
     """``compress``'s healing options (``--heal STEPS`` and ``--heal-*``); read them back with
     :func:`compress_heal_options`."""
     g = p.add_argument_group("healing (fine-tune the rewritten model before export)")
-    g.add_argument("--heal", type=int, default=0, metavar="STEPS", help="heal for STEPS optimizer steps by distillation from the original (default 0: off)")
+    g.add_argument("--heal", type=STEPS, default=0, metavar="STEPS", help="heal for STEPS optimizer steps by distillation from the original (default 0: off)")
     g.add_argument("--heal-trainable", choices=TRAINABLE_SETS, default=HEAL_DEFAULTS["trainable"], help="what trains (default all)")
-    g.add_argument("--heal-lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 for lora)")
-    g.add_argument("--heal-batch-size", type=int, default=HEAL_DEFAULTS["batch_size"], help="windows per step (default 4)")
-    g.add_argument("--heal-seq-len", type=int, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
-    g.add_argument("--heal-windows", type=int, default=HEAL_DEFAULTS["windows"], help="training windows from the calibration text (default 128)")
-    g.add_argument("--heal-eval-every", type=int, default=0, help="held-out perplexity every K steps, best state kept")
+    g.add_argument("--heal-lr", type=POSITIVE, default=None, help="peak learning rate (default 1e-4; 1e-3 for lora)")
+    g.add_argument("--heal-batch-size", type=COUNT, default=HEAL_DEFAULTS["batch_size"], help="windows per step (default 4)")
+    g.add_argument("--heal-seq-len", type=SEQ_LEN, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
+    g.add_argument("--heal-windows", type=COUNT, default=HEAL_DEFAULTS["windows"], help="training windows from the calibration text (default 128)")
+    g.add_argument("--heal-eval-every", type=EVERY, default=0, help="held-out perplexity every K steps, best state kept")
     g.add_argument("--heal-checkpoint-dir", default=None, help="checkpoint the healing here")
     g.add_argument("--heal-resume", action="store_true", help="continue healing from --heal-checkpoint-dir")
 
@@ -188,7 +189,7 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("-o", "--out", required=True, help="output folder for the healed model (Hugging Face format) and heal.json")
     p.add_argument("--teacher", default=None, help="the uncompressed model: MODEL is then healed as it is, without a rewrite")
     p.add_argument("--plan", default=None, help="apply this plan (JSON) instead of planning")
-    p.add_argument("--target", type=float, default=0.25, help="share of blocks to remove (default 0.25)")
+    p.add_argument("--target", type=FRACTION, default=0.25, help="share of blocks to remove (default 0.25)")
     p.add_argument("--mode", choices=["merge", "tie"], default="merge")
     p.add_argument("--select", choices=SELECTIONS, default=None, help="default: the model family's recipe")
     p.add_argument("--fuse", choices=FUSIONS, default=None, help="default: the model family's recipe")
