@@ -107,14 +107,36 @@ def load_calibration_text(path: str | Path) -> str:
         files = sorted(p.glob("*.txt"))
         if not files:
             raise LfgraphError(f"calibration folder {p} has no *.txt files: give a text file or a folder of them")
-        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        text = "\n\n".join(read_text_file(f) for f in files)
     elif p.is_file():
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(p)
     else:
         raise LfgraphError(f"calibration text {p} does not exist: give a UTF-8 text file, or leave it out to use the bundled corpus")
     if not text.strip():
         raise LfgraphError(f"calibration text {p} is empty: give a file with some real text in it")
     return text
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text, or ``LfgraphError`` when it is not text: bytes that are not UTF-8, or
+    NUL bytes (weights, archives and other binary files have both)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LfgraphError(f"{path} is not a UTF-8 text file (byte {e.start} cannot be decoded): give a text file") from None
+    if "\x00" in text:
+        raise LfgraphError(f"{path} holds NUL bytes, so it is a binary file, not text: give a text file")
+    return text
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str) -> torch.Tensor:
+    """``ids`` unchanged, or ``LfgraphError`` when one lies outside ``[0, vocab_size)``."""
+    if ids.numel() and vocab_size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise LfgraphError(f"{what} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids (0..{vocab_size - 1}): "
+                           "give ids made with this model's tokenizer")
+    return ids
 
 
 def load_token_file(path: str | Path) -> torch.Tensor:

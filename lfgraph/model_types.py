@@ -147,10 +147,11 @@ class TextModelType(ModelType):
     def calibration(self, options: CalibrationOptions) -> torch.Tensor:
         """Calibration windows ``(n, seq_len)``: token ids from a file, the user's text, or a
         part of the bundled corpus kept apart from evaluation."""
-        from .calibration import calibration_windows, load_calibration_text, load_token_file, windows_from_tokens
+        from .calibration import calibration_windows, check_token_ids, load_calibration_text, load_token_file, windows_from_tokens
 
         if options.token_file:
-            return windows_from_tokens(load_token_file(options.token_file), options.windows, options.seq_len, what=options.token_file)
+            ids = check_token_ids(load_token_file(options.token_file), self.model.vocab_size, options.token_file)
+            return windows_from_tokens(ids, options.windows, options.seq_len, what=options.token_file)
         tok = self.model.require_tokenizer("calibration")
         text = load_calibration_text(options.text_file) if options.text_file else None
         return calibration_windows(tok, options.windows, options.seq_len, text=text)

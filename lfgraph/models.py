@@ -126,8 +126,13 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
     if not gguf_file.is_file():
         raise LfgraphError(f"GGUF file {gguf_file} does not exist")
     print(f"lfgraph: dequantising {gguf_file.name} to fp32 once (~30 s), cached in {out}")
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    except Exception as e:  # an architecture or quantisation transformers cannot read, or a damaged file
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise LfgraphError(f"transformers cannot read the GGUF file {gguf_file.name} ({first[:200]}): "
+                           "convert it to a Hugging Face folder (safetensors) and give that folder") from None
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         # the weights are already fp32; the marker only blocks save_pretrained
@@ -189,12 +194,13 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     name = ALIASES.get(spec, Path(folder).name)
     tok = _tokenizer_or_none(folder)
     is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
+    check_checkpoint_files(Path(folder))
     if is_causal:
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = _from_pretrained(AutoModelForCausalLM, Path(folder))
         module: nn.Module = CausalLMLogits(hf)
         family, outputs = "causal-lm", ("logits",)
     else:
-        hf = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = _from_pretrained(AutoModel, Path(folder))
         module, family, outputs = EncoderHidden(hf), "encoder", ("last_hidden_state",)
     check_finite_weights(hf, name)
     vocab = int(getattr(hf.config, "vocab_size", 0) or 0)
@@ -203,6 +209,73 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
         module=module.eval(), example_inputs=(ids,), name=name, family=family, tokenizer=tok,
         hf_model=hf, input_names=("input_ids",), output_names=outputs, vocab_size=vocab,
     )
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Before loading: a sharded checkpoint's index is readable and names only shards that
+    exist; there are weights at all."""
+    import json
+
+    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except Exception as e:
+            raise LfgraphError(f"the shard index {index} cannot be read ({str(e).splitlines()[0][:120]}): re-save the checkpoint") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise LfgraphError(f"the shard index {index.name} names {len(missing)} shard(s) missing from {folder}, e.g. {missing[0]}: "
+                               "copy the whole checkpoint folder")
+    elif not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise LfgraphError(f"{folder} has a config.json but no weights (*.safetensors): copy the whole checkpoint folder")
+
+
+def _from_pretrained(auto: Any, folder: Path) -> nn.Module:
+    """Load in fp32, refusing what transformers would paper over: weights missing from the
+    checkpoint (it would initialise them at random), weights the model has no place for, and
+    shapes that disagree with the config."""
+    try:
+        hf, info = auto.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    except LfgraphError:
+        raise
+    except Exception as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if "size mismatch" in str(e) or "mismatched" in str(e):
+            first = _first_shape_mismatch(auto, folder) or first
+            raise LfgraphError(f"the weights in {folder} do not have the shapes its config.json describes ({first[:200]}): "
+                               "fix config.json or re-save the checkpoint") from None
+        raise LfgraphError(f"cannot load the checkpoint in {folder} ({first[:200]}): check that its files are complete") from None
+    problems = [(what, list(info.get(key) or [])) for what, key in
+                (("missing from the checkpoint", "missing_keys"), ("not expected by the config", "unexpected_keys"),
+                 ("of another shape than the config says", "mismatched_keys"))]
+    problems = [(what, keys) for what, keys in problems if keys]
+    if problems:
+        detail = "; ".join(f"{len(keys)} weight(s) {what} ({', '.join(str(k if isinstance(k, str) else k[0]) for k in keys[:3])}"
+                           f"{', …' if len(keys) > 3 else ''})" for what, keys in problems)
+        raise LfgraphError(f"config.json and the weights in {folder} disagree: {detail}; "
+                           "lfgraph will not compress a model with weights re-initialised at random: fix config.json or re-save the checkpoint")
+    return hf.eval()
+
+
+def _first_shape_mismatch(auto: Any, folder: Path) -> str | None:
+    """``"NAME: checkpoint [a, b], config [c, d]"`` for the first stored weight whose shape
+    differs from the one the config gives (the model built on the meta device: no memory)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        with torch.device("meta"):
+            shapes = {k: list(v.shape) for k, v in auto.from_config(AutoConfig.from_pretrained(folder)).state_dict().items()}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    want = shapes.get(k, shapes.get(k.partition(".")[2]))
+                    got = list(st.get_slice(k).get_shape())
+                    if want is not None and want != got:
+                        return f"{k}: checkpoint {got}, config {want}"
+    except Exception:  # the caller's message stands on its own
+        return None
+    return None
 
 
 def check_finite_weights(module: nn.Module, name: str) -> None:

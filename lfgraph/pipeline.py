@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from . import __version__
+from .calibration import load_calibration_text
 from .errors import LfgraphError
 from .fileio import check_outputs, commit_folder, failed_path, staging_folder, write_text_atomic
 from .graph import LayerGraph
 from .model_types import CalibrationOptions
 from .options import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEQ_LEN, STEPS, check
-from .models import LoadedModel, load_model
+from .models import ALIASES, LoadedModel, load_model
 from .passes.analysis import Analysis, analyze
 from .passes.base import PassResult
 from .passes.map_distillation import TRAINED_WITH_THE_MAPS
@@ -217,8 +218,8 @@ def check_inputs(spec: Any, plan: Any = None, calibration: CalibrationOptions | 
     if isinstance(spec, (str, os.PathLike)):
         check_model_spec(str(spec))
     if calibration is not None:
-        if calibration.text_file and not Path(calibration.text_file).exists():
-            raise LfgraphError(f"calibration text {calibration.text_file} does not exist: give a UTF-8 text file, or leave it out to use the bundled corpus")
+        if calibration.text_file:
+            load_calibration_text(calibration.text_file)  # exists, and is text
         if calibration.token_file and not Path(calibration.token_file).is_file():
             raise LfgraphError(f"token file {calibration.token_file} does not exist: give a .npy or .pt file of token ids")
         check("--calibration-windows", calibration.windows, COUNT)
@@ -298,8 +299,10 @@ def compress(
         folder_out = out.suffix != ".onnx"
         inputs = [spec if isinstance(spec, (str, os.PathLike)) else None, plan if isinstance(plan, (str, os.PathLike)) else None,
                   calibration_text, calibration_tokens]
-        check_outputs({"-o": out, "the output of a failed check": failed_path(out), "--log": log_path, "--report": report_path},
-                      inputs, overwrite, folders=("-o", "the output of a failed check") if folder_out else ())
+        heal_dir = (heal_options or {}).get("checkpoint_dir") if heal_steps else None
+        check_outputs({"-o": out, "the output of a failed check": failed_path(out), "--log": log_path, "--report": report_path,
+                       "--heal-checkpoint-dir": heal_dir},
+                      inputs, overwrite, folders=(("-o", "the output of a failed check") if folder_out else ()) + ("--heal-checkpoint-dir",))
         if given_plan is None:
             check_recipe(target, mode, select or "similarity", fuse or "remove", target_kind)
             if fuse is not None:
@@ -356,6 +359,8 @@ def compress(
                          + (f", {d['sampled_windows']} windows sampled from the original added to the training windows)" if d.get("sampled_windows") else ")"))
     metadata = {"lfgraph.version": __version__, "lfgraph.plan": plan.to_json(), "lfgraph.recipe": recipe,
                 "lfgraph.source_model": source.name}
+    if isinstance(spec, (str, os.PathLike)):  # so that `lfgraph visualize OUT.onnx` finds the original
+        metadata["lfgraph.source_spec"] = str(spec) if str(spec) in ALIASES else os.path.abspath(str(spec))
     heal_curve = None
     if heal_steps > 0:
         _progress(f"healing: {heal_steps} steps of distillation from the original", quiet)

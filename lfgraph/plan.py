@@ -8,6 +8,7 @@ deterministic: the same plan always gives the same bytes.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,24 @@ class Fusion:
     align: bool = True
 
 
+#: The fields of a plan and of each fusion, as they are spelled in the JSON.
+FUSION_FIELDS = ("keep", "absorb", "unit", "score", "align")
+PLAN_FIELDS = ("fusions", "mode", "fuse", "provenance", "schema_version")
+
+
+def _check_fields(data: Any, known: tuple[str, ...], required: set[str], where: str) -> None:
+    """Name, in the plan's own words, a field that is missing or unknown (a typo)."""
+    if not isinstance(data, dict):
+        raise LfgraphError(f"{where} must be a JSON object with the fields {', '.join(known)}")
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise LfgraphError(f"{where} has an unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                               + f": its fields are {', '.join(known)}")
+    for key in sorted(required - set(data)):
+        raise LfgraphError(f"{where} lacks the field {key!r}: regenerate the plan with `lfgraph plan`")
+
+
 @dataclass
 class FusionPlan:
     """An ordered, serialisable list of fusions plus how it was made."""
@@ -83,16 +102,22 @@ class FusionPlan:
                 f"plan has schema_version {data.get('schema_version') if isinstance(data, dict) else '?'}, "
                 f"this lfgraph reads {SCHEMA_VERSION}: regenerate it with `lfgraph plan`"
             )
-        try:
-            fusions = [Fusion(**f) for f in data["fusions"]]
-            plan = cls(fusions=fusions, mode=data["mode"], fuse=data.get("fuse", "mean"), provenance=data.get("provenance", {}))
-        except (KeyError, TypeError) as e:
-            raise LfgraphError(f"plan is missing or has unexpected fields ({e}): regenerate it with `lfgraph plan`") from None
+        _check_fields(data, PLAN_FIELDS, {"fusions", "mode"}, "the plan")
+        if not isinstance(data["fusions"], list):
+            raise LfgraphError("the plan's field 'fusions' must be a list of fusions: regenerate it with `lfgraph plan`")
+        for i, f in enumerate(data["fusions"]):
+            _check_fields(f, FUSION_FIELDS, {"keep", "absorb"}, f"fusions[{i}]")
+            if not isinstance(f["keep"], str) or not isinstance(f["absorb"], list) or not all(isinstance(a, str) for a in f["absorb"]):
+                raise LfgraphError(f"fusions[{i}] of the plan: 'keep' must be a name and 'absorb' a list of names")
+        fusions = [Fusion(**f) for f in data["fusions"]]
+        plan = cls(fusions=fusions, mode=data["mode"], fuse=data.get("fuse", "mean"), provenance=data.get("provenance", {}))
+        if plan.mode not in ("merge", "tie"):
+            raise LfgraphError(f"the plan's field 'mode' is {plan.mode!r}: it must be 'merge' or 'tie'")
         if plan.fuse not in FUSE_RULES:
-            raise LfgraphError(f"plan fuse rule {plan.fuse!r} is not one of {FUSE_RULES}")
+            raise LfgraphError(f"the plan's field 'fuse' is {plan.fuse!r}: it must be one of {', '.join(FUSE_RULES)}")
         for f in plan.fusions:
             if f.unit not in UNITS:
-                raise LfgraphError(f"plan fusion unit {f.unit!r} is not one of {UNITS}")
+                raise LfgraphError(f"a fusion's field 'unit' is {f.unit!r}: it must be one of {', '.join(UNITS)}")
         return plan
 
     @classmethod

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from .errors import LfgraphError
-from .options import COUNT, FRACTION, SEQ_LEN, STEPS
-from .fileio import atomic_path, write_text_atomic
+from .options import COUNT, FRACTION, SEQ_LEN, STEPS, add_overwrite_option
+from .fileio import atomic_path, check_outputs, commit_folder, png_metadata, staging_folder, write_text_atomic
 
 LICENSES_DIR = Path("/usr/share/common-licenses")
 DEFAULT_METHODS = ("shortgpt", "gromov", "sleb", "laco", "replaceme-lstsq", "replaceme-cosine", "linearpatch", "lfgraph")
@@ -424,7 +424,7 @@ def plot_study(track: Track, rows: list[dict[str, Any]], out: Path) -> list[Path
         fig.tight_layout()
         path = out / f"study_{metric}.png"
         with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+            fig.savefig(tmp, dpi=110, format="png", metadata=png_metadata())
         plt.close(fig)
         paths.append(path)
     return paths
@@ -452,6 +452,7 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--eval-tokens", type=SEQ_LEN, default=512)
     p.add_argument("--sleb-windows", type=COUNT, default=4, help="SLEB's reduced calibration budget (windows)")
     p.add_argument("--sleb-tokens", type=SEQ_LEN, default=128, help="SLEB's reduced calibration budget (tokens per window)")
+    add_overwrite_option(p)
     p.add_argument("--cnn-steps", type=COUNT, default=300, help="training steps of the vision track's CNN")
     p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
                    help="also score zero-shot lm-eval tasks (needs 'lfgraph[lm-eval]'; offline: local task files via --lm-eval-include)")
@@ -465,10 +466,8 @@ def add_subcommand(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the study the arguments describe; prints the summary and the files written."""
-    if any(not 0.0 < t < 1.0 for t in args.targets):
-        raise LfgraphError(f"targets must be fractions strictly between 0 and 1, got {args.targets}")
-    if args.heal < 0:  # checked before the model is loaded
-        raise LfgraphError(f"--heal must be a number of steps >= 0, got {args.heal}")
+    # checked before the model is loaded (the numbers by their argparse rules)
+    check_outputs({"--out": args.out}, [args.model, args.lm_eval_include], args.overwrite, folders=["--out"])
     if args.lm_eval:  # checked before the model is loaded
         from .harness import _harness
 
@@ -489,7 +488,10 @@ def run(args: argparse.Namespace) -> int:
     if args.heal:
         track.protocol["healing"] = f"{args.heal} steps of distillation from the original on the calibration data, all parameters (rows '+heal')"
     rows = sweep(track, list(args.methods), sorted(args.targets), options, log=lambda s: print(f"  {s}", flush=True), heal_steps=args.heal)
-    paths = write_outputs(track, rows, Path(args.out))
-    print((Path(args.out) / "study.md").read_text())
-    print("written: " + ", ".join(str(p) for p in paths))
+    out = Path(args.out)
+    with staging_folder(out) as staged:
+        names = [p.name for p in write_outputs(track, rows, staged)]
+        commit_folder(staged, out)
+    print((out / "study.md").read_text())
+    print("written: " + ", ".join(str(out / n) for n in names))
     return 0

@@ -91,8 +91,9 @@ def sample_texts(folder: str | Path, prompts: Sequence[str], original: str | Non
 
 def run(args: argparse.Namespace) -> int:
     """``lfgraph generate``: print the samples; exit code 0."""
-    if args.max_new_tokens < 1:
-        raise LfgraphError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    empty = [i for i, p in enumerate(args.prompt, 1) if not p.strip()]
+    if empty:
+        raise LfgraphError(f"--prompt number {empty[0]} is empty: give some text to continue")
     rows = sample_texts(args.folder, args.prompt, args.original, args.max_new_tokens, args.runtime, not args.no_chat_template)
     width = 100
     for row in rows:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import LfgraphError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, mark_folder
 
 CHECKPOINT_NAME = "heal-checkpoint.pt"
 
@@ -48,6 +48,7 @@ def save(folder: str | Path, payload: dict[str, Any]) -> Path:
     target = checkpoint_path(folder)
     with atomic_path(target) as tmp:
         torch.save(payload, tmp)
+    mark_folder(folder)  # a later run may replace it without --overwrite
     return target
 
 

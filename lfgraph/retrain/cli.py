@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import LfgraphError
-from ..options import COUNT, EVERY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, SEQ_LEN, STEPS, WARMUP, Parser
+from ..fileio import check_outputs, commit_folder, signals_as_interrupts, staging_folder
+from ..options import COUNT, EVERY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, SEQ_LEN, STEPS, WARMUP, Parser, add_overwrite_option
 from ..plan import FusionPlan
 from .batches import check_token_windows
 from .distributed import STRATEGIES
@@ -150,7 +149,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-windows", type=COUNT, default=4, help="held-out windows for --eval-every (default 4)")
     g.add_argument("--checkpoint-dir", default=None, help="write a checkpoint here every --checkpoint-every steps")
     g.add_argument("--checkpoint-every", type=EVERY, default=0, help="default: --eval-every, else a tenth of --steps")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir (an error when there is none)")
+    g.add_argument("--resume-if-present", action="store_true", help="continue from the checkpoint in --checkpoint-dir when there is one, else start")
     g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--strategy", choices=STRATEGIES, default="auto", help="under torchrun: ddp (auto) or fsdp")
 
@@ -167,14 +167,17 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heal-windows", type=COUNT, default=HEAL_DEFAULTS["windows"], help="training windows from the calibration text (default 128)")
     g.add_argument("--heal-eval-every", type=EVERY, default=0, help="held-out perplexity every K steps, best state kept")
     g.add_argument("--heal-checkpoint-dir", default=None, help="checkpoint the healing here")
-    g.add_argument("--heal-resume", action="store_true", help="continue healing from --heal-checkpoint-dir")
+    g.add_argument("--heal-resume", action="store_true", help="continue healing from --heal-checkpoint-dir (an error when there is no checkpoint)")
+    g.add_argument("--heal-resume-if-present", action="store_true", help="continue from --heal-checkpoint-dir's checkpoint when there is one, else start")
 
 
 def compress_heal_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for :func:`heal_compressed` from :func:`add_compress_options`' flags
     (``steps`` included; the caller adds the training windows and evaluation windows)."""
     return {"steps": args.heal, "trainable": args.heal_trainable, "lr": args.heal_lr, "batch_size": args.heal_batch_size,
-            "eval_every": args.heal_eval_every, "checkpoint_dir": args.heal_checkpoint_dir, "resume": args.heal_resume}
+            "eval_every": args.heal_eval_every, "checkpoint_dir": args.heal_checkpoint_dir,
+            "resume": resume_mode(args.heal_resume, args.heal_resume_if_present, args.heal_checkpoint_dir,
+                                  "--heal-resume", "--heal-checkpoint-dir")}
 
 
 def add_subcommand(subparsers: Any) -> None:
@@ -194,7 +197,24 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--select", choices=SELECTIONS, default=None, help="default: the model family's recipe")
     p.add_argument("--fuse", choices=FUSIONS, default=None, help="default: the model family's recipe")
     p.add_argument("--quiet", action="store_true")
+    add_overwrite_option(p)
     add_arguments(p)
+
+
+def resume_mode(resume: bool, if_present: bool, checkpoint_dir: str | None,
+                flag: str = "--resume", dir_flag: str = "--checkpoint-dir") -> bool:
+    """Whether to resume: ``--resume`` needs a checkpoint in ``--checkpoint-dir`` (a missing
+    one is an error, not a silent fresh start); ``--resume-if-present`` resumes only when
+    there is one. ``flag``/``dir_flag`` name the options as the subcommand calls them."""
+    from .checkpoint import checkpoint_path
+
+    if (resume or if_present) and not checkpoint_dir:
+        raise LfgraphError(f"{flag} needs {dir_flag} (where the interrupted run wrote its checkpoints)")
+    present = bool(checkpoint_dir) and checkpoint_path(checkpoint_dir).is_file()
+    if resume and not present:
+        raise LfgraphError(f"{flag}: there is no checkpoint in {checkpoint_dir} (no {checkpoint_path(checkpoint_dir).name}): "
+                           f"check the folder, or use {flag}-if-present to start afresh when there is none")
+    return present and (resume or if_present)
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -217,10 +237,11 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
     if args.teacher:
         student_model = pipeline.load(args.model)
         teacher_model = pipeline.load(args.teacher)
-        windows = training_windows(teacher_model.tokenizer, text, args.windows, args.seq_len, max_positions(student_model.module))
+        tokenizer = teacher_model.require_tokenizer("healing") if teacher_model.tokenizer is not None else student_model.require_tokenizer("healing")
+        windows = training_windows(tokenizer, text, args.windows, args.seq_len, max_positions(student_model.module))
         return teacher_model, teacher_model.module, student_model.module, None, [], windows
     model = pipeline.load(args.model)
-    windows = training_windows(model.tokenizer, text, args.windows, args.seq_len, max_positions(model.module))
+    windows = training_windows(model.require_tokenizer("healing"), text, args.windows, args.seq_len, max_positions(model.module))
     if model.family != "causal-lm":
         raise LfgraphError(f"{model.name} is a {model.family} model: lfgraph heal trains causal language models from the CLI; use lfgraph.retrain.heal in Python")
     graph = pipeline.trace(model)
@@ -291,33 +312,21 @@ def save_healed(module: nn.Module, tokenizer: Any, out: str | Path, curve: dict[
     hf, tied = untied_copy(hf)
     if tied:
         curve = {**curve, "tied_sets": tied}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging_folder(out) as tmp:
         hf.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "heal.json").write_text(json.dumps(curve, indent=1) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        commit_folder(tmp, out)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     """``lfgraph heal``: 0 on success; user errors raise ``LfgraphError`` (the CLI prints one line)."""
-    if args.steps < 0:
-        raise LfgraphError(f"--steps must be >= 0, got {args.steps}")
-    if args.resume and not args.checkpoint_dir:
-        raise LfgraphError("--resume needs --checkpoint-dir (where the interrupted run wrote its checkpoints)")
+    args.resume = resume_mode(args.resume, args.resume_if_present, args.checkpoint_dir)
+    # every output checked before the model loads (numbers by their argparse rules)
+    check_outputs({"-o": args.out, "--checkpoint-dir": args.checkpoint_dir}, [args.model, args.teacher, args.plan, args.text],
+                  args.overwrite, folders=["-o", "--checkpoint-dir"])
     torch.manual_seed(args.seed)
     text = None
     if args.text:
@@ -351,18 +360,22 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only ``heal`` (for ``python -m lfgraph.retrain.cli`` and torchrun)."""
-    parser = argparse.ArgumentParser(prog="lfgraph")
+    parser = Parser(prog="lfgraph")
     add_subcommand(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        with signals_as_interrupts():
+            return run(build_parser().parse_args(argv))
     except LfgraphError as e:
         print(f"lfgraph: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the staging folders are gone by now
+        signum = int(getattr(e, "signum", 2))
+        print("lfgraph: interrupted; nothing was left at the output paths", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LfgraphError
+from ..fileio import check_outputs
+from ..options import add_overwrite_option
 from ..plan import FusionPlan
 
 FORMATS = ("html", "json", "model-explorer")
@@ -52,6 +54,7 @@ def add_subcommand(subparsers: Any) -> None:
     v.add_argument("--compute-scores", default=None, metavar="CRITERIA",
                    help=f"compute selection scores on calibration data (comma-separated: {', '.join(CRITERIA)}; PyTorch models)")
     v.add_argument("--title", default="", help="page heading")
+    add_overwrite_option(v)
     v.set_defaults(run=run)
 
 
@@ -79,11 +82,40 @@ def _load_plan(spec: str) -> FusionPlan:
     return FusionPlan.load(spec)
 
 
+def _original_of(compressed: str) -> str:
+    """The original model of an lfgraph ONNX file, from its metadata (``lfgraph.source_spec``)."""
+    from ..onnx_io import read_metadata
+
+    meta = read_metadata(compressed)
+    if "lfgraph.plan" not in meta:
+        raise LfgraphError(f"{compressed} has no lfgraph plan in its metadata: give the plan with --plan, or an OUT_DIR holding plan.json")
+    spec = meta.get("lfgraph.source_spec")
+    if not spec:
+        raise LfgraphError(f"{compressed} does not name its original model (written by an older lfgraph): "
+                           f"give it, lfgraph visualize ORIGINAL --plan {compressed} -o PAGE")
+    from ..sources import check_model_spec
+
+    try:
+        check_model_spec(spec)
+    except LfgraphError:
+        raise LfgraphError(f"the original of {compressed}, {spec}, is not there any more: give it, "
+                           f"lfgraph visualize ORIGINAL --plan {compressed} -o PAGE") from None
+    return spec
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lfgraph visualize``; returns 0. User errors raise ``LfgraphError`` (the CLI prints one line, exit 2)."""
     from . import load_log, write_report
 
     plan_path, log_path, scores_path, report_path = args.plan, args.log, args.scores, None
+    outputs = {"-o": args.output}
+    if (args.format or "") == "model-explorer":
+        outputs["the score overlay"] = str(Path(args.output).with_name(Path(args.output).stem + ".score.json"))
+    check_outputs(outputs, [args.model, args.out_dir, args.plan, args.log, args.scores], args.overwrite)
+    model = args.model
+    if not plan_path and not args.out_dir and str(model).lower().endswith(".onnx") and Path(model).is_file():
+        # a compressed file alone: its plan is in its metadata, its original is named there too
+        plan_path, model = model, _original_of(model)
     if args.out_dir:
         folder = Path(args.out_dir)
         if not folder.is_dir():
@@ -101,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     report = _read_json(report_path, "report file") if report_path else {}
     from ..sources import OnnxSource, TorchSource, open_source
 
-    source = open_source(args.model)
+    source = open_source(model)
     graph = source.graph()
     plan.check_applies_to(graph.fingerprint())
     analysis = None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LfgraphError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, png_metadata
 from ..graph import LayerGraph
 from ..passes.analysis import Analysis, GroupAnalysis
 
@@ -170,6 +170,6 @@ def plot_analysis(analysis: Analysis, path: str | Path, graph: LayerGraph | None
         raise LfgraphError(f"cannot write the plot to {path}: folder {folder} does not exist")
     try:
         with atomic_path(path, suffix=f".{fmt}") as tmp:
-            fig.savefig(tmp, format=fmt, facecolor="white")
+            fig.savefig(tmp, format=fmt, facecolor="white", metadata=png_metadata() if fmt == "png" else None)
     except OSError as e:
         raise LfgraphError(f"cannot write the plot to {path}: {e.strerror or e}") from None
