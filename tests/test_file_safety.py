@@ -1,0 +1,361 @@
+"""A user's files are never lost, and bad input is refused before it does harm (issue 19).
+
+Every case checks what a user would: the exit code, one line on stderr (no traceback), the
+inputs byte for byte afterwards, and nothing left beside the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from lfgraph import fileio
+from lfgraph.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--select", "similarity", "--fuse", "remove", "--eval-windows", "0", "--quiet"]
+
+
+def _one_line(capsys, code, match, want=2):
+    err = capsys.readouterr().err.strip()
+    assert code == want, err
+    lines = [line for line in err.splitlines() if line.startswith("lfgraph: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def _digest(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+
+
+def _staging_left(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if fileio.STAGING in p.name]
+
+
+@pytest.fixture
+def model_copy(tiny_llama_folder, tmp_path) -> Path:
+    """A tiny Llama folder the test may point outputs at (its digest is checked after)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_folder, folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize("case", ["output is the input folder", "output inside the input folder", "output contains the input"])
+def test_output_that_would_touch_the_input_is_refused(model_copy, tmp_path, capsys, case):
+    out = {"output is the input folder": model_copy, "output inside the input folder": model_copy / "small",
+           "output contains the input": tmp_path}[case]
+    before = _digest(model_copy)
+    line = _one_line(capsys, main(["compress", str(model_copy), "-o", str(out), *FAST]), "input")
+    assert "-o" in line
+    assert _digest(model_copy) == before and not (model_copy / "small").exists()
+
+
+def test_log_and_plan_onto_an_input_are_refused(model_copy, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(model_copy), "--select", "similarity", "--fuse", "remove", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    before = plan.read_bytes()
+    _one_line(capsys, main(["compress", str(model_copy), "--plan", str(plan), "--log", str(plan), "-o", str(tmp_path / "o.onnx"), "--quiet"]), "--log")
+    _one_line(capsys, main(["plan", str(model_copy), "-o", str(model_copy / "config.json")]), "inside the input")
+    text = tmp_path / "cal.txt"
+    text.write_text("some text " * 50)
+    _one_line(capsys, main(["plan", str(model_copy), "--calibration-text", str(text), "-o", str(text)]), "is an input")
+    assert plan.read_bytes() == before and text.read_text() == "some text " * 50
+
+
+def test_foreign_output_folder_needs_overwrite_and_keeps_the_users_other_files(tiny_llama_folder, tmp_path, capsys):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "model.onnx").write_bytes(b"my own model")
+    before = _digest(out)
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(out), *FAST]), "--overwrite")
+    assert _digest(out) == before
+    # with --overwrite only the files lfgraph writes are replaced
+    assert main(["compress", str(tiny_llama_folder), "-o", str(out), *FAST, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "model.onnx").read_bytes() != b"my own model" and fileio.written_by_lfgraph(out / "model.onnx")
+    marker = json.loads((out / fileio.MARKER).read_text())
+    assert "model.onnx" in marker["files"] and "notes.txt" not in marker["files"]
+    assert not _staging_left(tmp_path)
+    # lfgraph's own folder is replaced again without --overwrite, the user's file still kept
+    assert main(["compress", str(tiny_llama_folder), "-o", str(out), *FAST]) == 0
+    assert (out / "notes.txt").read_text() == "my notes"
+
+
+def test_foreign_output_files_need_overwrite(tiny_llama_folder, tmp_path, capsys):
+    for name in ("o.onnx", "log.json", "page.html"):
+        (tmp_path / name).write_text("the user's file")
+    args = ["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST]
+    _one_line(capsys, main(args), "-o")
+    (tmp_path / "o.onnx").unlink()
+    _one_line(capsys, main(args + ["--log", str(tmp_path / "log.json")]), "--log")
+    _one_line(capsys, main(args + ["--report", str(tmp_path / "page.html")]), "--report")
+    assert (tmp_path / "log.json").read_text() == (tmp_path / "page.html").read_text() == "the user's file"
+    # lfgraph's own outputs are recognised and replaced on the next run without --overwrite
+    (tmp_path / "log.json").unlink()
+    (tmp_path / "page.html").unlink()
+    full = args + ["--log", str(tmp_path / "log.json"), "--report", str(tmp_path / "page.html")]
+    assert main(full) == 0
+    assert all(fileio.written_by_lfgraph(tmp_path / n) for n in ("o.onnx", "log.json", "page.html"))
+    assert main(full) == 0
+
+
+def test_heal_output_onto_an_existing_file_is_refused(tiny_llama_folder, tmp_path, capsys):
+    f = tmp_path / "result"
+    f.write_text("keep me")
+    _one_line(capsys, main(["heal", str(tiny_llama_folder), "-o", str(f), "--steps", "1"]), "existing file")
+    assert f.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["result"]
+
+
+def test_study_out_naming_a_file_is_refused(tiny_llama_folder, tmp_path, capsys):
+    f = tmp_path / "study.txt"
+    f.write_text("keep me")
+    _one_line(capsys, main(["study", str(tiny_llama_folder), "--out", str(f)]), "--out")
+    assert f.read_text() == "keep me"
+
+
+def test_output_folders_that_cannot_be_written_are_refused_before_loading(tiny_llama_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lfgraph.sources.load_model", lambda *a, **k: pytest.fail("loaded before the output check"))
+    parent_is_file = tmp_path / "file"
+    parent_is_file.write_text("x")
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(parent_is_file / "o.onnx"), *FAST]), "is a file")
+    # /proc refuses new files even to root, for whom permission bits mean nothing
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", "/proc/o.onnx", *FAST]), "cannot write")
+
+
+# --------------------------------------------------------------------------- signals and staging
+
+
+@pytest.mark.parametrize("target", ["lfgraph.sources.TorchSource.graph", "lfgraph.sources.TorchSource.rewrite",
+                                    "lfgraph.sources.TorchSource.write", "lfgraph.outputs.alternating_latency"])
+def test_sigterm_at_each_stage_leaves_nothing(tiny_llama_folder, tmp_path, capsys, monkeypatch, target):
+    def terminate(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this returns
+        pytest.fail("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(target, terminate)
+    code = main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM and "SIGTERM" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the CLI's only while it runs
+
+
+def test_sigterm_to_a_real_process_while_it_writes(tiny_llama_folder, tmp_path):
+    out = tmp_path / "deploy"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lfgraph.cli", "compress", str(tiny_llama_folder), "-o", str(out), *FAST],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not _staging_left(tmp_path):
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before its staging folder was seen"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == [], (err, list(tmp_path.iterdir()))
+
+
+def test_stale_staging_of_a_killed_run_is_removed_next_time(tiny_llama_folder, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale = tmp_path / f".o.onnx{fileio.STAGING}{dead.pid}-0000abcd"
+    stale.mkdir()
+    (stale / "o.onnx").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".o.onnx{fileio.STAGING}{os.getppid()}-0000beef"  # a live process's: left alone
+    alive.mkdir()
+    assert main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert not stale.exists() and f"removed {stale}" in err and "interrupted run" in err
+    assert alive.exists()
+
+
+# --------------------------------------------------------------------------- failed checks
+
+
+def test_failed_export_check_leaves_the_requested_path_alone(tiny_llama_folder, tmp_path, capsys, monkeypatch):
+    from lfgraph import outputs
+    from lfgraph.onnx_io import read_metadata
+    from lfgraph.verify import OutputCheck, VerifyReport
+
+    monkeypatch.setattr(outputs.OnnxFileOutput, "check", lambda *a, **k: VerifyReport(
+        provider="test", reference="test", outputs=[OutputCheck("logits", 1.0, 1.0, False, "forced failure")]))
+    out = tmp_path / "o.onnx"
+    code = main(["compress", str(tiny_llama_folder), "-o", str(out), *FAST])
+    table = capsys.readouterr().out
+    assert code == 1 and not out.exists()
+    failed = tmp_path / "o.failed.onnx"
+    assert str(failed) in table and read_metadata(failed)["lfgraph.check"].startswith("FAILED: the file does not compute")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _broken(tiny_llama_folder: Path, tmp_path: Path, case: str) -> Path:
+    folder = tmp_path / case.replace(" ", "-")
+    shutil.copytree(tiny_llama_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    if case == "config deeper than the weights":
+        cfg["num_hidden_layers"] += 2
+    elif case == "missing tensor":
+        weights.pop("model.layers.2.mlp.up_proj.weight")
+    elif case == "intermediate size":
+        cfg["intermediate_size"] += 8
+    elif case == "missing shard":
+        (folder / "model.safetensors").unlink()
+        names = sorted(weights)
+        half = len(names) // 2
+        save_file({k: weights[k] for k in names[:half]}, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(names)}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        return folder
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("case,match", [("config deeper than the weights", "missing from the checkpoint"),
+                                        ("missing tensor", "model.layers.2.mlp.up_proj.weight"),
+                                        ("intermediate size", "mlp.down_proj.weight: checkpoint [64, 128], config [64, 136]"),
+                                        ("missing shard", "model-00002-of-00002.safetensors")])
+def test_weights_that_disagree_with_the_config_are_refused(tiny_llama_folder, tmp_path, capsys, case, match):
+    folder = _broken(tiny_llama_folder, tmp_path, case)
+    before = _digest(folder)
+    _one_line(capsys, main(["compress", str(folder), "-o", str(tmp_path / "o.onnx"), *FAST]), match)
+    assert _digest(folder) == before and not (tmp_path / "o.onnx").exists()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_binary_text_is_refused_for_calibration_and_healing(tiny_llama_folder, tmp_path, capsys):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "--calibration-text", str(binary), "-o", str(tmp_path / "o.onnx")]), "weights.bin")
+    st = tiny_llama_folder / "model.safetensors"
+    _one_line(capsys, main(["heal", str(tiny_llama_folder), "--text", str(st), "-o", str(tmp_path / "h"), "--steps", "1"]), "not a UTF-8 text")
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"text\x00with a NUL")
+    _one_line(capsys, main(["plan", str(tiny_llama_folder), "--calibration-text", str(nul)]), "NUL")
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "h").exists()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_llama_folder, tmp_path, capsys):
+    vocab = json.loads((tiny_llama_folder / "config.json").read_text())["vocab_size"]
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.arange(4000, dtype=np.int64) % (vocab + 5))
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "--calibration-tokens", str(ids), "--select", "block_influence",
+                            "--fuse", "remove", "-o", str(tmp_path / "o.onnx"), "--quiet"]), f"vocabulary of {vocab}")
+
+
+def test_empty_prompt_is_refused(tmp_path, capsys):
+    _one_line(capsys, main(["generate", str(tmp_path), "--prompt", "   "]), "empty")
+
+
+def test_plan_field_typo_is_named_in_the_plans_words(tiny_llama_folder, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schema_version": 1, "mode": "merge", "fuse": "remove",
+                                "fusions": [{"keep": "model.layers.1", "absorbs": ["model.layers.2"]}]}))
+    line = _one_line(capsys, main(["compress", str(tiny_llama_folder), "--plan", str(plan), "-o", str(tmp_path / "o.onnx")]), "'absorbs'")
+    assert "did you mean 'absorb'" in line and "__init__" not in line
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny_llama_folder, tmp_path, capsys):
+    from lfgraph.retrain.cli import resume_mode
+
+    empty = tmp_path / "ckpt"
+    _one_line(capsys, main(["heal", str(tiny_llama_folder), "-o", str(tmp_path / "h"), "--resume", "--checkpoint-dir", str(empty)]),
+              "no checkpoint")
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), "--heal", "2", "--heal-resume",
+                            "--heal-checkpoint-dir", str(empty)]), "--heal-resume")
+    assert resume_mode(False, True, str(empty)) is False  # --resume-if-present: start afresh
+    empty.mkdir()
+    (empty / "heal-checkpoint.pt").write_bytes(b"")
+    assert resume_mode(False, True, str(empty)) is True and resume_mode(True, False, str(empty)) is True
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+NUMERIC = {
+    "compress": ["--target", "--calibration-windows", "--calibration-seq-len", "--eval-windows", "--eval-seq-len",
+                 "--max-quality-loss", "--rtol", "--heal", "--heal-lr", "--heal-batch-size", "--heal-seq-len",
+                 "--heal-windows", "--heal-eval-every"],
+    "plan": ["--target", "--calibration-windows", "--calibration-seq-len"],
+    "analyze": ["--top"],
+    "heal": ["--steps", "--lr", "--batch-size", "--accumulation", "--seq-len", "--windows", "--temperature",
+             "--hidden-weight", "--warmup", "--clip", "--lora-rank", "--eval-every", "--eval-windows",
+             "--checkpoint-every", "--seed", "--target"],
+    "study": ["--targets", "--calib-windows", "--calib-tokens", "--eval-windows", "--eval-tokens", "--sleb-windows",
+              "--sleb-tokens", "--cnn-steps", "--lm-eval-limit", "--heal"],
+    "generate": ["--max-new-tokens"],
+    "verify": ["--rtol"],
+}
+
+
+def _argv(command: str, option: str, value: str, folder: Path, tmp: Path) -> list[str]:
+    head = {"compress": ["compress", str(folder), "-o", str(tmp / "o.onnx")], "plan": ["plan", str(folder)],
+            "analyze": ["analyze", str(folder)], "heal": ["heal", str(folder), "-o", str(tmp / "h")],
+            "study": ["study", str(folder)], "generate": ["generate", str(tmp), "--prompt", "hi"],
+            "verify": ["verify", str(tmp / "o.onnx"), str(folder)]}[command]
+    return [*head, f"{option}={value}"]
+
+
+@pytest.mark.parametrize("command,option", [(c, o) for c, opts in NUMERIC.items() for o in opts])
+def test_every_numeric_option_refuses_nan_and_negative_numbers(tiny_llama_folder, tmp_path, capsys, monkeypatch, command, option):
+    monkeypatch.setattr("lfgraph.sources.load_model", lambda *a, **k: pytest.fail("loaded before the options were checked"))
+    monkeypatch.setattr("lfgraph.models.load_model", lambda *a, **k: pytest.fail("loaded before the options were checked"))
+    for value in ("nan", "-1", "inf"):
+        _one_line(capsys, main(_argv(command, option, value, tiny_llama_folder, tmp_path)), f"argument {option}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_same_idea_has_the_same_rule_in_the_api(tiny_llama_folder, tmp_path):
+    from lfgraph import pipeline
+    from lfgraph.errors import LfgraphError
+
+    for kwargs in ({"rtol": -1.0}, {"max_quality_loss": math.nan}, {"eval_windows": -1}, {"heal_steps": -5}):
+        with pytest.raises(LfgraphError, match="out of range"):
+            pipeline.compress(str(tiny_llama_folder), tmp_path / "o.onnx", **kwargs)
+
+
+# --------------------------------------------------------------------------- the README's promises
+
+
+def test_model_without_tokenizer_gets_the_weights_only_recipe(tiny_llama_folder, tmp_path, capsys):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_folder / f, folder / f)
+    assert main(["compress", str(folder), "-o", str(tmp_path / "o.onnx"), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "select similarity" in table and "fuse remove" in table
+
+
+def test_visualize_draws_a_compressed_onnx_alone(tiny_llama_folder, tmp_path, capsys):
+    onnx_file = tmp_path / "o.onnx"
+    assert main(["compress", str(tiny_llama_folder), "-o", str(onnx_file), *FAST]) == 0
+    page = tmp_path / "page.html"
+    assert main(["visualize", str(onnx_file), "-o", str(page), "--no-heatmaps"]) == 0
+    html = page.read_text()
+    assert fileio.GENERATOR_TAG in html and "model.layers" in html
