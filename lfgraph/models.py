@@ -196,11 +196,11 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
     check_checkpoint_files(Path(folder))
     if is_causal:
-        hf = _from_pretrained(AutoModelForCausalLM, Path(folder))
+        hf = _from_pretrained(AutoModelForCausalLM, Path(folder), is_causal=True)
         module: nn.Module = CausalLMLogits(hf)
         family, outputs = "causal-lm", ("logits",)
     else:
-        hf = _from_pretrained(AutoModel, Path(folder))
+        hf = _from_pretrained(AutoModel, Path(folder), is_causal=False)
         module, family, outputs = EncoderHidden(hf), "encoder", ("last_hidden_state",)
     check_finite_weights(hf, name)
     vocab = int(getattr(hf.config, "vocab_size", 0) or 0)
@@ -230,7 +230,7 @@ def check_checkpoint_files(folder: Path) -> None:
         raise LfgraphError(f"{folder} has a config.json but no weights (*.safetensors): copy the whole checkpoint folder")
 
 
-def _from_pretrained(auto: Any, folder: Path) -> nn.Module:
+def _from_pretrained(auto: Any, folder: Path, is_causal: bool) -> nn.Module:
     """Load in fp32, refusing what transformers would paper over: weights missing from the
     checkpoint (it would initialise them at random), weights the model has no place for, and
     shapes that disagree with the config."""
@@ -245,9 +245,18 @@ def _from_pretrained(auto: Any, folder: Path) -> nn.Module:
             raise LfgraphError(f"the weights in {folder} do not have the shapes its config.json describes ({first[:200]}): "
                                "fix config.json or re-save the checkpoint") from None
         raise LfgraphError(f"cannot load the checkpoint in {folder} ({first[:200]}): check that its files are complete") from None
-    problems = [(what, list(info.get(key) or [])) for what, key in
-                (("missing from the checkpoint", "missing_keys"), ("not expected by the config", "unexpected_keys"),
-                 ("of another shape than the config says", "mismatched_keys"))]
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    if not is_causal:
+        # a base encoder read from a checkpoint with a task head (BERT for masked LM, say):
+        # the head's weights are unexpected and an absent pooler is missing, and lfgraph reads
+        # neither (the last hidden state only); weights of the encoder itself still count
+        children = {name for name, _ in hf.named_children()}
+        prefix = f"{getattr(hf, 'base_model_prefix', '')}."
+        own = lambda k: (k[len(prefix):] if k.startswith(prefix) else k).split(".")[0]  # noqa: E731
+        missing = [k for k in missing if own(k) != "pooler"]
+        unexpected = [k for k in unexpected if own(k) in children]
+    problems = [("missing from the checkpoint", missing), ("not expected by the config", unexpected),
+                ("of another shape than the config says", list(info.get("mismatched_keys") or []))]
     problems = [(what, keys) for what, keys in problems if keys]
     if problems:
         detail = "; ".join(f"{len(keys)} weight(s) {what} ({', '.join(str(k if isinstance(k, str) else k[0]) for k in keys[:3])}"

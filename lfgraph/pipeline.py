@@ -329,8 +329,12 @@ def compress(
             if plan.fuse == "calibrated":
                 calibration = source.calibration(cal_opts)
         else:
-            d_select, d_fuse = default_recipe(source.family, mode, source.has_calibration(cal_opts), target, target_kind)
+            has_data = source.has_calibration(cal_opts)
+            d_select, d_fuse = default_recipe(source.family, mode, has_data, target, target_kind)
             chosen_select, chosen_fuse = select or d_select, fuse or d_fuse
+            if not has_data and select is None and fuse is None and mode == "merge" and source.kind == "pytorch":
+                notes.append("no calibration data (no tokenizer files, no --calibration-tokens): the weights-only recipe, "
+                             f"select {d_select} + fuse {d_fuse}; give calibration data for the activation-based default")
             if chosen_select != "similarity":
                 ignored = [o for o, v in (("--metric", metric), ("--scope", scope)) if v is not None]
                 if ignored:

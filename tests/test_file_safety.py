@@ -350,6 +350,7 @@ def test_model_without_tokenizer_gets_the_weights_only_recipe(tiny_llama_folder,
     assert main(["compress", str(folder), "-o", str(tmp_path / "o.onnx"), "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "select similarity" in table and "fuse remove" in table
+    assert "no calibration data" in table and "weights-only recipe" in table
 
 
 def test_visualize_draws_a_compressed_onnx_alone(tiny_llama_folder, tmp_path, capsys):
@@ -359,3 +360,36 @@ def test_visualize_draws_a_compressed_onnx_alone(tiny_llama_folder, tmp_path, ca
     assert main(["visualize", str(onnx_file), "-o", str(page), "--no-heatmaps"]) == 0
     html = page.read_text()
     assert fileio.GENERATOR_TAG in html and "model.layers" in html
+
+
+def test_gguf_of_an_architecture_transformers_cannot_read(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), arch="notanarch")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    before = _digest(path)
+    _one_line(capsys, main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--quiet"]), "notanarch")
+    assert _digest(path) == before and not (tmp_path / "o.onnx").exists()
+
+
+def test_heal_teacher_and_student_without_tokenizer(tiny_llama_folder, tmp_path, capsys):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_folder / f, folder / f)
+    _one_line(capsys, main(["heal", str(folder), "--teacher", str(folder), "-o", str(tmp_path / "h"), "--steps", "1"]), "tokenizer")
+    assert not (tmp_path / "h").exists()
+
+
+def test_encoder_with_more_layers_in_its_weights_than_its_config(tiny_bert_folder, tmp_path, capsys):
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny_bert_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] -= 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _one_line(capsys, main(["compress", str(folder), "-o", str(tmp_path / "o.onnx"), *FAST]), "not expected by the config")

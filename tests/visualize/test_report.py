@@ -208,7 +208,7 @@ def test_command_line_on_an_onnx_model(tmp_path: Path, capsys: pytest.CaptureFix
     assert json.loads((tmp_path / "me.score.json").read_text())["name"] == "lfgraph selection score: sleb"
     assert run(parser().parse_args(["visualize", str(src), "--plan", str(out_dir / "plan.json"), "-o", str(tmp_path / "r.json"), "--no-heatmaps"])) == 0
     assert json.loads((tmp_path / "r.json").read_text())["heatmaps"] is None
-    with pytest.raises(LfgraphError, match="no plan"):
+    with pytest.raises(LfgraphError, match="no lfgraph plan"):
         run(parser().parse_args(["visualize", str(src), "-o", str(tmp_path / "x.html")]))
     with pytest.raises(LfgraphError, match="does not exist"):
         run(parser().parse_args(["visualize", str(src), "--plan", str(tmp_path / "none.json"), "-o", str(tmp_path / "x.html")]))
