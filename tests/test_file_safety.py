@@ -24,17 +24,10 @@ from safetensors.torch import load_file, save_file
 from lfgraph import fileio
 from lfgraph.cli import main
 
+from cli_checks import one_line as _one_line
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--select", "similarity", "--fuse", "remove", "--eval-windows", "0", "--quiet"]
-
-
-def _one_line(capsys, code, match, want=2):
-    err = capsys.readouterr().err.strip()
-    assert code == want, err
-    lines = [line for line in err.splitlines() if line.startswith("lfgraph: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def _digest(path: Path) -> str:

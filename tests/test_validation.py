@@ -11,15 +11,9 @@ import torch
 
 from lfgraph import models, pipeline, zoo
 from lfgraph.cli import main
+
+from cli_checks import one_line as _one_line
 from lfgraph.errors import LfgraphError
-
-
-def _one_line(capsys, code, match, want=2):
-    err = capsys.readouterr().err.strip()
-    assert code == want, err
-    lines = [line for line in err.splitlines() if line.startswith("lfgraph: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert match in lines[0], lines[0]
 
 
 def _digest(folder):
