@@ -386,3 +386,44 @@ def test_encoder_with_more_layers_in_its_weights_than_its_config(tiny_bert_folde
     cfg["num_hidden_layers"] -= 1
     (folder / "config.json").write_text(json.dumps(cfg))
     _one_line(capsys, main(["compress", str(folder), "-o", str(tmp_path / "o.onnx"), *FAST]), "not expected by the config")
+
+
+def test_lfgraphs_signature_is_recognised_and_nothing_else(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import onnx
+    from onnx import helper
+
+    from lfgraph.onnx_io import add_metadata
+    from lfgraph.passes.base import RewriteLog
+    from lfgraph.plan import Fusion, FusionPlan
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    FusionPlan([Fusion("b1", ["b2"])], mode="merge", fuse="remove").save(ours / "plan.json")
+    log = RewriteLog()
+    log.add("merge", "remove", "b2", ["b1"])
+    (ours / "log.json").write_text(log.to_json())
+    (theirs / "plan.json").write_text(json.dumps({"fusions": "mine"}))
+    (theirs / "log.json").write_text(json.dumps([{"action": "buy milk"}]))
+    (ours / "page.html").write_text(f"<html><head>{fileio.GENERATOR_TAG}</head></html>")
+    (theirs / "page.html").write_text("<html><head><title>lfgraph notes</title></head></html>")
+    for folder, meta in ((ours, fileio.png_metadata()), (theirs, None)):
+        fig = plt.figure()
+        fig.savefig(folder / "plot.png", metadata=meta)
+        plt.close(fig)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    for folder, meta in ((ours, {"lfgraph.version": "0"}), (theirs, {"author": "me"})):
+        m = helper.make_model(graph)
+        add_metadata(m, meta)
+        onnx.save(m, folder / "m.onnx")
+    (theirs / "notes.txt").write_text("lfgraph")
+    for name in ("plan.json", "log.json", "page.html", "plot.png", "m.onnx"):
+        assert fileio.written_by_lfgraph(ours / name), name
+        assert not fileio.written_by_lfgraph(theirs / name), name
+    assert not fileio.written_by_lfgraph(theirs / "notes.txt") and not fileio.written_by_lfgraph(theirs)
