@@ -28,6 +28,7 @@ import torch
 from . import __version__
 from .calibration import load_calibration_text
 from .errors import LfgraphError
+from .estimate import check_in_memory_fits
 from .fileio import check_outputs, commit_folder, failed_path, staging_folder, write_text_atomic
 from .graph import LayerGraph
 from .model_types import CalibrationOptions
@@ -311,6 +312,11 @@ def compress(
             raise LfgraphError("--distill-trainable chooses how a new plan distils; a plan from file already records it (provenance.distill_trainable): drop one of them")
     if is_onnx_spec(spec) and _is_decoder_with_past(Path(spec)):
         return compress_onnx_decoder(Path(spec), out, given_plan, target, eval_windows, max_quality_loss, quiet)
+    if isinstance(spec, (str, os.PathLike)) and (Path(spec) / "config.json").is_file():
+        with stage("estimate"):
+            estimate = check_in_memory_fits(spec)
+        if estimate is not None:
+            _progress(estimate.summary(), quiet)
     _progress("loading the model", quiet)
     with stage("load"):
         source = open_source(spec)

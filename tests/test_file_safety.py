@@ -427,3 +427,18 @@ def test_lfgraphs_signature_is_recognised_and_nothing_else(tmp_path):
         assert fileio.written_by_lfgraph(ours / name), name
         assert not fileio.written_by_lfgraph(theirs / name), name
     assert not fileio.written_by_lfgraph(theirs / "notes.txt") and not fileio.written_by_lfgraph(theirs)
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_loading(tiny_llama_folder, tmp_path, capsys, monkeypatch):
+    from lfgraph import estimate
+
+    monkeypatch.setattr("lfgraph.sources.load_model", lambda *a, **k: pytest.fail("loaded although it cannot fit"))
+    n = estimate.parameter_count(tiny_llama_folder)
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_llama_folder / "model.safetensors"), "pt") as st:
+        stored = sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
+    assert n == stored  # the count from the config is the checkpoint's
+    monkeypatch.setattr(estimate, "available_memory", lambda: estimate.in_memory_peak(n) - 1)
+    line = _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST]), "--stream")
+    assert "would not fit" in line and list(tmp_path.iterdir()) == []
