@@ -24,6 +24,7 @@ from onnx import helper
 
 from .errors import LfgraphError, RewriteCheckError
 from .fileio import atomic_path
+from .plan import FusionPlan
 
 #: Above this many bytes of tensor data a model is saved with its tensors in a ``.data``
 #: file beside it: protobuf cannot serialise a message over 2 GB.
@@ -240,3 +241,11 @@ def runner(
         [i.name for i in proto.graph.input if i.name not in inits], [o.name for o in proto.graph.output],
         lambda feed: ref.run(None, feed),
     )
+
+
+def metadata_plan(onnx_path: str | os.PathLike) -> FusionPlan:
+    """The plan stored in an lfgraph ONNX file's metadata (``lfgraph.plan``)."""
+    meta = read_metadata(onnx_path)
+    if "lfgraph.plan" not in meta:
+        raise LfgraphError(f"{onnx_path} was not written by lfgraph compress (no plan in its metadata)")
+    return FusionPlan.from_json(meta["lfgraph.plan"])

@@ -29,6 +29,7 @@ from . import __version__
 from .calibration import load_calibration_text
 from .errors import LfgraphError
 from .estimate import check_in_memory_fits
+from .onnx_io import metadata_plan
 from .fileio import check_outputs, commit_folder, failed_path, staging_folder, write_text_atomic
 from .graph import LayerGraph
 from .model_types import CalibrationOptions
@@ -607,13 +608,3 @@ def plan_summary(plan: FusionPlan) -> str:
     if "achieved" in p:
         lines.append(f"  removes {p['achieved']:.1%} of the {p.get('achieved_kind')} (target {p.get('target')})")
     return "\n".join(lines)
-
-
-def metadata_plan(onnx_path: str | Path) -> FusionPlan:
-    """The plan stored in an lfgraph ONNX file's metadata."""
-    from .onnx_io import read_metadata
-
-    meta = read_metadata(onnx_path)
-    if "lfgraph.plan" not in meta:
-        raise LfgraphError(f"{onnx_path} was not written by lfgraph compress (no plan in its metadata)")
-    return FusionPlan.from_json(meta["lfgraph.plan"])

@@ -151,7 +151,7 @@ class TorchSource(Source):
         """Fine-tune ``compressed`` by distillation from the original (:mod:`lfgraph.retrain`);
         returns the healed module and its loss curve. Language models heal on windows of
         the calibration text (or token file); other models on their calibration samples."""
-        from .retrain.cli import HEAL_DEFAULTS, heal_compressed, max_positions, training_windows
+        from .retrain.stage import HEAL_DEFAULTS, heal_compressed, max_positions, training_windows
 
         heal_options = dict(heal_options)
         if self.type.input_names == ["input_ids", "attention_mask"]:

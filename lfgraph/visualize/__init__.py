@@ -23,12 +23,14 @@ from ..graph import LayerGraph
 from ..passes.analysis import Analysis
 from ..passes.base import RewriteLog
 from ..plan import FusionPlan
-from .command import FORMATS, add_subcommand, run
 from .data import SCHEMA, TableRow, report_data
 from .page import read_page_data, render_html, write_html, write_json
 
-__all__ = ["FORMATS", "SCHEMA", "add_subcommand", "load_log", "read_page_data", "render_html", "render_rewrite",
-           "report_data", "run", "write_report"]
+#: What ``write_report`` writes: the page, its data, or Model Explorer node-data overlays.
+FORMATS = ("html", "json", "model-explorer")
+
+__all__ = ["FORMATS", "SCHEMA", "load_log", "read_page_data", "render_html", "render_rewrite",
+           "report_data", "write_report"]
 
 
 def write_report(

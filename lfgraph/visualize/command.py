@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LfgraphError
+from . import FORMATS, load_log, write_report
 from ..fileio import check_outputs
+from ..onnx_io import metadata_plan
 from ..options import add_overwrite_option
 from ..plan import FusionPlan
 
-FORMATS = ("html", "json", "model-explorer")
 #: File names looked for in an OUT_DIR.
 DIR_FILES = {"plan": ("plan.json",), "log": ("rewrite.json", "rewrite-log.json", "log.json"),
              "scores": ("scores.json",), "report": ("report.json",)}
@@ -74,8 +75,6 @@ def _read_json(path: str | Path, what: str) -> Any:
 
 def _load_plan(spec: str) -> FusionPlan:
     if spec.lower().endswith(".onnx"):
-        from ..pipeline import metadata_plan
-
         if not Path(spec).is_file():
             raise LfgraphError(f"ONNX file {spec} does not exist")
         return metadata_plan(spec)
@@ -105,17 +104,7 @@ def _original_of(compressed: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lfgraph visualize``; returns 0. User errors raise ``LfgraphError`` (the CLI prints one line, exit 2)."""
-    from . import load_log, write_report
-
     plan_path, log_path, scores_path, report_path = args.plan, args.log, args.scores, None
-    outputs = {"-o": args.output}
-    if (args.format or "") == "model-explorer":
-        outputs["the score overlay"] = str(Path(args.output).with_name(Path(args.output).stem + ".score.json"))
-    check_outputs(outputs, [args.model, args.out_dir, args.plan, args.log, args.scores], args.overwrite)
-    model = args.model
-    if not plan_path and not args.out_dir and str(model).lower().endswith(".onnx") and Path(model).is_file():
-        # a compressed file alone: its plan is in its metadata, its original is named there too
-        plan_path, model = model, _original_of(model)
     if args.out_dir:
         folder = Path(args.out_dir)
         if not folder.is_dir():
@@ -124,6 +113,15 @@ def run(args: argparse.Namespace) -> int:
         log_path = log_path or _find(folder, "log")
         scores_path = scores_path or _find(folder, "scores")
         report_path = _find(folder, "report")
+    outputs = {"-o": args.output}
+    if (args.format or "") == "model-explorer":
+        outputs["the score overlay"] = str(Path(args.output).with_name(Path(args.output).stem + ".score.json"))
+    # a run folder's files are inputs; the page may be written beside them
+    check_outputs(outputs, [args.model, plan_path, log_path, scores_path, report_path], args.overwrite)
+    model = args.model
+    if not plan_path and str(model).lower().endswith(".onnx") and Path(model).is_file():
+        # a compressed file alone: its plan is in its metadata, its original is named there too
+        plan_path, model = model, _original_of(model)
     if not plan_path:
         raise LfgraphError("no plan: give --plan plan.json (or compressed.onnx), or an OUT_DIR holding plan.json")
     fmt = args.format or ("json" if args.output.lower().endswith(".json") else "html")

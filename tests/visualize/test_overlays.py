@@ -107,7 +107,7 @@ def test_pytorch_model_overlay_is_keyed_by_its_cached_onnx_export(tmp_path: Path
 
     from lfgraph.pipeline import load, plan_model, rewrite, trace
     from lfgraph.sources import TorchSource
-    from lfgraph.visualize import add_subcommand, run
+    from lfgraph.visualize.command import add_subcommand, run
 
     model = load(str(tiny_llama_folder))
     graph = trace(model)

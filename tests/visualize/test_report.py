@@ -20,7 +20,8 @@ from lfgraph.passes.analysis import analyze
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan
 from lfgraph.plan import FusionPlan
-from lfgraph.visualize import add_subcommand, read_page_data, report_data, run, write_report
+from lfgraph.visualize import read_page_data, report_data, write_report
+from lfgraph.visualize.command import add_subcommand, run
 from lfgraph.visualize.scores import selection_scores
 from lfgraph.zoo import tiny_llama
 

@@ -1,0 +1,66 @@
+"""The house's import map: no cycle among the package's module-level imports, and the
+command-line layer imported by nothing below it (checked by reading the source, not by
+importing it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lfgraph"
+#: Modules that run commands; the pipeline is theirs to import, and nothing imports them but the CLI.
+COMMANDS = {"lfgraph.cli", "lfgraph.retrain.cli", "lfgraph.deploy.cli", "lfgraph.visualize.command", "lfgraph.study"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def _targets(module: str, is_package: bool, node: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """The lfgraph modules an import statement loads (``from . import x`` loads ``pkg.x``)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in modules}
+    assert isinstance(node, ast.ImportFrom)
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    if node.level:
+        base = base[: len(base) - (node.level - 1)]
+        mod = ".".join(base + ([node.module] if node.module else []))
+    else:
+        mod = node.module or ""
+    subs = {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules}
+    others = [a for a in node.names if f"{mod}.{a.name}" not in modules]
+    return subs | ({mod} if others and mod in modules else set())
+
+
+def import_graph(module_level_only: bool) -> nx.DiGraph:
+    modules = _modules()
+    g = nx.DiGraph()
+    g.add_nodes_from(modules)
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        nodes = tree.body if module_level_only else list(ast.walk(tree))
+        for node in nodes:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for t in _targets(name, path.name == "__init__.py", node, modules) - {name}:
+                    g.add_edge(name, t)
+    return g
+
+
+def test_no_cycle_among_module_level_imports():
+    cycles = list(nx.simple_cycles(import_graph(module_level_only=True)))
+    assert cycles == [], cycles[:5]
+
+
+def test_the_command_layer_is_imported_from_above_only():
+    g = import_graph(module_level_only=False)
+    wrong = sorted((a, b) for a, b in g.edges if b in COMMANDS and a not in COMMANDS)
+    assert wrong == [], wrong
+    # the pipeline is the commands' (and the research loops', which drive whole runs)
+    users = {a for a, b in g.edges if b == "lfgraph.pipeline"}
+    assert users <= COMMANDS | {"lfgraph.retrain.iterative", "lfgraph.retrain.loop", "lfgraph.baselines.lfgraph_fusion"}, users
