@@ -56,7 +56,8 @@ class Architecture:
     name: ClassVar[str] = "llama"
     model_types: ClassVar[tuple[str, ...]] = ("llama",)
     stack: ClassVar[str] = "layers"
-    per_layer_keys: ClassVar[tuple[str, ...]] = ("layer_types",)
+    #: every per-layer list name transformers configs use; only those a config holds are sliced
+    per_layer_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers", "sliding_window_pattern_list", "attention_type_per_layer")
     mlp_out: ClassVar[str] = "mlp.down_proj"
     experts_down: ClassVar[str | None] = None
     attn_out: ClassVar[str] = "self_attn.o_proj"

@@ -139,7 +139,6 @@ class SmolLM3(Architecture):
 
     name = "smollm3"
     model_types = ("smollm3",)
-    per_layer_keys = ("layer_types", "no_rope_layers")
     genai_type = "smollm3"
 
 

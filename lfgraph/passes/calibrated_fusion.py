@@ -704,13 +704,14 @@ def _mlp_problem(block: nn.Module, proj: _Projection, W0: torch.Tensor, b: _Batc
         cap.remove()
         if capn is not None:
             capn.remove()
-    d = _first(cap.outputs[0])
+    # some blocks (OPT) run the MLP on tokens flattened to (batch * seq, hidden)
+    d = _first(cap.outputs[0]).reshape(out.shape)
     if capn is None:
         y = (run_out - out) / form.scale + d
     else:
         norm = block.get_submodule(form.post)  # type: ignore[arg-type]
         g = norm.weight.detach() + form.offset
-        n = _first(capn.outputs[0])
+        n = _first(capn.outputs[0]).reshape(out.shape)
         u = ((run_out - out) / form.scale + n) / torch.where(g.abs() < 1e-12, torch.full_like(g, 1e-12), g)
         rms = lambda t: t.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # noqa: E731
         y = u * (rms(d) / rms(u))
