@@ -27,6 +27,9 @@ from cli_checks import one_line
 from tiny_families import FAMILIES, tiny_family_model
 
 CAUSAL = sorted(FAMILIES)
+#: families whose compression works (fast test) but whose ONNX export with a KV cache fails
+#: in torch.onnx (MoE expert loops, Falcon's cache): compress to a folder ends in one line
+ONNX_EXPORT_FAILS = {"falcon", "mixtral", "qwen3_moe"}
 
 
 def _calibration(vocab: int, n: int = 4, seq: int = 24) -> torch.Tensor:
@@ -115,7 +118,7 @@ def test_unknown_family_is_refused_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", CAUSAL)
-def test_compress_cli_writes_a_deploy_folder(family, tmp_path):
+def test_compress_cli_writes_a_deploy_folder(family, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from lfgraph.deploy.generation import OrtDecoder
@@ -124,6 +127,9 @@ def test_compress_cli_writes_a_deploy_folder(family, tmp_path):
     out = tmp_path / "out"
     code = main(["compress", str(tmp_path / "in"), "--target", "0.25", "--fuse", "calibrated", "-o", str(out),
                  "--eval-windows", "0", "--calibration-windows", "4", "--calibration-seq-len", "64"])
+    if family in ONNX_EXPORT_FAILS:
+        one_line(capsys, code, "with its KV cache failed")
+        return
     assert code == 0
     assert {"config.json", "model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
