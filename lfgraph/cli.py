@@ -184,7 +184,8 @@ def _plan(args: argparse.Namespace) -> int:
                   [args.model, args.calibration_text, args.calibration_tokens], args.overwrite)
     source, graph = graph_of(args.model)
     options = _calibration(args)
-    select, fuse = default_recipe(source.family, args.mode, source.has_calibration(options), args.target, args.target_kind)
+    select, fuse = default_recipe(source.family, args.mode, source.has_calibration(options), args.target, args.target_kind,
+                                  source.architecture)
     select, fuse = args.select or select, args.fuse or fuse
     calibration = source.calibration(options) if select in ACTIVATION_SELECTIONS or fuse.startswith("calibrated") else None
     plan = plan_model(source, graph, args.target, mode=args.mode, select=select, fuse=fuse, metric=args.metric or "bures",

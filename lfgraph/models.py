@@ -191,6 +191,9 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
         cfg = AutoConfig.from_pretrained(folder)
     except Exception as e:  # a broken config.json
         raise LfgraphError(f"cannot read the model config in {folder}: {str(e).splitlines()[0]}") from None
+    from .architectures import for_config
+
+    for_config(cfg)  # a family lfgraph has no architecture config for is refused here, in one line
     name = ALIASES.get(spec, Path(folder).name)
     tok = _tokenizer_or_none(folder)
     is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))

@@ -337,7 +337,7 @@ def compress(
                 calibration = source.calibration(cal_opts)
         else:
             has_data = source.has_calibration(cal_opts)
-            d_select, d_fuse = default_recipe(source.family, mode, has_data, target, target_kind)
+            d_select, d_fuse = default_recipe(source.family, mode, has_data, target, target_kind, source.architecture)
             chosen_select, chosen_fuse = select or d_select, fuse or d_fuse
             if not has_data and select is None and fuse is None and mode == "merge" and source.kind == "pytorch":
                 notes.append("no calibration data (no tokenizer files, no --calibration-tokens): the weights-only recipe, "

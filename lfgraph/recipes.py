@@ -24,6 +24,8 @@ One word for one idea, the same in code, CLI, README and plan JSON:
 
 from __future__ import annotations
 
+from typing import Any
+
 #: Selection criteria: weight similarity (the paper) and activation-based ones.
 SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
@@ -60,13 +62,23 @@ CAUSAL_LM_BANDS = (
 ONNX_RECIPE = ("similarity", "aligned-mean")
 
 
-def default_recipe(family: str, mode: str, has_data: bool, target: float | None = None, target_kind: str = "blocks") -> tuple[str, str]:
+def default_recipe(family: str, mode: str, has_data: bool, target: float | None = None, target_kind: str = "blocks",
+                   architecture: Any = None) -> tuple[str, str]:
     """(selection, fusion rule) used when the user names neither.
 
     ``has_data``: calibration data is at hand (text for language models, samples for
     others). ``tie`` always shares the mean weight: that is what tying means. Causal LMs
-    with a target in blocks get the recipe of their band in ``CAUSAL_LM_BANDS``.
+    with a target in blocks get the recipe of their band in ``CAUSAL_LM_BANDS``. An
+    ``architecture`` (:mod:`lfgraph.architectures`) whose ``default_fuse`` is set replaces
+    the fusion rule of a data-driven recipe (a family the task's default cannot run on).
     """
+    select, fuse = _task_recipe(family, mode, has_data, target, target_kind)
+    if mode == "merge" and has_data and getattr(architecture, "default_fuse", None):
+        fuse = architecture.default_fuse
+    return select, fuse
+
+
+def _task_recipe(family: str, mode: str, has_data: bool, target: float | None, target_kind: str) -> tuple[str, str]:
     if mode == "tie":
         return "similarity", "mean"
     if family == "onnx":

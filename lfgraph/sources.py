@@ -34,6 +34,9 @@ class Source:
     kind: str = ""
     name: str = ""
     family: str = ""
+    #: the model family's architecture config (:mod:`lfgraph.architectures`); ``None`` for
+    #: plain modules and ONNX sources
+    architecture: Any = None
 
     def graph(self) -> LayerGraph:
         raise NotImplementedError
@@ -89,6 +92,9 @@ class TorchSource(Source):
         self.model = model
         self.type: ModelType = model_type(model)
         self.name, self.family = model.name, model.family
+        from .architectures import of_model
+
+        self.architecture = of_model(model.module)
         self._graph: LayerGraph | None = None
 
     def graph(self) -> LayerGraph:

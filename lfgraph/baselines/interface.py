@@ -31,11 +31,6 @@ from torch import nn
 
 from ..errors import LfgraphError
 
-#: Names of attributes holding the stack of blocks, most specific first (HF decoders use
-#: ``layers``/``h``/``layer``; the project's ResNet ``blocks``).
-_STACK_NAMES = ("layers", "h", "layer", "blocks")
-
-
 @dataclass
 class MethodResult:
     """What :func:`run_method` returns (see the module docstring)."""
@@ -70,20 +65,14 @@ class Method:
 
 
 def find_block_stack(model: nn.Module) -> str:
-    """The module path of the model's main stack of blocks: the longest ``nn.ModuleList`` /
-    ``nn.Sequential`` named like a block stack (``layers``, ``h``, ``layer``, ``blocks``).
+    """The module path of the model's main stack of blocks (:func:`lfgraph.architectures.block_stack`:
+    the family's stack for Hugging Face models, the generic rule for plain modules).
 
     Raises ``LfgraphError`` when the model has no such stack (depth methods need one).
     """
-    best: tuple[int, str] | None = None
-    for path, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or path.rpartition(".")[2] not in _STACK_NAMES:
-            continue
-        if len(module) >= 2 and (best is None or len(module) > best[0]):
-            best = (len(module), path)
-    if best is None:
-        raise LfgraphError(f"{type(model).__name__} has no stack of blocks (a ModuleList named {'/'.join(_STACK_NAMES)}): depth methods cannot remove any")
-    return best[1]
+    from ..architectures import block_stack
+
+    return block_stack(model)[0]
 
 
 def removable_blocks(model: nn.Module, container: str | None = None) -> list[str]:

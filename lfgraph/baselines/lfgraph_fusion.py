@@ -46,7 +46,9 @@ def fuse_runs(
     """Select runs with ``select`` and fuse them with ``fuse`` (defaults: the family's recipe)."""
     from ..recipes import CALIBRATED_VARIANTS, default_recipe, refit_provenance
 
-    recipe = default_recipe(family_of(model), "merge", True, target)
+    from ..architectures import of_model
+
+    recipe = default_recipe(family_of(model), "merge", True, target, architecture=of_model(model))
     select, fuse = select or recipe[0], fuse or recipe[1]
     if fuse in CALIBRATED_VARIANTS:  # the calibrated refit, limited and/or distilled (see lfgraph.recipes)
         for key, value in options_from_provenance(refit_provenance(fuse)).items():

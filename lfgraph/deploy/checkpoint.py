@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .. import architectures
 from ..errors import LfgraphError
 
 #: Files a Hugging Face folder keeps beside the weights that describe text handling.
@@ -39,17 +40,9 @@ TOKENIZER_FILES = (
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer stack of a Hugging Face causal LM (``model.layers`` for Llama-likes,
-    ``transformer.h`` for GPT-2)."""
-    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        try:
-            stack = hf_model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(stack, nn.ModuleList):
-            return stack
-    raise LfgraphError(f"{type(hf_model).__name__} has no decoder-layer stack lfgraph knows (model.layers, transformer.h): "
-                       "save it with save_pretrained yourself")
+    """The decoder-layer stack of a Hugging Face causal LM, where its family's architecture
+    config says it is (:mod:`lfgraph.architectures`); ``LfgraphError`` for an unknown family."""
+    return architectures.for_config(hf_model.config).blocks(hf_model)
 
 
 def check_layer_bookkeeping(hf_model: nn.Module) -> None:
@@ -71,23 +64,22 @@ def check_layer_bookkeeping(hf_model: nn.Module) -> None:
                 raise LfgraphError(f"decoder layer {i} has layer_idx {idx}: layer indices must run 0..{n - 1}")
 
 
-#: Config attributes that hold one entry per decoder layer.
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "sliding_window_pattern_list", "attention_type_per_layer")
-
-
 def per_layer_keys(cfg: Any, n_layers: int) -> list[str]:
-    return [k for k in PER_LAYER_KEYS if isinstance(getattr(cfg, k, None), list)]
+    """The config attributes holding one entry per layer (the family's ``per_layer_keys``)."""
+    return architectures.for_config(cfg).per_layer_lists(cfg)
 
 
 def _slice_per_layer_lists(cfg: Any, kept_layers: Sequence[int] | None, n_layers: int) -> None:
-    for key in per_layer_keys(cfg, n_layers):
-        value = getattr(cfg, key)
-        if len(value) == n_layers:
-            continue
-        if kept_layers is None or len(kept_layers) != n_layers or max(kept_layers) >= len(value):
-            raise LfgraphError(f"config.{key} has {len(value)} entries for {n_layers} layers and the kept layers are unknown: "
-                               "pass kept_layers (original indices of the layers that remain)")
-        setattr(cfg, key, [value[i] for i in kept_layers])
+    arch = architectures.for_config(cfg)
+    stale = [k for k in arch.per_layer_lists(cfg) if len(getattr(cfg, k)) != n_layers]
+    if not stale:
+        return
+    longest = max(len(getattr(cfg, k)) for k in stale)
+    if kept_layers is None or len(kept_layers) != n_layers or max(kept_layers) >= longest:
+        raise LfgraphError(f"config.{stale[0]} has {len(getattr(cfg, stale[0]))} entries for {n_layers} layers and the kept layers are unknown: "
+                           "pass kept_layers (original indices of the layers that remain)")
+    arch.set_depth(cfg, longest)
+    arch.slice_config(cfg, kept_layers)
 
 
 def save_hf_checkpoint(

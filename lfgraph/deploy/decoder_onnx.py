@@ -40,6 +40,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..architectures import for_config
 from ..errors import LfgraphError
 from ..fileio import write_text_atomic
 
@@ -243,7 +244,7 @@ def genai_config_dict(cfg: Any, generation: Any, filename: str = "model.onnx", p
     return {
         "model": {
             **ids,
-            "context_length": context, "type": cfg.model_type if cfg.model_type in GENAI_TYPES else "llama",
+            "context_length": context, "type": for_config(cfg).genai_type,
             "vocab_size": shape.vocab,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -261,11 +262,6 @@ def genai_config_dict(cfg: Any, generation: Any, filename: str = "model.onnx", p
                    "top_k": 50, "top_p": 1.0, "num_return_sequences": 1, "early_stopping": True,
                    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
-
-
-#: Model types onnxruntime-genai knows as decoder-only LMs (others are written as "llama",
-#: which only tells genai to run a plain decoder loop).
-GENAI_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "olmo", "granite", "smollm3")
 
 
 def write_genai_config(hf_model: nn.Module, folder: str | os.PathLike, filename: str = "model.onnx") -> Path:

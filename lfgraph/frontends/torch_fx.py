@@ -84,11 +84,17 @@ def _block_candidates(model: nn.Module) -> list[tuple[str, int]]:
     return [(p, i) for p, i in out if not any(p != q and p.startswith(q + ".") for q in paths)]
 
 
-def _weight_of(ep: torch.export.ExportedProgram, node: torch.fx.Node, arg_index: int) -> str | None:
+def _weight_of(ep: torch.export.ExportedProgram, node: torch.fx.Node, arg_index: int, through_transpose: bool = False) -> str | None:
+    """The parameter name of ``node``'s weight argument; with ``through_transpose``, only a
+    parameter read through one 2-D transpose (``W.T``)."""
     args = node.args
     if len(args) <= arg_index or not isinstance(args[arg_index], torch.fx.Node):
         return None
     placeholder = args[arg_index]
+    if through_transpose:
+        if placeholder.op != "call_function" or _aten_name(placeholder.target) not in ("t", "transpose", "permute", "numpy_T"):
+            return None
+        placeholder = placeholder.all_input_nodes[0]
     return ep.graph_signature.inputs_to_parameters.get(placeholder.name)
 
 
@@ -131,6 +137,10 @@ def build_layer_graph(
         else:
             continue
         wname = _weight_of(ep, fx, weight_arg)
+        if wname is None and transposed:
+            # x @ W.T with W stored (out, in), as Falcon's Linear computes: a plain linear layer
+            wname = _weight_of(ep, fx, weight_arg, through_transpose=True)
+            transposed = wname is None
         if wname is None or not wname.endswith("weight"):
             continue  # weight computed at run time: nothing to fuse
         ref = wname[: -len(".weight")] if wname.endswith(".weight") else wname
@@ -162,11 +172,14 @@ def build_layer_graph(
     blocks: list[Block] = []
     candidates = _block_candidates(model)
     user_inputs = set(ep.graph_signature.user_inputs)
+    residual_stack = _residual_stack(model)
     for path, _ in candidates:
         members = [n for n in nodes if n.name.startswith(path + ".")]
         if not members:
             continue
-        skip = _skip_kind(path, op_nodes, user_inputs)
+        # a registered family's stack is residual by its architecture config; the graph
+        # test misses adds it cannot trace to the block input (Falcon's in-place branch sum)
+        skip = "identity" if path.rpartition(".")[0] == residual_stack else _skip_kind(path, op_nodes, user_inputs)
         blocks.append(Block(index=len(blocks), name=path, members=[m.name for m in members], skip=skip))
     # order blocks by their first layer
     order = {n.name: n.order for n in nodes}
@@ -187,6 +200,15 @@ def build_layer_graph(
             n.role = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", n.name)
     total = sum(p.numel() for p in model.parameters())
     return LayerGraph(nodes=nodes, blocks=blocks, source="torch", model_name=model_name or type(model).__name__, total_params=int(total))
+
+
+def _residual_stack(model: nn.Module) -> str | None:
+    """The block-stack path of a registered Hugging Face family (its blocks add their
+    branches to an identity skip), or ``None`` for plain modules."""
+    from ..architectures import of_model
+
+    arch = of_model(model)
+    return arch.stack_path(model) if arch is not None else None
 
 
 def _skip_kind(path: str, op_nodes: dict[str, list[torch.fx.Node]], user_inputs: set[str]) -> str:

@@ -56,18 +56,15 @@ def remove_blocks(root: nn.Module, names: Iterable[str]) -> list[str]:
 
 
 def _fix_hf_bookkeeping(root: nn.Module, kept_old_indices: list[int]) -> None:
-    """Keep ``config`` and ``layer_idx`` attributes consistent after dropping layers."""
-    for module in root.modules():
-        cfg = getattr(module, "config", None)
-        if cfg is None or not hasattr(cfg, "num_hidden_layers"):
-            continue
-        old_n = cfg.num_hidden_layers
-        if old_n == len(kept_old_indices):
-            continue
-        cfg.num_hidden_layers = len(kept_old_indices)
-        layer_types = getattr(cfg, "layer_types", None)
-        if isinstance(layer_types, list) and len(layer_types) == old_n:
-            cfg.layer_types = [layer_types[i] for i in kept_old_indices]
+    """Keep ``config`` and ``layer_idx`` attributes consistent after dropping layers: the
+    family's architecture config slices its depth and every per-layer list."""
+    from ..architectures import hf_config, of_model
+
+    arch = of_model(root)
+    if arch is not None:
+        cfg = hf_config(root)
+        if arch.depth(cfg) != len(kept_old_indices):
+            arch.slice_config(cfg, kept_old_indices)
     # layer_idx indexes the KV cache: it must be 0..n-1 in the new order
     stacks: dict[int, list[nn.Module]] = {}
     for module in root.modules():

@@ -31,6 +31,20 @@ Before fitting a transformer block, the pass checks that the block's output real
 ``rest + proj(z)`` (it shifts the projection's output and watches the block's output move
 by the same amount), so that post-LayerNorm blocks (BERT) are refused with a clear error
 instead of being fitted wrongly.
+
+Which projection is refitted, and how the block adds it to the residual stream, is the
+model family's (:mod:`lfgraph.architectures`); plain modules use the names in
+:data:`MLP_OUT_NAMES` / :data:`ATTN_OUT_NAMES`. Two family kinds need more than a linear fit:
+
+- **MoE** (Mixtral, Qwen3-MoE): the MoE output is ``sum_e g_e D_e h_e``; the refit is a
+  square map ``M`` on that output (fitted as a projection with ``W0 = I``) and folded into
+  every expert, ``D_e <- M D_e``. This is exact for any router weights (``M`` is linear
+  and the experts have no bias), whether or not they sum to 1 per token.
+- **Post-norm** (Gemma 2/3, OLMo 2: ``out = h + s * norm(down(z))`` with ``norm(d) =
+  g * d / rms(d)``): the norm only sees the direction of ``d``, so the down projection is
+  fitted to the direction of the target divided by the norm's scale (at the magnitude the
+  projection already has), then the norm's scale ``g`` is refitted per channel by least
+  squares on the norm's output (closed form: it is linear in ``g``).
 """
 
 from __future__ import annotations
@@ -181,6 +195,61 @@ def _set_proj_matrix(m: nn.Module, W: torch.Tensor) -> None:
 def _features(z: torch.Tensor, with_bias: bool) -> torch.Tensor:
     z = z.reshape(-1, z.shape[-1])
     return torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1) if with_bias else z
+
+
+class _Projection:
+    """What a transformer refit changes, as a matrix ``W (out, in[+1])`` acting on features.
+
+    A dense projection (``nn.Linear``/``Conv1D``): its input are the features, its weight
+    (and bias) the matrix. An MoE (``experts``: the stacked ``(E, out, inter)`` down
+    projections): the features are the MoE's output and ``W0 = I``; setting ``W`` folds
+    it into every expert (``D_e <- W D_e``)."""
+
+    def __init__(self, block: nn.Module, name: str, experts: str | None = None) -> None:
+        self.name = name
+        self.module = block.get_submodule(name)
+        self.experts = block.get_parameter(experts) if experts else None
+
+    def matrix(self) -> torch.Tensor:
+        if self.experts is not None:
+            return torch.eye(self.experts.shape[1], dtype=torch.float64)
+        return _proj_matrix(self.module)
+
+    @torch.no_grad()
+    def set(self, W: torch.Tensor) -> None:
+        if self.experts is None:
+            _set_proj_matrix(self.module, W)
+            return
+        folded = torch.einsum("ij,ejk->eik", W.double(), self.experts.double())
+        self.experts.copy_(folded.to(self.experts.dtype))
+
+    def features(self, cap: "_Capture", W0: torch.Tensor) -> torch.Tensor:
+        z = _first(cap.outputs[0]) if self.experts is not None else cap.inputs[0]
+        return _features(z, W0.shape[1] != z.shape[-1])
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class _BlockForm:
+    """How a block adds the refitted projection's output to the residual stream:
+    ``out = rest + scale * post(d)``; ``post`` is the post-MLP norm (``None``: identity)
+    whose scale is ``offset + weight``."""
+
+    scale: float = 1.0
+    post: str | None = None
+    offset: float = 0.0
+
+
+def _mlp_target(block: nn.Module, arch: Any, given: str | None) -> tuple[str, str | None]:
+    """(block-relative name of the MLP refit target, experts' down projections or None)."""
+    if given or arch is None:
+        return _find(block, MLP_OUT_NAMES, "MLP output projection", given)[0], None
+    name, experts = arch.mlp_target(block)
+    _find(block, [name], f"MLP output projection ({arch.name}: lfgraph/architectures/)", None)
+    return name, experts
 
 
 def _find(block: nn.Module, names: Sequence[str], what: str, given: str | None) -> tuple[str, nn.Module]:
@@ -363,6 +432,10 @@ def calibrated_merge(
     model.eval()
     specs = _run_specs(runs, keep)
     cpath = split_block_name(specs[0].names[0])[0]
+    arch, form = _architecture(model)
+    if distill is not None and arch is not None and arch.experts_down is not None:
+        raise LfgraphError(f"{arch.name} is a mixture of experts: the distilled maps train on dense projections only; "
+                           "use --fuse calibrated or calibrated-map")
     stack = list(model.get_submodule(cpath))
     track = target == "original" or repair_next > 0
     original: list[nn.Module] | None = None
@@ -400,7 +473,7 @@ def calibrated_merge(
         else:
             _fit_transformer_run(
                 stack, run_source, spec, state, use_original, strengths, log, cpath, fit_attention, token_weighting, clip,
-                mlp_proj, attn_proj, refit,
+                mlp_proj, attn_proj, refit, arch, form,
             )
         kept = stack[spec.keep]  # type: ignore[index]
         for b in state:
@@ -409,7 +482,7 @@ def calibrated_merge(
                 b.xo = _run_blocks(original, spec.index, b.xo, b.kwargs)  # type: ignore[arg-type]
         pos = spec.index[-1] + 1
 
-    refitted = [model.get_submodule(r.target) for r in log.records if r.action == "refit"]
+    refitted = [model.get_submodule(r.target) for r in log.records if r.action == "refit" and r.detail.get("part") != "post-norm scale"]
     gone = [i for s in specs for i in s.index if i != s.keep]
     absorbed = [f"{cpath}.{i}" for i in gone]
     # the blocks that train with the maps, held as objects: remove_blocks renumbers the stack
@@ -434,6 +507,22 @@ def calibrated_merge(
         if r.action == "refit":
             r.detail["seconds_total"] = round(time.perf_counter() - t0, 3)
     return PassResult(model, True, log)
+
+
+def _architecture(model: nn.Module) -> tuple[Any, _BlockForm]:
+    """The model's family (``None`` for plain modules) and how its blocks add the MLP
+    output; ``UnsupportedModelError`` when the family's blocks cannot be refitted."""
+    from ..architectures import hf_config, of_model
+
+    arch = of_model(model)
+    if arch is None:
+        return None, _BlockForm()
+    cfg = hf_config(model)
+    refusal = arch.refit_refusal(cfg)
+    if refusal:
+        raise UnsupportedModelError(refusal)
+    post = arch.post_mlp_norm if arch.block_kind(cfg) == "post-norm" else None
+    return arch, _BlockForm(arch.residual_scale(cfg), post, arch.norm_offset)
 
 
 def _steps(specs: list[_RunSpec], cpath: str, n_blocks: int, target: str, repair_next: int) -> list[tuple[_RunSpec, bool]]:
@@ -479,12 +568,16 @@ def _run_specs(runs: Sequence[Sequence[str]], keep: str | Sequence[str]) -> list
 def _fit_transformer_run(
     stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], use_original: bool,
     strengths: Sequence[float], log: RewriteLog, cpath: str, fit_attention: bool, token_weighting: str, clip: float, mlp_proj: str | None, attn_proj: str | None,
-    refit: str = "full",
+    refit: str = "full", arch: Any = None, form: _BlockForm | None = None,
 ) -> None:
-    """Refit the kept block's attention output (optional) and MLP down projection."""
+    """Refit the kept block's attention output (optional) and MLP down projection (through
+    the post-MLP norm for post-norm families, into every expert for MoE)."""
     t0 = time.perf_counter()
+    form = form or _BlockForm()
     candidates = [spec.keep] if spec.keep is not None else list(spec.index)
-    mlp_name = _find(stack[candidates[0]], MLP_OUT_NAMES, "MLP output projection", mlp_proj)[0]
+    mlp_name, experts = _mlp_target(stack[candidates[0]], arch, mlp_proj)
+    if arch is not None and not attn_proj:
+        attn_proj = arch.attn_out
 
     # run outputs (and summed attention updates) depend only on the run's input: compute once
     run_out: list[torch.Tensor] = []
@@ -505,9 +598,9 @@ def _fit_transformer_run(
         return _token_weights((run_out[k] - state[k].x).reshape(-1, run_out[k].shape[-1]), token_weighting, clip)
 
     for c in candidates:
-        _check_additive(stack[c], stack[c].get_submodule(mlp_name), state[0], mlp_name)
+        _check_additive(stack[c], stack[c].get_submodule(form.post or mlp_name), state[0], form.post or mlp_name, form.scale)
     if spec.keep is None:
-        spec.keep = _best_keep(stack, candidates, mlp_name, state, run_out, weights, strengths)
+        spec.keep = _best_keep(stack, candidates, mlp_name, experts, form, state, run_out, weights, strengths)
     block = stack[spec.keep]
     goal = "original" if use_original else "composite"
     if attn_name:
@@ -523,33 +616,72 @@ def _fit_transformer_run(
             z = _features(cap.inputs[0], W0.shape[1] != cap.inputs[0].shape[-1])
             y = attn_sum[k].reshape(-1, W0.shape[0])
             (val if b.val else fit).add(z, y, weights(k))
-        _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, attn_name, goal, refit=refit)
+        _apply_fit(_Projection(block, attn_name), W0, fit, val, strengths, log, cpath, spec, attn_name, goal, refit=refit)
 
-    proj = block.get_submodule(mlp_name)
-    W0 = _proj_matrix(proj)
+    mlp = _Projection(block, mlp_name, experts)
+    W0 = mlp.matrix()
     fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0])
     state_energy = 0.0
     for k, b in enumerate(state):
-        z, y = _mlp_problem(block, proj, W0, b, run_out[k])
+        z, y = _mlp_problem(block, mlp, W0, b, run_out[k], form)
         (val if b.val else fit).add(z, y, weights(k))
         w = weights(k)
         e = run_out[k].double().reshape(-1, run_out[k].shape[-1]).pow(2).sum(1)
         state_energy += float(e.sum() if w is None else (e * w.double()).sum())
-    _apply_fit(proj, W0, fit, val, strengths, log, cpath, spec, mlp_name, goal, seconds=time.perf_counter() - t0, state_energy=state_energy, refit=refit)
+    _apply_fit(mlp, W0, fit, val, strengths, log, cpath, spec, mlp_name, goal, seconds=time.perf_counter() - t0, state_energy=state_energy, refit=refit)
+    if form.post:
+        _refit_post_norm(block, form, state, run_out, weights, log, cpath, spec, goal)
 
 
-def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str) -> None:
-    """Refuse blocks whose output is not ``rest + proj(z)`` (e.g. post-LayerNorm BERT layers),
-    for which the closed-form fit would be wrong: shift the projection's output by a
-    random amount and check that the block's output moves by exactly that amount."""
+@torch.no_grad()
+def _refit_post_norm(block: nn.Module, form: _BlockForm, state: list[_Batch], run_out: list[torch.Tensor], weights: Any,
+                     log: RewriteLog, cpath: str, spec: _RunSpec, goal: str) -> None:
+    """Refit the post-MLP norm's per-channel scale ``g`` (``out = rest + s * g * m``, ``m``
+    the normalised MLP output) by weighted least squares with a small ridge towards the
+    current scale: linear in ``g``, so closed form, one value per channel."""
+    norm = block.get_submodule(form.post)  # type: ignore[arg-type]
+    g0 = norm.weight.detach().double() + form.offset
+    num, den, before, after, energy = torch.zeros_like(g0), torch.zeros_like(g0), 0.0, 0.0, 0.0
+    parts = []
+    for k, b in enumerate(state):
+        cap = _Capture(norm)
+        try:
+            out = block_output(block(b.x, **b.kwargs))
+        finally:
+            cap.remove()
+        n = _first(cap.outputs[0]).double().reshape(-1, g0.shape[0])
+        target = ((run_out[k] - out).double().reshape(-1, g0.shape[0]) / form.scale) + n
+        m = n / torch.where(g0.abs() < 1e-12, torch.full_like(g0, 1e-12), g0)
+        w = weights(k)
+        w = torch.ones(m.shape[0], dtype=torch.float64) if w is None else w.double()
+        num += (w[:, None] * m * target).sum(0)
+        den += (w[:, None] * m * m).sum(0)
+        parts.append((m, target, w))
+    lam = 1e-3 * float(den.mean().clamp_min(1e-30))
+    g = (num + lam * g0) / (den + lam)
+    for m, target, w in parts:
+        before += float((w[:, None] * (m * g0 - target) ** 2).sum())
+        after += float((w[:, None] * (m * g - target) ** 2).sum())
+        energy += float((w[:, None] * target ** 2).sum())
+    norm.weight.copy_((g - form.offset).to(norm.weight.dtype))
+    log.add(PASS_NAME, "refit", f"{cpath}.{spec.keep}.{form.post}", spec.names, part="post-norm scale",
+            relative_error_before=before / max(energy, 1e-30), relative_error_after=after / max(energy, 1e-30),
+            keep=f"{cpath}.{spec.keep}", fit_target=goal, repair=spec.repair)
+
+
+def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str, scale: float = 1.0) -> None:
+    """Refuse blocks whose output is not ``rest + scale * proj(z)`` (e.g. post-LayerNorm
+    BERT layers), for which the closed-form fit would be wrong: shift the projection's
+    output by a random amount and check that the block's output moves by ``scale`` times
+    that amount."""
     delta = torch.randn(b.x.shape[-1], generator=torch.Generator().manual_seed(0))
     base = block_output(block(b.x, **b.kwargs))
-    h = proj.register_forward_hook(lambda _m, _a, out: out + delta)
+    h = proj.register_forward_hook(lambda _m, _a, out: (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta)
     try:
         shifted = block_output(block(b.x, **b.kwargs))
     finally:
         h.remove()
-    moved = shifted - base
+    moved = (shifted - base) / scale
     if not torch.allclose(moved, delta.expand_as(moved), rtol=1e-3, atol=1e-3 * (1.0 + float(base.abs().max()) * 1e-3)):
         raise UnsupportedModelError(
             f"{type(block).__name__}'s output is not its input plus {proj_name}'s output (a post-LayerNorm block?): "
@@ -557,32 +689,48 @@ def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str
         )
 
 
-def _mlp_problem(block: nn.Module, proj: nn.Module, W0: torch.Tensor, b: _Batch, run_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_problem(block: nn.Module, proj: _Projection, W0: torch.Tensor, b: _Batch, run_out: torch.Tensor,
+                 form: _BlockForm) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, y)`` for the kept block's MLP output projection on one batch: the block's output
-    is ``rest + proj(z)``, so the target for ``proj(z)`` is ``run_out - rest``."""
-    cap = _Capture(proj)
+    is ``rest + s * post(proj(z))``, so the target for ``post(proj(z))`` is
+    ``(run_out - rest) / s``. With a post-MLP norm (``post(d) = g * d / rms(d)``) only
+    the direction of ``d`` matters: the target for ``d`` is that target divided by ``g``,
+    at the magnitude ``d`` has now (so the ridge towards ``W0`` keeps its meaning)."""
+    cap = _Capture(proj.module)
+    capn = _Capture(block.get_submodule(form.post)) if form.post else None
     try:
         out = block_output(block(b.x, **b.kwargs))
     finally:
         cap.remove()
-    z_in, d = cap.inputs[0], cap.outputs[0]
-    y = (run_out - out + d).reshape(-1, W0.shape[0])
-    return _features(z_in, W0.shape[1] != z_in.shape[-1]), y
+        if capn is not None:
+            capn.remove()
+    # some blocks (OPT) run the MLP on tokens flattened to (batch * seq, hidden)
+    d = _first(cap.outputs[0]).reshape(out.shape)
+    if capn is None:
+        y = (run_out - out) / form.scale + d
+    else:
+        norm = block.get_submodule(form.post)  # type: ignore[arg-type]
+        g = norm.weight.detach() + form.offset
+        n = _first(capn.outputs[0]).reshape(out.shape)
+        u = ((run_out - out) / form.scale + n) / torch.where(g.abs() < 1e-12, torch.full_like(g, 1e-12), g)
+        rms = lambda t: t.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # noqa: E731
+        y = u * (rms(d) / rms(u))
+    return proj.features(cap, W0), y.reshape(-1, W0.shape[0])
 
 
 def _best_keep(
-    stack: list[nn.Module], candidates: list[int], mlp_name: str, state: list[_Batch], run_out: list[torch.Tensor],
-    weights: Any, strengths: Sequence[float],
+    stack: list[nn.Module], candidates: list[int], mlp_name: str, experts: str | None, form: _BlockForm, state: list[_Batch],
+    run_out: list[torch.Tensor], weights: Any, strengths: Sequence[float],
 ) -> int:
     """The candidate whose MLP refit leaves the smallest held-out error (relative to the
     held-out target energy; training error when nothing is held out)."""
     best, best_err = candidates[0], math.inf
     for c in candidates:
-        proj = stack[c].get_submodule(mlp_name)
-        W0 = _proj_matrix(proj)
+        proj = _Projection(stack[c], mlp_name, experts)
+        W0 = proj.matrix()
         fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0])
         for k, b in enumerate(state):
-            z, y = _mlp_problem(stack[c], proj, W0, b, run_out[k])
+            z, y = _mlp_problem(stack[c], proj, W0, b, run_out[k], form)
             (val if b.val else fit).add(z, y, weights(k))
         s, _ = choose_strength(fit, val, W0, strengths)
         W = ridge_solve(fit, W0, s)
@@ -594,7 +742,7 @@ def _best_keep(
 
 
 def _apply_fit(
-    proj: nn.Module, W0: torch.Tensor, fit: RidgeStats, val: RidgeStats, strengths: Sequence[float], log: RewriteLog,
+    proj: _Projection, W0: torch.Tensor, fit: RidgeStats, val: RidgeStats, strengths: Sequence[float], log: RewriteLog,
     cpath: str, spec: _RunSpec, proj_name: str, goal: str, seconds: float | None = None, state_energy: float | None = None,
     refit: str = "full",
 ) -> None:
@@ -609,7 +757,7 @@ def _apply_fit(
         strength, losses = choose_strength(fit, val, W0, strengths)
         W = ridge_solve(everything, W0, strength)
     before, after = everything.loss(W0), everything.loss(W)
-    _set_proj_matrix(proj, W)
+    proj.set(W)
     rec = {
         "strength": strength,
         "tokens": everything.n,

@@ -161,9 +161,10 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
         if plan.fuse == "calibrated":
             calibration = pipeline.calibration_tokens(model)
     else:
+        from ..architectures import of_model
         from ..recipes import default_recipe
 
-        select, fuse = default_recipe(model.family, args.mode, model.tokenizer is not None, args.target)
+        select, fuse = default_recipe(model.family, args.mode, model.tokenizer is not None, args.target, architecture=of_model(model.module))
         select, fuse = args.select or select, args.fuse or fuse
         if select != "similarity" or fuse.startswith("calibrated"):
             calibration = pipeline.calibration_tokens(model, 16, min(256, max_positions(model.module) or 256))

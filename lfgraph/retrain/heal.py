@@ -185,13 +185,14 @@ class _HiddenTaps:
             h.remove()
 
 
-def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The longest ``nn.ModuleList`` of a model: its block stack."""
-    best = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best[1])):
-            best = (name, m)
-    return best
+def _block_list(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The model's block stack (:func:`lfgraph.architectures.block_stack`), or ``None``."""
+    from ..architectures import block_stack
+
+    try:
+        return block_stack(model)
+    except LfgraphError:
+        return None
 
 
 def hidden_pairs(student: nn.Module, teacher: nn.Module, plan: FusionPlan | None) -> list[tuple[nn.Module, nn.Module]]:

@@ -162,7 +162,8 @@ def test_post_layernorm_blocks_are_refused() -> None:
     run = ["model.encoder.layer.0", "model.encoder.layer.1"]
     with pytest.raises(UnsupportedModelError, match="post-LayerNorm"):
         calibrated_merge(model, [run], ids, mlp_proj="output.dense")
-    with pytest.raises(UnsupportedModelError, match="no MLP output projection"):
+    # the family's architecture config knows BERT blocks are post-LayerNorm: refused before any fit
+    with pytest.raises(UnsupportedModelError, match="bert blocks normalise the residual stream"):
         calibrated_merge(model, [run], ids)
 
 
