@@ -92,6 +92,26 @@ def _bar(total: int, desc: str, progress: bool, unit: str = "block") -> Any:
                 **({"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}))
 
 
+def return_freed_memory() -> None:
+    """Make freed tensors go back to the system at once (glibc only; elsewhere nothing).
+
+    glibc raises its mmap threshold to the size of each large block freed, after which
+    blocks of that size come from the heap and their memory, once freed, is kept by the
+    process: reading block after block would grow the resident size by several blocks. A
+    fixed threshold (128 kB, the default before any adjustment) keeps every tensor in its
+    own mapping, returned when freed. Process-wide, as any allocator setting."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def check_stream_options(src: Path, out: Path, target: float, select: str, fuse: str) -> None:
     """Refuse what the streaming path cannot do, with one line each, before reading weights."""
     if select not in STREAM_SELECTIONS:
@@ -171,6 +191,7 @@ def compress_checkpoint(
     src, out = Path(src_folder), Path(out_folder)
     check_stream_options(src, out, target, select, fuse)
     ckpt = Checkpoint(src)
+    return_freed_memory()
     L = ckpt.num_layers
     n_drop = max(1, round(target * L))
     if n_drop > L - 1:
