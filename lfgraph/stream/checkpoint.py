@@ -151,6 +151,41 @@ class Checkpoint:
                     out[n] = t if dtype is None or t.dtype == dtype else t.to(dtype)
         return out
 
+    def rows(self, name: str, index: Iterable[int]) -> torch.Tensor:
+        """Rows ``index`` (in the order given) of the 2-D tensor ``name``, as stored, read
+        one by one with ``safe_open(...).get_slice``: the rest of the tensor is never read."""
+        from safetensors import safe_open
+
+        e = self.entry(name)
+        index = [int(i) for i in index]
+        pieces = []
+        # the file is mapped while open, and the pages read count as resident: reopen it
+        # every few hundred rows so that they are unmapped as the reading goes
+        for start in range(0, len(index), 256):
+            with safe_open(str(e.file), framework="pt") as st:
+                sl = st.get_slice(name)
+                pieces.extend(sl[i : i + 1][0].clone() for i in index[start : start + 256])
+        self.bytes_read += len(index) * (e.nbytes // max(1, e.shape[0]))
+        return torch.stack(pieces) if pieces else torch.empty(0, *e.shape[1:], dtype=DTYPES[e.dtype])
+
+    def row_chunks(self, name: str, chunk_bytes: int = 64 << 20) -> Iterable[torch.Tensor]:
+        """Tensor ``name`` as stored, in consecutive pieces of whole rows (about
+        ``chunk_bytes`` each; a 1-D tensor is one piece): one piece in memory at a time."""
+        from safetensors import safe_open
+
+        e = self.entry(name)
+        if len(e.shape) < 2:
+            yield self.load([name], dtype=None)[name]
+            return
+        row_bytes = max(1, e.nbytes // max(1, e.shape[0]))
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(0, e.shape[0], step):
+            # opened per piece: the pages read are unmapped (no longer resident) after each
+            with safe_open(str(e.file), framework="pt") as st:
+                piece = st.get_slice(name)[start : start + step].clone()
+            self.bytes_read += piece.numel() * piece.element_size()
+            yield piece
+
     def copy_raw(self, name: str, dst: BinaryIO, chunk: int = 64 << 20) -> int:
         """Append the stored bytes of tensor ``name`` to ``dst`` unchanged, ``chunk`` bytes at
         a time (plain reads: the memory used is one chunk). Returns the bytes copied."""

@@ -41,22 +41,18 @@ def checkpoint_fingerprint(skeleton: Skeleton, progress: Any = None) -> str:
     path loads it). ``progress`` (a tqdm bar or None) advances once per layer."""
     h = hashlib.sha256()
     for node, weight, bias in linear_layers(skeleton):
-        w = skeleton.ckpt.load([weight], dtype=None)[weight]
         h.update(node.encode())
-        h.update(str(tuple(w.shape)).encode())
-        _update_float32(h, w)
-        del w
+        h.update(str(skeleton.ckpt.entry(weight).shape).encode())
+        _update_float32(h, skeleton, weight)
         if bias is not None:
-            _update_float32(h, skeleton.ckpt.load([bias], dtype=None)[bias])
+            _update_float32(h, skeleton, bias)
         if progress is not None:
             progress.update(1)
     return h.hexdigest()[:16]
 
 
-def _update_float32(h: Any, t: torch.Tensor, chunk_bytes: int = 64 << 20) -> None:
-    """Feed ``t``'s float32 bytes (row-major) to ``h``, converting a slice of rows at a time
+def _update_float32(h: Any, skeleton: Skeleton, name: str) -> None:
+    """Feed tensor ``name``'s float32 bytes (row-major) to ``h``, a piece of rows at a time
     (the hash of the pieces in order is the hash of the whole)."""
-    flat = t.reshape(-1)
-    step = max(1, chunk_bytes // 4)
-    for start in range(0, flat.numel(), step):
-        h.update(np.ascontiguousarray(flat[start : start + step].to(torch.float32).numpy()))
+    for piece in skeleton.ckpt.row_chunks(name):
+        h.update(np.ascontiguousarray(piece.to(torch.float32).numpy()))

@@ -153,17 +153,18 @@ class Skeleton:
     def embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 input embeddings ``(N, seq, hidden)`` of token ids ``(N, seq)``.
 
-        Reads the embedding matrix once, in its stored dtype, gathers the rows and drops it
-        (rows converted to float32 are what a float32 model's embedding lookup returns)."""
+        Reads only the embedding rows of the tokens present (the stored rows converted to
+        float32 are what a float32 model's embedding lookup returns); raises
+        ``LfgraphError`` for an id outside the vocabulary or a row holding NaN or Inf."""
         name = self.stored_name(f"{EMBED_PATH}.weight")
-        table = self.ckpt.load([name], dtype=None)[name]
-        if not bool(torch.isfinite(table).all()):
+        vocab = self.ckpt.entry(name).shape[0]
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            raise LfgraphError(f"calibration token id {int(ids.max())} is outside the vocabulary of {vocab}: use the model's tokenizer")
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        rows = self.ckpt.rows(name, uniq.tolist()).to(torch.float32)
+        if not bool(torch.isfinite(rows).all()):
             raise LfgraphError(f"{self.ckpt.folder.name}: weight {name} contains NaN or Inf values: the checkpoint is damaged; re-save or re-train it")
-        if int(ids.max()) >= table.shape[0]:
-            raise LfgraphError(f"calibration token id {int(ids.max())} is outside the vocabulary of {table.shape[0]}: use the model's tokenizer")
-        out = table[ids].to(torch.float32)
-        del table
-        return out
+        return rows[inverse]
 
     @torch.no_grad()
     def layer_kwargs(self, inputs_embeds: torch.Tensor) -> list[dict[str, Any]]:
