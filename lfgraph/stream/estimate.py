@@ -1,8 +1,8 @@
 """Know before the heavy work: peak memory and time of a streaming compress, from the
 checkpoint's headers, its config and the recipe.
 
-Memory is the largest of two phases plus the Python runtime: reading the embedding matrix
-(once, as stored) to embed the calibration windows; and the block passes: one block in
+Memory is the largest of two phases plus the Python runtime: reading the embedding rows of
+the calibration tokens and the fingerprint's pieces of tensors; and the block passes: one block in
 float32 (two while a run is refitted), the block's stored bytes (mapped while it is read),
 the hidden states of every calibration token (two copies for Block Influence, ``n + 2``
 for angular runs of ``n``, three while refitting), one batch's transient activations, and
@@ -110,7 +110,9 @@ def estimate(
     runs = n_drop if select == "block_influence" else 1
 
     embed = next((e for n, e in ckpt.tensors.items() if n.endswith("embed_tokens.weight")), None)
-    embed_phase = (embed.nbytes if embed else 0) + act * 2
+    # the embedding rows of the calibration tokens, and the fingerprint's 64 MB pieces (as stored and in float32)
+    piece = min(64 << 20, 4 * max(e.numel for e in ckpt.tensors.values()))
+    embed_phase = act * 2 + 3 * piece
     states = (n_drop + 2 if select == "angular" else 2) * act
     if calibrated:
         states = max(states, 3 * act)
