@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log", default=None, help="write the rewrite log (JSON) here, for the visualizer")
     c.add_argument("--report", default=None, metavar="FILE", help="write the visualizer's page of this run (.html; .json for its data)")
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--stream", action="store_true",
+                   help="read a safetensors checkpoint folder one block at a time and write a Hugging Face checkpoint folder "
+                        "(big models; select block_influence|angular, fuse remove|calibrated; no ONNX, no quality check)")
     add_overwrite_option(c)
     from .retrain.cli import add_compress_options
 
@@ -202,6 +205,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    if args.stream:
+        from .stream.cli import compress_stream
+
+        return compress_stream(args)
     from .pipeline import compress
     from .retrain.cli import compress_heal_options
 

@@ -569,9 +569,14 @@ def _fit_transformer_run(
     stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], use_original: bool,
     strengths: Sequence[float], log: RewriteLog, cpath: str, fit_attention: bool, token_weighting: str, clip: float, mlp_proj: str | None, attn_proj: str | None,
     refit: str = "full", arch: Any = None, form: _BlockForm | None = None,
+    run_outputs: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """Refit the kept block's attention output (optional) and MLP down projection (through
-    the post-MLP norm for post-norm families, into every expert for MoE)."""
+    the post-MLP norm for post-norm families, into every expert for MoE).
+
+    ``run_outputs`` (one per batch of ``state``, without ``fit_attention``) are the run's
+    outputs computed by the caller; the streaming path computes them one block at a time,
+    so that only the blocks it needs are in memory (``run_source`` is then not read)."""
     t0 = time.perf_counter()
     form = form or _BlockForm()
     candidates = [spec.keep] if spec.keep is not None else list(spec.index)
@@ -580,10 +585,12 @@ def _fit_transformer_run(
         attn_proj = arch.attn_out
 
     # run outputs (and summed attention updates) depend only on the run's input: compute once
-    run_out: list[torch.Tensor] = []
+    run_out: list[torch.Tensor] = list(run_outputs) if run_outputs is not None else []
     attn_sum: list[torch.Tensor] = []
     attn_name = _find(stack[candidates[0]], ATTN_OUT_NAMES, "attention output projection", attn_proj)[0] if fit_attention else None
-    for b in state:
+    if run_outputs is not None and attn_name:
+        raise LfgraphError("run outputs computed by the caller cannot refit the attention projection (fit_attention needs each block's attention update)")
+    for b in state if run_outputs is None else ():
         src = b.xo if use_original else b.x
         caps = [_Capture(run_source[i].get_submodule(attn_name)) for i in spec.index] if attn_name else []
         try:

@@ -212,6 +212,14 @@ def angular(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor,
     _, _, idx = _stack(module, blocks)
     _check_n(n_drop, idx)
     dist = angular_distances(module, blocks, calibration, n_drop, batch_size)
+    return runs_from_angular(dist, idx, n_drop)
+
+
+def runs_from_angular(dist: dict[int, float], allowed_blocks: Sequence[int], n_drop: int) -> list[Run]:
+    """Gromov et al.'s one run from the angular distances ``dist`` (start -> distance, as
+    :func:`angular_distances` gives them): the closest start whose dropped blocks keep a
+    neighbour, plus that neighbour. Raises ``LfgraphError`` when no start has one."""
+    idx = sorted(allowed_blocks)
     # a start is usable only when a neighbour of the dropped run remains to keep it
     allowed = set(idx)
     usable = {l: d for l, d in dist.items() if (l - 1) in allowed or (l + n_drop) in allowed}

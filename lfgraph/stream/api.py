@@ -1,0 +1,261 @@
+"""``compress_checkpoint``: the streaming compress of a safetensors checkpoint folder.
+
+    check options → open headers → calibration windows → estimate (refuse if it cannot fit)
+      → meta skeleton → fingerprint → selection pass (block by block) → plan
+      → [calibrated: refit pass, block by block] → write shards (staged) → report
+
+Same plan and same weights as the in-memory path (``lfgraph.pipeline``) on the same folder
+and options; the output is a Hugging Face checkpoint folder only (no ONNX: exporting ONNX
+needs the whole model in memory).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import LfgraphError
+from ..fileio import check_outputs, commit_folder, staging_folder
+from ..options import COUNT, FRACTION, SEQ_LEN, check
+from ..passes.base import RewriteLog
+from ..passes.selection import Run, runs_to_plan
+from ..plan import FusionPlan
+from ..recipes import FUSION_RULES, refit_provenance, split_fusion_rule
+from .calibrate import calibration_ids, stack_input
+from .checkpoint import Checkpoint
+from .estimate import Estimate, check_fits, estimate
+from .refit import IN_MEMORY_CONTAINER, refit_runs
+from .select import STREAM_SELECTIONS, score_blocks, select_runs
+from .skeleton import LAYERS_PATH, Skeleton
+from .write import write_checkpoint
+
+#: Fusion rules the streaming path applies (closed form; the distilling rules train the
+#: whole model and need it in memory).
+STREAM_FUSION_RULES = ("remove", "calibrated", "calibrated-map")
+
+
+@dataclass
+class StreamReport:
+    """What a streaming compress did: the plan, sizes before/after, time per stage, bytes
+    read and written, the estimate made before the work and the peak memory measured."""
+
+    model: str
+    out: Path
+    plan: FusionPlan
+    blocks: tuple[int, int]
+    params: tuple[int, int]
+    estimate: Estimate
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    peak_rss_bytes: int = 0
+    files: list[Path] = field(default_factory=list)
+    log: RewriteLog = field(default_factory=RewriteLog)
+    exit_code: int = 0
+
+    def table(self) -> str:
+        """A few lines for people."""
+        GB = 1 << 30
+        p = self.plan.provenance
+        rows = [
+            f"lfgraph compress --stream {self.model} -> {self.out}",
+            f"  recipe      select {p.get('select')}, fuse {self.plan.fuse}" + (f" ({p['refit']} refit)" if "refit" in p else ""),
+            f"  blocks      {self.blocks[0]} -> {self.blocks[1]}   ({'; '.join(_fusion_text(f) for f in self.plan.fusions)})",
+            f"  parameters  {self.params[0]:,} -> {self.params[1]:,}",
+            f"  read        {self.bytes_read / GB:.2f} GB   written {self.bytes_written / GB:.2f} GB",
+            f"  peak memory {self.peak_rss_bytes / GB:.2f} GB (estimated {self.estimate.peak_bytes / GB:.2f} GB)",
+            "  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + f" (estimated {self.estimate.seconds:.0f} s of compute)",
+            "  output      Hugging Face checkpoint (the streaming path writes no ONNX)",
+        ]
+        return "\n".join(rows)
+
+
+def _fusion_text(f: Any) -> str:
+    index = lambda name: name.rsplit(".", 1)[1]  # noqa: E731
+    return f"keep {index(f.keep)} absorb {', '.join(index(a) for a in f.absorb)}"
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"lfgraph: {msg}", file=sys.stderr, flush=True)
+
+
+def _bar(total: int, desc: str, progress: bool, unit: str = "block") -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress,
+                **({"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}))
+
+
+def return_freed_memory() -> None:
+    """Make freed tensors go back to the system at once (glibc only; elsewhere nothing).
+
+    glibc raises its mmap threshold to the size of each large block freed, after which
+    blocks of that size come from the heap and their memory, once freed, is kept by the
+    process: reading block after block would grow the resident size by several blocks. A
+    fixed threshold (128 kB, the default before any adjustment) keeps every tensor in its
+    own mapping, returned when freed. Process-wide, as any allocator setting."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def check_stream_options(src: Path, out: Path, target: float, select: str, fuse: str) -> None:
+    """Refuse what the streaming path cannot do, with one line each, before reading weights."""
+    if select not in STREAM_SELECTIONS:
+        raise LfgraphError(f"the streaming path selects by {' or '.join(STREAM_SELECTIONS)}, not {select!r}: "
+                           "choose one of them, or use the in-memory path (without --stream)")
+    if fuse not in STREAM_FUSION_RULES:
+        if fuse in FUSION_RULES and fuse.endswith("-distill"):
+            raise LfgraphError(f"--fuse {fuse} trains the whole model and needs it in memory: use --fuse calibrated on the streaming path, "
+                               "or the in-memory path (without --stream)")
+        raise LfgraphError(f"the streaming path fuses by {', '.join(STREAM_FUSION_RULES)}, not {fuse!r}: use the in-memory path (without --stream)")
+    check("--target", target, FRACTION)
+    if out.suffix.lower() == ".onnx":
+        raise LfgraphError("the streaming path writes a Hugging Face checkpoint folder, not ONNX: give a folder for -o "
+                           "(ONNX export needs the whole model in memory: use the in-memory path)")
+    if not src.is_dir():
+        raise LfgraphError(f"model {src} is not a folder: the streaming path reads a Hugging Face checkpoint folder (config.json + safetensors)")
+
+
+def build_plan(skeleton: Skeleton, runs: list[Run], *, select: str, fuse: str, target: float, fingerprint: str | None) -> FusionPlan:
+    """The plan the in-memory path makes for the same runs (``lfgraph.pipeline.plan_model``:
+    ``runs_to_plan`` with its provenance, then the refit provenance and the fraction removed)."""
+    L = skeleton.num_layers
+    n_drop = sum(len(r.absorb) for r in runs)
+    rule, align = split_fusion_rule(fuse)
+    provenance = {
+        "lfgraph_version": __version__, "model": skeleton.ckpt.folder.name, "source": "torch", "select": select,
+        "target": target, "target_kind": "blocks", "blocks_before": L, "blocks_after": L - n_drop,
+        "params_before": skeleton.parameter_count(),
+    }
+    if fingerprint is not None:
+        provenance["model_fingerprint"] = fingerprint
+    plan = runs_to_plan(runs, IN_MEMORY_CONTAINER, fuse=rule, align=align, provenance=provenance)
+    plan.provenance.update(refit_provenance(fuse))
+    plan.provenance["achieved"] = round(n_drop / L, 4)
+    plan.provenance["achieved_kind"] = "blocks"
+    return plan
+
+
+def compress_checkpoint(
+    src_folder: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    target: float = 0.25,
+    select: str = "block_influence",
+    fuse: str = "calibrated",
+    calibration_text: str | None = None,
+    calibration_tokens: str | None = None,
+    calibration_windows: int = 16,
+    calibration_seq_len: int = 256,
+    progress: bool = True,
+    fingerprint: bool = True,
+    check_memory: bool = True,
+    overwrite: bool = False,
+) -> StreamReport:
+    """Compress the causal LM checkpoint in ``src_folder`` by ``target`` of its decoder
+    blocks into the Hugging Face checkpoint folder ``out_folder``, never holding the model.
+
+    Expects a Llama-style decoder folder (Llama, Qwen2, Qwen3, Mistral): ``config.json`` and
+    ``model.safetensors`` or shards with ``model.safetensors.index.json``; tokenizer files
+    (or ``calibration_tokens``) for the calibration windows. ``select``: ``block_influence``
+    or ``angular``; ``fuse``: ``remove``, ``calibrated`` or ``calibrated-map``. Calibration
+    options as :func:`lfgraph.pipeline.compress`'s.
+
+    Guarantees: the plan and the weights are those the in-memory path computes for the same
+    folder and options (float32 compute; refitted tensors written in the stored dtype); the
+    input is only read; ``out_folder`` is checked and appears only complete by the rules of
+    :mod:`lfgraph.fileio` (``overwrite`` as ``--overwrite``); ``fingerprint=False`` skips reading the weights once more to record
+    the model fingerprint in the plan. Before any weight is read the peak memory is
+    estimated and, with ``check_memory``, a run that cannot fit raises ``LfgraphError``
+    naming the options that would make it fit.
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    src, out = Path(src_folder), Path(out_folder)
+    check_stream_options(src, out, target, select, fuse)
+    check("--calibration-windows", calibration_windows, COUNT)
+    check("--calibration-seq-len", calibration_seq_len, SEQ_LEN)
+    check_outputs({"-o": out}, [src, calibration_text, calibration_tokens], overwrite, folders=["-o"])
+    ckpt = Checkpoint(src)
+    return_freed_memory()
+    L = ckpt.num_layers
+    n_drop = max(1, round(target * L))
+    if n_drop > L - 1:
+        raise LfgraphError(f"target {target} asks to remove {n_drop} of {L} blocks but only {L - 1} can go: lower the target")
+    ids = calibration_ids(src, calibration_windows, calibration_seq_len, calibration_text, calibration_tokens)
+    rule, _ = split_fusion_rule(fuse)
+    est = estimate(ckpt, n_drop=n_drop, select=select, fuse=rule, windows=calibration_windows, seq_len=calibration_seq_len, fingerprint=fingerprint)
+    _say(est.summary(), progress)
+    if check_memory:
+        check_fits(est, windows=calibration_windows, seq_len=calibration_seq_len, fuse=rule)
+    seconds["prepare"] = time.perf_counter() - t_start
+
+    skeleton = Skeleton(ckpt)
+    fp = None
+    if fingerprint:
+        t0 = time.perf_counter()
+        from .fingerprint import checkpoint_fingerprint, linear_layers
+
+        with _bar(len(linear_layers(skeleton)), "fingerprint", progress, unit="layer") as bar:
+            fp = checkpoint_fingerprint(skeleton, bar)
+        seconds["fingerprint"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    inputs = stack_input(skeleton, [ids])
+    with _bar(L, f"selection ({select})", progress) as bar:
+        scores = score_blocks(skeleton, inputs, select, n_drop, bar)
+    del inputs
+    runs = select_runs(scores, select, L, n_drop)
+    plan = build_plan(skeleton, runs, select=select, fuse=fuse, target=target, fingerprint=fp)
+    seconds["selection"] = time.perf_counter() - t0
+    _say(f"plan: {', '.join(f'keep {r.keep} absorb {r.absorb}' for r in runs)}", progress)
+
+    changed: dict[str, Any] = {}
+    log = RewriteLog()
+    if rule == "calibrated":
+        t0 = time.perf_counter()
+        last = max(r.blocks[-1] for r in runs)
+        with _bar(last + 1, "calibrated refit", progress) as bar:
+            res = refit_runs(skeleton, runs, ids, refit=str(plan.provenance.get("refit", "full")), progress=bar)
+        changed, log = res.changed, res.log
+        seconds["refit"] = time.perf_counter() - t0
+    else:
+        for r in runs:
+            for i in r.absorb:
+                log.add("merge", "remove", f"{IN_MEMORY_CONTAINER}.{i}", [f"{IN_MEMORY_CONTAINER}.{r.keep}"], fuse=rule)
+
+    t0 = time.perf_counter()
+    dropped = {i for r in runs for i in r.absorb}
+    kept = [i for i in range(L) if i not in dropped]
+    with staging_folder(out) as folder:
+        with _bar(0, "writing", progress, unit="B") as bar:
+            bar.total = sum(e.nbytes for e in ckpt.tensors.values())
+            written = write_checkpoint(ckpt, folder, kept, changed, bar)
+        plan.save(folder / "plan.json")
+        commit_folder(folder, out)
+    seconds["write"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+
+    dropped_params = sum(e.numel for n, e in ckpt.tensors.items()
+                         if n.startswith(f"{LAYERS_PATH}.") and int(n.split(".")[2]) in dropped)
+    params_before = skeleton.parameter_count()
+    return StreamReport(
+        model=src.name, out=out, plan=plan, blocks=(L, len(kept)), params=(params_before, params_before - dropped_params),
+        estimate=est, seconds=seconds, bytes_read=ckpt.bytes_read, bytes_written=written.bytes_written,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        files=[out / f.name for f in written.files] + [out / "plan.json"], log=log,
+    )

@@ -1,0 +1,141 @@
+"""The calibrated fusion rule, streamed: each run's kept block refitted with at most two
+blocks in memory.
+
+This is :func:`lfgraph.passes.calibrated_fusion.calibrated_merge` (composite target, no
+repair, no distillation) with the model's blocks read one at a time instead of held: the
+same split of the windows into fitting and held-out batches, the same hidden states (the
+blocks below the first run run with their own call arguments, then every block with the
+first run's, as the in-memory pass does), and the fit itself is the in-memory pass's
+:func:`~lfgraph.passes.calibrated_fusion._fit_transformer_run` (``RidgeStats`` in float64,
+``choose_strength``, ``ridge_solve``), given the run's outputs computed block by block.
+So the refitted projections are the in-memory path's, bit for bit on the same machine.
+
+Memory: the hidden state of every calibration token three times (the frontier, the run's
+running output, the run's output for the fit), one block being run plus the kept block,
+and the fit's float64 Gram matrices (several ``in x in`` copies while a strength is chosen).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..calibration import block_output
+from ..passes.base import RewriteLog
+from ..passes.calibrated_fusion import (
+    DEFAULT_LAMBDAS, PASS_NAME, _architecture, _Batch, _fit_transformer_run, _run_specs, _split_validation,
+)
+from ..passes.selection import Run
+from .calibrate import stack_input
+from .checkpoint import DTYPES
+from .skeleton import LAYERS_PATH, Skeleton
+
+#: The block container's path in the in-memory model (``CausalLMLogits`` wraps the Hugging
+#: Face model as ``model``): plans and rewrite logs name blocks by it on both paths.
+IN_MEMORY_CONTAINER = f"model.{LAYERS_PATH}"
+
+
+@dataclass
+class RefitResult:
+    """Refitted tensors by checkpoint name (the in-memory model's float32 value cast to the
+    stored dtype) and
+    the rewrite log (one ``refit`` record per projection, one ``remove`` per absorbed block)."""
+
+    changed: dict[str, torch.Tensor] = field(default_factory=dict)
+    log: RewriteLog = field(default_factory=RewriteLog)
+    blocks_run: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def refit_runs(
+    skeleton: Skeleton,
+    runs: Sequence[Run],
+    ids: torch.Tensor,
+    *,
+    refit: str = "full",
+    strengths: Sequence[float] = DEFAULT_LAMBDAS,
+    token_weighting: str = "clip",
+    clip: float = 4.0,
+    val_fraction: float = 0.25,
+    batch_size: int = 4,
+    progress: Any = None,
+) -> RefitResult:
+    """Refit each run's kept block (``Run.keep``) so that it alone maps the run's input to
+    its output, on calibration windows ``ids`` ``(N, seq)``; options as
+    :func:`~lfgraph.passes.calibrated_fusion.calibrated_merge`'s defaults.
+
+    Runs must be disjoint runs of consecutive blocks. The checkpoint is only read;
+    ``progress`` (a tqdm bar or None) advances once per block run.
+    """
+    t0 = time.perf_counter()
+    result = RefitResult()
+    if not runs:
+        return result
+    names = [[f"{IN_MEMORY_CONTAINER}.{i}" for i in r.blocks] for r in runs]
+    specs = _run_specs(names, [f"{IN_MEMORY_CONTAINER}.{r.keep}" for r in runs])
+    val_mask = _split_validation(ids.shape[0], val_fraction)
+    inputs = stack_input(skeleton, [ids[val_mask == v] for v in (False, True)], batch_size)
+    first = specs[0].index[0]
+    state = [_Batch(i, kw[first], x, None, g == 1) for i, kw, x, g in zip(inputs.ids, inputs.kwargs, inputs.hidden, inputs.group)]
+
+    def run_block(i: int, xs: list[torch.Tensor], per_layer: bool, keep: bool = False) -> list[torch.Tensor]:
+        block = skeleton.materialize(i)
+        try:
+            out = [block_output(block(x, **(kw[i] if per_layer else b.kwargs))) for x, kw, b in zip(xs, inputs.kwargs, state)]
+        finally:
+            if not keep:
+                skeleton.release(i)
+        result.blocks_run += 1
+        if progress is not None:
+            progress.update(1)
+        return out
+
+    # below the first run the in-memory model runs whole: each layer gets its own arguments
+    xs = [b.x for b in state]
+    for i in range(first):
+        xs = run_block(i, xs, per_layer=True)
+    for b, x in zip(state, xs):
+        b.x = x
+    pos = first
+    stack = list(skeleton.layers)
+    arch, form = _architecture(skeleton.model)  # the family's refit target and block form, as in memory
+    for spec in specs:
+        xs = [b.x for b in state]
+        for i in range(pos, spec.index[0]):
+            xs = run_block(i, xs, per_layer=False)
+        for b, x in zip(state, xs):
+            b.x = x
+        run_out = xs
+        for i in spec.index:
+            run_out = run_block(i, run_out, per_layer=False, keep=i == spec.keep)
+        kept = skeleton.layers[spec.keep]
+        try:
+            stack[spec.keep] = kept
+            before = len(result.log.records)
+            _fit_transformer_run(stack, stack, spec, state, False, strengths, result.log, IN_MEMORY_CONTAINER, False,
+                                 token_weighting, clip, None, None, refit, arch, form, run_outputs=run_out)
+            del run_out
+            for rec in result.log.records[before:]:
+                proj = rec.target[len(f"{IN_MEMORY_CONTAINER}.{spec.keep}."):]
+                for pname, p in kept.get_submodule(proj).named_parameters():
+                    name = f"{LAYERS_PATH}.{spec.keep}.{proj}.{pname}"
+                    # held until written, in the dtype it is stored in (the float32 value cast once)
+                    result.changed[name] = p.detach().to(DTYPES[skeleton.ckpt.entry(name).dtype], copy=True)
+            for b in state:
+                b.x = block_output(kept(b.x, **b.kwargs))
+        finally:
+            skeleton.release(spec.keep)
+        pos = spec.index[-1] + 1
+    for s in specs:
+        for i in s.index:
+            if i != s.keep:
+                result.log.add(PASS_NAME, "remove", f"{IN_MEMORY_CONTAINER}.{i}", [f"{IN_MEMORY_CONTAINER}.{s.keep}"], reason="absorbed by calibrated fit")
+    result.seconds = time.perf_counter() - t0
+    for r in result.log.records:
+        if r.action == "refit":
+            r.detail["seconds_total"] = round(result.seconds, 3)
+    return result

@@ -1,0 +1,141 @@
+"""Writing the compressed checkpoint shard by shard, without holding the model.
+
+The output is a Hugging Face folder like the input: the kept blocks renumbered
+(``model.layers.K``), every other tensor (embeddings, final norm, head) kept, in the input's
+order; tensors the refit changed written in the dtype they were stored in (bf16 in, bf16
+out; the refit itself ran in float32/64); ``model.safetensors`` or, when the input was
+sharded, shards no larger than the input's largest with a ``model.safetensors.index.json``.
+Unchanged tensors are copied byte for byte from the input file (a 64 MB buffer), so a shard
+is never in memory; the safetensors header is written first from the known shapes.
+
+``config.json`` gets the new ``num_hidden_layers`` and every per-layer list sliced to the
+kept layers; tokenizer files, chat template and generation config are copied.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, BinaryIO, Mapping, Sequence
+
+import torch
+
+from .. import architectures
+from ..deploy.checkpoint import TOKENIZER_FILES
+from ..errors import LfgraphError
+from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorEntry
+from .skeleton import LAYERS_PATH
+
+_LAYER = re.compile(rf"^{re.escape(LAYERS_PATH)}\.(\d+)\.(.+)$")
+
+
+@dataclass
+class WriteResult:
+    files: list[Path] = field(default_factory=list)
+    bytes_written: int = 0
+
+
+def renamed_tensors(ckpt: Checkpoint, kept: Sequence[int]) -> dict[str, str]:
+    """Output tensor name -> input tensor name, in the input's order: tensors of dropped
+    blocks left out, those of kept blocks renumbered 0..len(kept)-1."""
+    new_index = {old: new for new, old in enumerate(sorted(kept))}
+    out: dict[str, str] = {}
+    for name in ckpt.tensors:
+        m = _LAYER.match(name)
+        if m is None:
+            out[name] = name
+        elif int(m.group(1)) in new_index:
+            out[f"{LAYERS_PATH}.{new_index[int(m.group(1))]}.{m.group(2)}"] = name
+    return out
+
+
+def sliced_config(config: Mapping[str, Any], kept: Sequence[int]) -> dict[str, Any]:
+    """A copy of ``config`` for the kept layers (original indices): ``num_hidden_layers`` and
+    every per-layer list sliced by the family's own rule (:mod:`lfgraph.architectures`),
+    as the in-memory path slices it."""
+    cfg = SimpleNamespace(**copy.deepcopy(dict(config)))
+    architectures.for_config(cfg).slice_config(cfg, sorted(kept))
+    return vars(cfg)
+
+
+def _shards(entries: list[tuple[str, TensorEntry]], limit: int | None) -> list[list[tuple[str, TensorEntry]]]:
+    """Consecutive groups of ``(out name, entry)`` of at most ``limit`` bytes (a larger tensor alone)."""
+    if limit is None:
+        return [entries]
+    groups: list[list[tuple[str, TensorEntry]]] = [[]]
+    size = 0
+    for item in entries:
+        if groups[-1] and size + item[1].nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item[1].nbytes
+    return groups
+
+
+def _header(items: list[tuple[str, TensorEntry]], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for out_name, e in items:
+        header[out_name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_changed(dst: BinaryIO, tensor: torch.Tensor, e: TensorEntry) -> int:
+    """Write ``tensor`` cast to the stored dtype of ``e`` (its shape must match)."""
+    if tuple(tensor.shape) != e.shape:
+        raise LfgraphError(f"refitted {e.name} has shape {tuple(tensor.shape)}, the checkpoint stores {e.shape}: an lfgraph bug")
+    data = tensor.detach().to(DTYPES[e.dtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
+    dst.write(memoryview(data))
+    return int(data.nbytes)
+
+
+def write_checkpoint(
+    ckpt: Checkpoint, folder: Path, kept: Sequence[int], changed: Mapping[str, torch.Tensor], progress: Any = None,
+) -> WriteResult:
+    """Write the checkpoint of the kept blocks (original indices) into ``folder`` (which
+    exists, normally a staging folder), ``changed`` tensors (by input name) replacing the
+    stored ones. Returns the written files and the tensor bytes written. The input is only
+    read. ``progress`` (a tqdm bar or None) advances by the bytes of each tensor written."""
+    for name in changed:
+        ckpt.entry(name)
+    names = renamed_tensors(ckpt, kept)
+    entries = [(out, ckpt.tensors[src]) for out, src in names.items()]
+    limit = max(ckpt.shard_bytes) if ckpt.sharded else None
+    groups = _shards(entries, limit)
+    metadata = {**ckpt.metadata, "format": "pt"}
+    result = WriteResult()
+    weight_map: dict[str, str] = {}
+    for k, items in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" if ckpt.sharded else SINGLE_FILE
+        path = folder / fname
+        with open(path, "wb") as f:
+            f.write(_header(items, metadata))
+            for out_name, e in items:
+                if e.name in changed:
+                    result.bytes_written += _write_changed(f, changed[e.name], e)
+                else:
+                    result.bytes_written += ckpt.copy_raw(e.name, f)
+                weight_map[out_name] = fname
+                if progress is not None:
+                    progress.update(e.nbytes)
+        result.files.append(path)
+    if ckpt.sharded:
+        index = {"metadata": {"total_size": result.bytes_written}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        result.files.append(folder / INDEX_FILE)
+    (folder / "config.json").write_text(json.dumps(sliced_config(ckpt.config, kept), indent=2, sort_keys=True) + "\n")
+    result.files.append(folder / "config.json")
+    for name in TOKENIZER_FILES:
+        if (ckpt.folder / name).is_file():
+            shutil.copyfile(ckpt.folder / name, folder / name)
+            result.files.append(folder / name)
+    return result

@@ -1,0 +1,85 @@
+"""What the streaming path writes: the input's dtype, a loadable folder, and nothing at all
+when it fails or is interrupted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lfgraph.errors import LfgraphError
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from lfgraph.stream import compress_checkpoint
+from lfgraph.stream import api as stream_api
+
+from stream_helpers import save_folder
+
+
+def _dtypes(folder):
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_slice(k).get_dtype() for k in st.keys()})
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bf16_in_bf16_out(tmp_path, sharded):
+    folder = save_folder(tmp_path / "model", "qwen2", layers=8, sharded=sharded, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    report = compress_checkpoint(folder, out, target=0.25, fuse="calibrated", calibration_windows=4, calibration_seq_len=32, progress=False)
+    assert set(_dtypes(out).values()) == {"BF16"}
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
+    # the refitted projection differs from the stored one; the other kept tensors are copied unchanged
+    keep = int(report.plan.fusions[0].keep.rsplit(".", 1)[1])
+    kept = [i for i in range(8) if f"model.model.layers.{i}" not in report.plan.absorbed]
+    kept_new = kept.index(keep)
+    original = AutoModelForCausalLM.from_pretrained(folder)
+    assert not torch.equal(model.model.layers[kept_new].mlp.down_proj.weight, original.model.layers[keep].mlp.down_proj.weight)
+    assert torch.equal(model.model.layers[kept_new].mlp.up_proj.weight, original.model.layers[keep].mlp.up_proj.weight)
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    if sharded:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(_dtypes(out))
+        assert index["metadata"]["total_size"] == report.bytes_written
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+    folder = save_folder(tmp_path / "model", "llama", layers=6, sharded=True)
+    out = tmp_path / "out"
+
+    def interrupted(ckpt, staging, *args, **kwargs):
+        (staging / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream_api, "write_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
+    folder = save_folder(tmp_path / "model", "llama", layers=6)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(stream_api, "write_checkpoint", failing)
+    with pytest.raises(RuntimeError):
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+    assert (out / "old.txt").read_text() == "previous"
+    monkeypatch.undo()
+    with pytest.raises(LfgraphError, match="--overwrite"):  # a folder lfgraph did not write (lfgraph.fileio)
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False)
+    compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, overwrite=True)
+    assert (out / "old.txt").read_text() == "previous" and (out / "config.json").is_file()  # only lfgraph's files written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
