@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log", default=None, help="write the rewrite log (JSON) here, for the visualizer")
     c.add_argument("--report", default=None, metavar="FILE", help="write the visualizer's page of this run (.html; .json for its data)")
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--no-onnx", dest="onnx", action="store_false",
+                   help="for a causal LM's folder: write the Hugging Face checkpoint only (no ONNX, no genai_config.json)")
     c.add_argument("--stream", action="store_true",
                    help="read a safetensors checkpoint folder one block at a time and write a Hugging Face checkpoint folder "
                         "(big models; select block_influence|angular, fuse remove|calibrated; no ONNX, no quality check)")
@@ -220,7 +222,7 @@ def _compress(args: argparse.Namespace) -> int:
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
         eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, max_quality_loss=args.max_quality_loss,
         log_path=args.log, report_path=args.report, heal_steps=heal.pop("steps"), heal_options=heal, rtol=args.rtol, quiet=args.quiet,
-        distill_trainable=args.distill_trainable, overwrite=args.overwrite,
+        distill_trainable=args.distill_trainable, overwrite=args.overwrite, onnx=args.onnx,
     )
     sys.stderr.flush()  # progress bars end before the table starts
     print(report.table())

@@ -199,11 +199,11 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
     check_checkpoint_files(Path(folder))
     if is_causal:
-        hf = _from_pretrained(AutoModelForCausalLM, Path(folder), is_causal=True)
+        hf = from_pretrained_checked(AutoModelForCausalLM, Path(folder), is_causal=True)
         module: nn.Module = CausalLMLogits(hf)
         family, outputs = "causal-lm", ("logits",)
     else:
-        hf = _from_pretrained(AutoModel, Path(folder), is_causal=False)
+        hf = from_pretrained_checked(AutoModel, Path(folder), is_causal=False)
         module, family, outputs = EncoderHidden(hf), "encoder", ("last_hidden_state",)
     check_finite_weights(hf, name)
     vocab = int(getattr(hf.config, "vocab_size", 0) or 0)
@@ -233,7 +233,7 @@ def check_checkpoint_files(folder: Path) -> None:
         raise LfgraphError(f"{folder} has a config.json but no weights (*.safetensors): copy the whole checkpoint folder")
 
 
-def _from_pretrained(auto: Any, folder: Path, is_causal: bool) -> nn.Module:
+def from_pretrained_checked(auto: Any, folder: Path, is_causal: bool) -> nn.Module:
     """Load in fp32, refusing what transformers would paper over: weights missing from the
     checkpoint (it would initialise them at random), weights the model has no place for, and
     shapes that disagree with the config."""

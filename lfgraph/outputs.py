@@ -9,16 +9,19 @@ for a folder), names the original it is timed against, and times both alternatel
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
+from . import architectures
 from .errors import LfgraphError
-from .fileio import commit_folder
-from .onnx_io import file_bytes
+from .fileio import commit_folder, write_text_atomic
+from .onnx_io import add_metadata, file_bytes, save_onnx
 from .sources import Source, TorchSource
 from .verify import alternating_latency, verify_onnx
 
@@ -27,9 +30,17 @@ class OnnxFileOutput:
     """One ``.onnx`` file (plus ``.data`` when large), for every source and model type."""
 
     kind = "onnx"
+    #: the size row's name; a compressed file larger than the original is an error (its
+    #: weights came out of constant subgraphs the rewrite had to materialise)
+    size_name = "ONNX file"
+    larger_is_error = True
 
     def __init__(self, source: Source, out: Path) -> None:
         self.source, self.out = source, out
+
+    def mark_failed(self, staged: Path, verdict: str) -> None:
+        """Say in the staged output that it failed a check (``lfgraph.check``)."""
+        mark_onnx_failed(self.model_file(staged), verdict)
 
     def staged_path(self, folder: Path) -> Path:
         return folder / self.out.name
@@ -122,6 +133,74 @@ class DeployFolderOutput(OnnxFileOutput):
         commit_folder(staged, dest)
 
 
+class CheckpointFolderOutput(DeployFolderOutput):
+    """A causal LM's Hugging Face checkpoint folder without ONNX: for a family the KV-cache
+    export cannot take (its architecture's ``no_onnx``), or ``compress --no-onnx``. Its check
+    reloads the written checkpoint in transformers (no missing, unexpected or mis-shaped
+    weight) and compares its logits with the rewritten model's."""
+
+    kind = "checkpoint-folder"
+    size_name = "checkpoint (safetensors)"
+    larger_is_error = False  # written in float32: larger than a bf16 original, and correct
+
+    def __init__(self, source: TorchSource, out: Path, why: str) -> None:
+        super().__init__(source, out)
+        self.why = why
+
+    def write(self, compressed: Any, staged: Path, metadata: Mapping[str, str], plan: Any = None) -> None:
+        from .deploy import write_deploy_folder
+
+        staged.mkdir()
+        self._compressed = compressed  # timed beside the original in latency()
+        write_deploy_folder(compressed.model, staged, tokenizer=self.model.tokenizer, plan=plan,
+                            n_layers_before=len(self.source.graph().blocks), verify=False, onnx=False)
+        write_text_atomic(staged / "lfgraph.json", json.dumps(dict(metadata), indent=1) + "\n")
+
+    def check(self, compressed: Any, staged: Path, rtol: float | None) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        from .models import from_pretrained_checked
+        from .verify import OutputCheck, VerifyReport
+
+        rtol = rtol or self.source.rtol
+        reloaded = from_pretrained_checked(AutoModelForCausalLM, staged, is_causal=True)
+        feed = {k: torch.from_numpy(np.asarray(v)) for k, v in self.source.verification_feed().items()}
+        with torch.no_grad():
+            want = compressed.model(**feed).logits
+            got = reloaded(**feed).logits
+        err = float((got - want).abs().max())
+        rel = err / max(float(want.abs().max()), 1e-12)
+        report = VerifyReport(provider="transformers (reloaded checkpoint)", reference="the rewritten model", rtol=rtol)
+        report.outputs.append(OutputCheck("logits", err, rel, rel <= rtol, "the written checkpoint, reloaded"))
+        return report
+
+    def original(self, quiet: bool) -> Path:
+        """The original checkpoint's folder."""
+        from .deploy.folder import source_folder
+
+        folder = source_folder(self.model.hf_model)
+        if folder is None:
+            raise LfgraphError(f"the folder {self.source.name} was loaded from is gone: the checkpoint cannot be compared with it")
+        return folder
+
+    def model_file(self, staged: Path) -> Path:
+        return staged / "lfgraph.json"
+
+    def size(self, path: Path) -> int:
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+    def latency(self, original: Path, staged: Path) -> tuple[str, float, float]:
+        from .verify import alternating_torch_latency
+
+        ids = torch.from_numpy(self.source.latency_feed()["input_ids"])
+        before, after = alternating_torch_latency([self.source.model.module, self._compressed], (ids,))
+        return f"PyTorch forward, {ids.shape[1]} tokens (median)", before, after
+
+    def mark_failed(self, staged: Path, verdict: str) -> None:
+        meta = json.loads((staged / "lfgraph.json").read_text(encoding="utf-8"))
+        write_text_atomic(staged / "lfgraph.json", json.dumps({**meta, "lfgraph.check": verdict}, indent=1) + "\n")
+
+
 def decode_latency(original: Path, compressed: Path, vocab_size: int, prompt_len: int = 64, new_tokens: int = 32) -> tuple[str, float, float]:
     """Milliseconds per generated token of two with-past decoders (greedy, batch 1, after a
     ``prompt_len``-token prompt), run alternately, median of 3 rounds."""
@@ -132,11 +211,32 @@ def decode_latency(original: Path, compressed: Path, vocab_size: int, prompt_len
     return f"ORT decode, ms/token ({new_tokens} after {prompt_len})", 1e3 / before, 1e3 / after
 
 
-def output_for(source: Source, out: Path) -> OnnxFileOutput:
+def mark_onnx_failed(path: Path, verdict: str) -> None:
+    """Say in the file's metadata that it failed a check (``lfgraph.check``)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    has_data = path.with_name(path.name + ".data").exists()
+    if has_data:  # rewrite only the small model file; the data file stays as it is
+        add_metadata(m, {"lfgraph.check": verdict})
+        onnx.save_model(m, str(path))
+        return
+    m = onnx.load(str(path))
+    add_metadata(m, {"lfgraph.check": verdict})
+    save_onnx(m, path)
+
+
+
+def output_for(source: Source, out: Path, onnx: bool = True) -> OnnxFileOutput:
     """The output kind ``out`` asks for: a ``.onnx`` path is one file; any other path is a
-    deploy folder, which only causal language models have."""
+    deploy folder, which only causal language models have; without ONNX (``onnx=False``, or
+    a family the export cannot take) a checkpoint folder."""
+    arch = architectures.of_model(source.model.module) if isinstance(source, TorchSource) else None
     if out.suffix == ".onnx":
+        if arch is not None and arch.no_onnx:
+            raise LfgraphError(f"{arch.name} cannot be written as ONNX ({arch.no_onnx}): give a folder for -o to get its Hugging Face checkpoint")
         return OnnxFileOutput(source, out)
     if isinstance(source, TorchSource) and source.family == "causal-lm" and source.model.hf_model is not None:
-        return DeployFolderOutput(source, out)
+        why = "--no-onnx" if not onnx else (arch.no_onnx if arch is not None else None)
+        return CheckpointFolderOutput(source, out, why) if why else DeployFolderOutput(source, out)
     raise LfgraphError(f"output {out} must end in .onnx (a deploy folder -o DIR/ is written for causal language models only)")

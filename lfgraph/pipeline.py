@@ -43,7 +43,7 @@ from .recipes import ACTIVATION_SELECTIONS, FUSION_RULES, SELECTIONS, default_re
 from .report import CompressReport
 from .sources import Source, TorchSource, check_model_spec, is_onnx_spec, open_source
 from .verify import verify_onnx
-from .outputs import output_for
+from .outputs import mark_onnx_failed, output_for
 
 #: SLEB's calibration budget (windows, tokens each) for language models: SLEB scores every
 #: remaining block at every step (layers² forward passes); on CPU this budget took 80-380 s.
@@ -261,6 +261,7 @@ def compress(
     quiet: bool = False,
     distill_trainable: str | None = None,
     overwrite: bool = False,
+    onnx: bool = True,
 ) -> CompressReport:
     """Compress a model to ``out`` (ONNX), verify the file and measure the cost.
 
@@ -278,7 +279,8 @@ def compress(
     arguments of :func:`lfgraph.retrain.cli.heal_compressed`). ``out`` ending in ``.onnx``
     is one file; for causal LMs any other path is a deploy folder (Hugging Face checkpoint,
     with-past ``model.onnx``, ``genai_config.json``). ``report_path`` writes the
-    visualizer's page of the run.
+    visualizer's page of the run. ``onnx=False`` (``--no-onnx``) writes a causal LM's
+    folder as a Hugging Face checkpoint only, as for families the ONNX export cannot take.
 
     Guarantees (:mod:`lfgraph.fileio`): the model and input files are not modified; every
     output is checked before loading (not an input, writable, not a file lfgraph did not
@@ -309,7 +311,9 @@ def compress(
             check_recipe(target, mode, select or "similarity", fuse or "remove", target_kind)
             if fuse is not None:
                 refit_provenance(fuse, distill_trainable)
-        elif distill_trainable is not None:
+        if not onnx and not folder_out:
+            raise LfgraphError(f"--no-onnx writes a checkpoint folder: give a folder for -o, not {out.name}")
+        if given_plan is not None and distill_trainable is not None:
             raise LfgraphError("--distill-trainable chooses how a new plan distils; a plan from file already records it (provenance.distill_trainable): drop one of them")
     if is_onnx_spec(spec) and _is_decoder_with_past(Path(spec)):
         return compress_onnx_decoder(Path(spec), out, given_plan, target, eval_windows, max_quality_loss, quiet)
@@ -321,6 +325,9 @@ def compress(
     _progress("loading the model", quiet)
     with stage("load"):
         source = open_source(spec)
+        output = output_for(source, out, onnx=onnx)
+    if getattr(output, "why", None):
+        notes.append(f"no ONNX in {out.name}: {output.why}; the folder holds the Hugging Face checkpoint, checked by reloading it")
     _progress("building the layer graph" + (" (torch.export)" if source.kind == "pytorch" else ""), quiet)
     with stage("trace"):
         graph = source.graph()
@@ -377,7 +384,6 @@ def compress(
         _progress(f"healing: {heal_steps} steps of distillation from the original", quiet)
         with stage("heal"):
             compressed, heal_curve = source.heal(compressed, plan, cal_opts, heal_steps, dict(heal_options or {}), progress=not quiet)
-    output = output_for(source, out)
     with stage("write"), staging_folder(out) as folder:
         staged = output.staged_path(folder)
         _progress(f"writing {out.name}" + (" (deploy folder)" if output.kind == "deploy-folder" else ""), quiet)
@@ -388,7 +394,7 @@ def compress(
         size_before, size_after = output.size(original), output.size(staged)
         # the plan and recipe written into the metadata are lfgraph's own few kB, not the model
         added = sum(len(k) + len(v) for k, v in metadata.items())
-        if size_after - added > size_before:
+        if output.larger_is_error and size_after - added > size_before:
             raise LfgraphError(
                 f"the compressed file ({size_after / 1e6:.1f} MB) would be larger than the original ({size_before / 1e6:.1f} MB): "
                 "nothing was written; its weights are probably built by constant subgraphs the rewrite had to materialise"
@@ -398,7 +404,8 @@ def compress(
         quality = source.quality(compressed, output.model_file(staged), source.verification_feed(), eval_windows, eval_seq_len)
         _progress("timing both models on ONNX Runtime", quiet)
         latency_name, before_ms, after_ms = output.latency(original, staged)
-        written = _finish(output.model_file(staged), out, parity.ok, quality, max_quality_loss, lambda dest: output.finish(staged, dest))
+        written = _finish(lambda verdict: output.mark_failed(staged, verdict), out, parity.ok, quality, max_quality_loss,
+                          lambda dest: output.finish(staged, dest))
     if log_path:
         write_text_atomic(log_path, result.log.to_json())
     removed = sum(len(f.absorb) for f in plan.fusions) if plan.mode == "merge" else 0
@@ -406,7 +413,7 @@ def compress(
         model=source.name, source_kind=source.kind, recipe=recipe, plan=plan, out=written,
         blocks=(len(graph.blocks), len(graph.blocks) - removed),
         params=(source.parameter_count(None), source.parameter_count(compressed)),
-        file_bytes=(size_before, size_after), latency_ms=(before_ms, after_ms), latency_name=latency_name,
+        file_bytes=(size_before, size_after), latency_ms=(before_ms, after_ms), latency_name=latency_name, size_name=output.size_name,
         parity=parity, quality=quality, max_quality_loss=max_quality_loss, notes=notes, heal_curve=heal_curve,
         seconds=time.perf_counter() - t0, log_records=len(result.log.records), compressed=compressed, graph=graph, log=result.log,
     )
@@ -480,7 +487,8 @@ def compress_onnx_decoder(src: Path, out: Path, plan: FusionPlan | None, target:
         del original, compressed
         _progress("timing both decoders on ONNX Runtime", quiet)
         latency_name, before_ms, after_ms = decode_latency(src, model_file, int(ref.shape[-1]))
-        written = _finish(model_file, out, parity.ok, quality, max_quality_loss, lambda dest: _move_into_place(staged, dest))
+        written = _finish(lambda verdict: mark_onnx_failed(model_file, verdict), out, parity.ok, quality, max_quality_loss,
+                          lambda dest: _move_into_place(staged, dest))
     n_before, n_after = rep.layers
     return CompressReport(
         model=src.stem, source_kind="onnx decoder", recipe=recipe, plan=plan, out=written, blocks=(n_before, n_after),
@@ -531,10 +539,10 @@ def write_report_page(report: CompressReport, path: str | Path) -> list[Path]:
                         healed=healed, title=f"lfgraph compress {report.model}: {report.recipe}")
 
 
-def _finish(model_file: Path, out: Path, parity_ok: bool, quality: Any, max_quality_loss: float | None, move: Any) -> Path:
+def _finish(mark: Any, out: Path, parity_ok: bool, quality: Any, max_quality_loss: float | None, move: Any) -> Path:
     """Put a checked output in place by the one rule for failed checks: when the export check
-    or the quality gate failed, the model file is marked (``lfgraph.check`` in its metadata)
-    and the output goes to ``failed_path(out)``, leaving ``out`` as it was. ``move(dest)``
+    or the quality gate failed, the output is marked (``mark(verdict)``: ``lfgraph.check`` in
+    its metadata) and goes to ``failed_path(out)``, leaving ``out`` as it was. ``move(dest)``
     moves the staged output to ``dest``. Returns where it went."""
     reasons = [] if parity_ok else ["the file does not compute what the rewritten model computes (export check)"]
     if max_quality_loss is not None and quality is not None and quality.loss > max_quality_loss:
@@ -542,7 +550,7 @@ def _finish(model_file: Path, out: Path, parity_ok: bool, quality: Any, max_qual
     if not reasons:
         move(out)
         return out
-    _mark_failed(model_file, "FAILED: " + "; ".join(reasons))
+    mark("FAILED: " + "; ".join(reasons))
     dest = failed_path(out)
     move(dest)
     return dest
@@ -557,23 +565,6 @@ def _move_into_place(staged: Path, dest: Path) -> None:
     if data.exists():
         os.replace(data, dest.with_name(dest.name + ".data"))
     os.replace(staged, dest)
-
-
-def _mark_failed(path: Path, verdict: str) -> None:
-    """Say in the file's metadata that it failed a check (``lfgraph.check``)."""
-    import onnx
-
-    from .onnx_io import add_metadata, save_onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    has_data = path.with_name(path.name + ".data").exists()
-    if has_data:  # rewrite only the small model file; the data file stays as it is
-        add_metadata(m, {"lfgraph.check": verdict})
-        onnx.save_model(m, str(path))
-        return
-    m = onnx.load(str(path))
-    add_metadata(m, {"lfgraph.check": verdict})
-    save_onnx(m, path)
 
 
 # ---------------------------------------------------------------------------------------

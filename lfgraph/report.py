@@ -29,13 +29,13 @@ def before_after_table(title: str, rows: Sequence[tuple[str, str, str, str]]) ->
 
 def size_rows(
     blocks: tuple[int, int], params: tuple[int, int], file_bytes: tuple[int, int], latency_ms: tuple[float, float],
-    latency_name: str = "ORT latency (median)",
+    latency_name: str = "ORT latency (median)", size_name: str = "ONNX file",
 ) -> list[tuple[str, str, str, str]]:
     """The rows every compress table starts with: depth, parameters, file size, latency."""
     return [
         ("blocks", str(blocks[0]), str(blocks[1]), ratio(*blocks)),
         ("parameters (unique)", f"{params[0]:,}", f"{params[1]:,}", ratio(*params)),
-        ("ONNX file", megabytes(file_bytes[0]), megabytes(file_bytes[1]), ratio(*file_bytes)),
+        (size_name, megabytes(file_bytes[0]), megabytes(file_bytes[1]), ratio(*file_bytes)),
         (latency_name, f"{latency_ms[0]:.1f} ms", f"{latency_ms[1]:.1f} ms", ratio(*latency_ms)),
     ]
 
@@ -63,6 +63,7 @@ class CompressReport:
     max_quality_loss: float | None = None
     notes: list[str] = field(default_factory=list)
     latency_name: str = "ORT latency (median)"
+    size_name: str = "ONNX file"
     heal_curve: dict[str, Any] | None = None
     seconds: float = 0.0
     log_records: int = 0
@@ -86,7 +87,7 @@ class CompressReport:
         return 0 if self.ok else 1
 
     def rows(self) -> list[tuple[str, str, str, str]]:
-        rows = size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms, self.latency_name)
+        rows = size_rows(self.blocks, self.params, self.file_bytes, self.latency_ms, self.latency_name, self.size_name)
         if self.quality is not None:
             rows.extend(self.quality.rows)
         return rows

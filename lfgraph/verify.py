@@ -147,6 +147,23 @@ def alternating_latency(paths: Sequence[str | os.PathLike], feed: Mapping[str, n
     return [(float(np.median(t)), float(min(t))) for t in times]
 
 
+def alternating_torch_latency(modules: Sequence["torch.nn.Module"], inputs: Sequence["torch.Tensor"], runs: int = 5) -> list[float]:
+    """Median milliseconds of each PyTorch module on ``inputs``, run alternately (for
+    outputs without an ONNX file, as :func:`alternating_latency` times files)."""
+    import torch
+
+    times: list[list[float]] = [[] for _ in modules]
+    with torch.no_grad():
+        for m in modules:
+            m(*inputs)  # warm-up
+        for _ in range(runs):
+            for k, m in enumerate(modules):
+                t = time.perf_counter()
+                m(*inputs)
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return [float(np.median(t)) for t in times]
+
+
 def torch_outputs(module: "torch.nn.Module", inputs: Mapping[str, "torch.Tensor"], input_names: Sequence[str], output_names: Sequence[str]) -> dict[str, np.ndarray]:
     """``module``'s outputs on ``inputs`` (passed positionally in ``input_names`` order),
     named by ``output_names``. A module that returns another number of outputs than it

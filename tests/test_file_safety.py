@@ -442,3 +442,17 @@ def test_a_model_that_cannot_fit_in_memory_is_refused_before_loading(tiny_llama_
     monkeypatch.setattr(estimate, "available_memory", lambda: estimate.in_memory_peak(n) - 1)
     line = _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST]), "--stream")
     assert "would not fit" in line and list(tmp_path.iterdir()) == []
+
+
+def test_no_onnx_writes_a_checked_checkpoint_folder(tiny_llama_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ckpt"
+    assert main(["compress", str(tiny_llama_folder), "-o", str(out), "--no-onnx", *FAST]) == 0
+    table = capsys.readouterr().out
+    assert "checkpoint (safetensors)" in table and "the written checkpoint, reloaded" in table and "--no-onnx" in table
+    names = {p.name for p in out.iterdir()}
+    assert "model.onnx" not in names and {"config.json", "model.safetensors", "plan.json", "lfgraph.json", fileio.MARKER} <= names
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4  # 6 blocks, a quarter rounds to 2
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "x.onnx"), "--no-onnx", *FAST]), "--no-onnx")

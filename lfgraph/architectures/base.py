@@ -50,7 +50,9 @@ class Architecture:
     - ``genai_type``: the ``genai_config.json`` model type (``"llama"`` tells
       onnxruntime-genai to run a plain decoder loop over lfgraph's standard-op ONNX);
     - ``default_fuse``: the family's default fusion rule when it differs from its task's
-      (``None``: ``lfgraph.recipes.DEFAULT_RECIPES``).
+      (``None``: ``lfgraph.recipes.DEFAULT_RECIPES``);
+    - ``no_onnx``: why the KV-cache ONNX export cannot take the family (``None``: it can);
+      a deploy folder of such a family holds the checkpoint only, and says why.
     """
 
     name: ClassVar[str] = "llama"
@@ -66,6 +68,7 @@ class Architecture:
     norm_offset: ClassVar[float] = 0.0
     genai_type: ClassVar[str] = "llama"
     default_fuse: ClassVar[str | None] = None
+    no_onnx: ClassVar[str | None] = None
 
     # -- the model ----------------------------------------------------------------------
 

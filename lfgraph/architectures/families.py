@@ -188,6 +188,7 @@ class Falcon(Architecture):
     stack = "h"
     mlp_out = "mlp.dense_4h_to_h"
     attn_out = "self_attention.dense"
+    no_onnx = "torch.export cannot trace Falcon's attention with its KV cache (transformers 5)"
 
     def block_kind(self, cfg: Any) -> str:
         return "parallel" if getattr(cfg, "parallel_attn", True) or getattr(cfg, "new_decoder_architecture", False) else "pre-norm"
@@ -204,6 +205,7 @@ class Mixtral(Architecture):
     experts_down = "mlp.experts.down_proj"
     #: the distilled maps train dense projections only (see lfgraph.passes.calibrated_fusion)
     default_fuse = "calibrated"
+    no_onnx = "torch.onnx cannot convert the data-dependent loop over the experts"
 
     def mlp_target(self, block: nn.Module) -> tuple[str, str | None]:
         try:

@@ -39,7 +39,7 @@ class DeployReport:
 
     out_dir: Path
     files: list[Path]
-    onnx: DecoderExport
+    onnx: DecoderExport | None
     generation: GenerationReport | None = None
     checkpoint_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +49,8 @@ class DeployReport:
         return self.generation is None or self.generation.ok
 
     def lines(self) -> list[str]:
+        if self.onnx is None:
+            return [f"  checkpoint folder {self.out_dir}: Hugging Face checkpoint ({self.checkpoint_bytes / 1e6:.1f} MB), no ONNX"]
         out = [f"  deploy folder {self.out_dir}: Hugging Face checkpoint ({self.checkpoint_bytes / 1e6:.1f} MB), "
                f"model.onnx with KV cache ({self.onnx.file_bytes / 1e6:.1f} MB), genai_config.json"]
         if self.generation is not None:
@@ -92,6 +94,7 @@ def write_deploy_folder(
     prompt: Sequence[int] | None = None,
     new_tokens: int = 32,
     engine: str = "export",
+    onnx: bool = True,
 ) -> DeployReport:
     """Write the deploy folder for the compressed ``hf_model`` (a ``*ForCausalLM``; from
     ``apply_plan(...).model.model``) into ``out_dir`` (created if missing; its parent must exist).
@@ -108,7 +111,8 @@ def write_deploy_folder(
     on CPU for SmolLM2 in tools/bench_decode.py). With ``verify`` the generation checks run
     (prefill/decode logits, greedy ``new_tokens`` on ORT and onnxruntime-genai vs PyTorch)
     and are returned in the report; a failed check is reported, not raised.
-    ``hf_model`` is not modified.
+    ``onnx=False`` writes the checkpoint and ``plan.json`` only (a family the ONNX export
+    cannot take, or ``compress --no-onnx``). ``hf_model`` is not modified.
     """
     out = Path(out_dir)
     if engine not in ENGINES:
@@ -127,6 +131,8 @@ def write_deploy_folder(
         meta.setdefault("lfgraph.plan", plan.to_json())
         write_text_atomic(out / "plan.json", plan.to_json())
         files.append(out / "plan.json")
+    if not onnx:
+        return DeployReport(out, files, None, None, ckpt_bytes)
     if engine == "export":
         exported = export_decoder_with_past(hf_model, out, metadata=meta, genai_config=True)
     else:
