@@ -27,6 +27,7 @@ def test_analyze_prints_groups_and_ranked_pairs(tiny_llama_folder, capsys):
     assert out.count("  ~  ") == 6  # 3 layer pairs + 3 block pairs
 
 
+@pytest.mark.slow
 def test_plan_compress_verify_end_to_end(tiny_llama_folder, tmp_path, capsys):
     before = _digest(tiny_llama_folder)
     plan_path = tmp_path / "plan.json"
@@ -54,6 +55,7 @@ def test_plan_compress_verify_end_to_end(tiny_llama_folder, tmp_path, capsys):
     assert _digest(tiny_llama_folder) == before  # the input is never modified
 
 
+@pytest.mark.slow
 def test_compress_with_calibrated_default_recipe(tiny_llama_folder, tmp_path, capsys):
     out = tmp_path / "cal.onnx"
     assert main(["compress", str(tiny_llama_folder), "--target", "0.34", "-o", str(out), "--quiet",

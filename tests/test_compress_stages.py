@@ -22,6 +22,7 @@ def deploy_run(tiny_llama_folder, tmp_path_factory):
     return code, out, page
 
 
+@pytest.mark.slow
 def test_deploy_folder_is_written_checked_and_reloads(deploy_run, tiny_llama_folder):
     import torch
     from transformers import AutoModelForCausalLM
@@ -44,6 +45,7 @@ def test_deploy_folder_is_written_checked_and_reloads(deploy_run, tiny_llama_fol
     assert abs(ort_logits - want).max() / abs(want).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_the_report_says_what_healing_did_and_checks_generation(tiny_llama_folder, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["compress", str(tiny_llama_folder), "-o", str(out), *PLAN, "--heal", "4", "--heal-seq-len", "32", "--heal-windows", "8"]) == 0

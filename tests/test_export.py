@@ -45,6 +45,7 @@ def _export_and_verify(model, kind, path, plan=None):
     return report, verify_against_torch(path, model, check)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("mode", ["tie", "merge"])
 def test_rewritten_model_matches_pytorch_on_ort(name, mode, tmp_path):
@@ -64,6 +65,7 @@ def test_rewritten_model_matches_pytorch_on_ort(name, mode, tmp_path):
     onnx.checker.check_model(onnx.load(str(report.path)), full_check=True)
 
 
+@pytest.mark.slow
 def test_tied_weights_are_stored_once(tmp_path):
     model = CausalLMLogits(zoo.tiny_llama(layers=6, hidden=96))
     g = build_layer_graph(model, (IDS,))

@@ -73,6 +73,7 @@ def test_log_and_plan_onto_an_input_are_refused(model_copy, tmp_path, capsys):
     assert plan.read_bytes() == before and text.read_text() == "some text " * 50
 
 
+@pytest.mark.slow
 def test_foreign_output_folder_needs_overwrite_and_keeps_the_users_other_files(tiny_llama_folder, tmp_path, capsys):
     out = tmp_path / "deploy"
     out.mkdir()

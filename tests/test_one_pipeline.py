@@ -44,6 +44,7 @@ def _compress(spec, out, **extra):
     return pipeline.compress(spec, out, quiet=True, eval_windows=2, eval_seq_len=32, **PLAN_OPTIONS, **extra)
 
 
+@pytest.mark.slow
 def test_same_plan_report_fields_and_exit_code(pair, tmp_path):
     loaded, onnx_path = pair
     reports = [_compress(loaded, tmp_path / "from-torch.onnx"), _compress(str(onnx_path), tmp_path / "from-onnx.onnx")]
@@ -65,6 +66,7 @@ def test_same_plan_report_fields_and_exit_code(pair, tmp_path):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["wrong values", "missing output"])
 def test_a_failed_export_check_is_exit_1_on_both_paths(pair, tmp_path, monkeypatch, capsys, damage):
     loaded, onnx_path = pair
@@ -105,6 +107,7 @@ def test_sources_share_one_interface():
             assert getattr(cls, method) is not getattr(Source, method), f"{cls.__name__} lacks {method}"
 
 
+@pytest.mark.slow
 def test_verify_re_checks_a_file_against_either_source(pair, tmp_path, capsys):
     loaded, onnx_path = pair
     out = tmp_path / "from-onnx.onnx"

@@ -69,6 +69,7 @@ def _tiny_track() -> Track:
     return t
 
 
+@pytest.mark.slow
 def test_sweep_writes_tables_and_plots(tmp_path) -> None:
     track = _tiny_track()
     seen = []

@@ -71,6 +71,7 @@ def test_verify_with_a_file_that_is_not_onnx(tiny_llama_folder, tmp_path, capsys
     _one_line(capsys, main(["verify", str(txt), str(tiny_llama_folder)]), "notes.txt")
 
 
+@pytest.mark.slow
 def test_interrupt_at_any_stage_exits_130_without_output(tiny_llama_folder, tmp_path, capsys, monkeypatch):
     import lfgraph.sources as sources
 
@@ -90,6 +91,7 @@ def test_interrupt_at_any_stage_exits_130_without_output(tiny_llama_folder, tmp_
     assert sources  # imported for the patch targets
 
 
+@pytest.mark.slow
 def test_quality_against_the_original_and_the_gate(tiny_llama_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "lm.onnx"
     args = ["compress", str(tiny_llama_folder), "--target", "0.5", "--select", "similarity", "--fuse", "remove",
@@ -141,6 +143,7 @@ def test_perplexity_of_the_quality_check_equals_a_second_computation(tiny_llama_
     assert evaluate.causal_lm_quality(lm.module, lm.module, windows).rows[1][2] == "1.000"
 
 
+@pytest.mark.slow
 def test_report_states_the_fraction_actually_removed(tiny_llama_folder, tmp_path):
     report = pipeline.compress(str(tiny_llama_folder), tmp_path / "x.onnx", target=0.25, select="similarity", fuse="remove",
                                eval_windows=0, quiet=True)
@@ -149,6 +152,7 @@ def test_report_states_the_fraction_actually_removed(tiny_llama_folder, tmp_path
     assert any("rounds to 33.3%" in n for n in report.notes)
 
 
+@pytest.mark.slow
 def test_metric_under_an_activation_selection_is_said_to_be_ignored(tiny_llama_folder, tmp_path):
     report = pipeline.compress(str(tiny_llama_folder), tmp_path / "x.onnx", target=0.34, select="block_influence", fuse="remove",
                                metric="kl", calibration_windows=2, calibration_seq_len=16, eval_windows=0, quiet=True)
@@ -162,6 +166,7 @@ def folder_without_tokenizer(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_folder_without_tokenizer_compresses_where_no_text_is_needed(folder_without_tokenizer, tmp_path, capsys):
     out = tmp_path / "tie.onnx"
     assert main(["compress", str(folder_without_tokenizer), "--mode", "tie", "--target", "0.2", "--target-kind", "params",
@@ -192,6 +197,7 @@ def test_damaged_weights_are_refused(tmp_path, capsys):
     _one_line(capsys, main(["analyze", str(folder)]), "NaN")
 
 
+@pytest.mark.slow
 def test_named_dynamic_axes(tiny_llama_folder, tmp_path):
     import onnx
 
@@ -282,6 +288,7 @@ def test_default_recipe_per_target_for_language_models():
         refit_provenance("calibrated", "blocks")
 
 
+@pytest.mark.slow
 def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):
     report = pipeline.compress(str(tiny_llama_folder), tmp_path / "m.onnx", target=0.2, fuse="calibrated-map", calibration_windows=4,
                                calibration_seq_len=32, eval_windows=0, quiet=True)
@@ -292,6 +299,7 @@ def test_calibrated_map_rule_reaches_the_refit(tiny_llama_folder, tmp_path):
     assert report.exit_code == 0
 
 
+@pytest.mark.slow
 def test_calibrated_distill_rule_reaches_the_distillation(tiny_llama_folder, tmp_path):
     report = pipeline.compress(str(tiny_llama_folder), tmp_path / "m.onnx", target=0.2, fuse="calibrated-map-distill", calibration_windows=4,
                                calibration_seq_len=32, eval_windows=0, quiet=True)

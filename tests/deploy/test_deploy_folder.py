@@ -159,6 +159,7 @@ def test_bad_outputs_are_refused(deployed, tmp_path):
         write_deploy_folder(hf, tmp_path / "missing" / "out", verify=False)
 
 
+@pytest.mark.slow
 def test_genai_builder_engine_on_the_compressed_checkpoint(gqa_loaded, tmp_path):
     model, graph = gqa_loaded
     hf = pipeline.rewrite(model, graph, remove_plan(graph, [0])).model.model

@@ -29,6 +29,7 @@ def folder(gqa_loaded, tmp_path_factory):
     return out, hf
 
 
+@pytest.mark.slow
 def test_generate_prints_original_and_compressed(folder, gqa_folder, capsys):
     out, _ = folder
     args = _parser().parse_args(["generate", str(out), "--prompt", "The quick brown fox", "--original", str(gqa_folder),

@@ -60,6 +60,7 @@ def torchscript_export(hf, folder):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["lfgraph", "genai", "torchscript"])
 @pytest.mark.parametrize("drop", [[1], [0, 2]])
 def test_onnx_straight_generates_like_the_pytorch_plan(sources, gqa_loaded, tmp_path, layout, drop):

@@ -248,6 +248,7 @@ def test_distilled_map_changes_only_the_map_and_lowers_the_kl() -> None:
     assert _kl(distilled, model, test) < _kl(closed, model, test)
 
 
+@pytest.mark.slow
 def test_distillation_never_returns_worse_than_its_start() -> None:
     """A learning rate that only hurts: the best state kept is the closed-form start."""
     from lfgraph.passes.map_distillation import DistillSettings

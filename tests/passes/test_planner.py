@@ -111,6 +111,7 @@ def test_bad_plan_files_are_refused(text, match):
         FusionPlan.from_json(text)
 
 
+@pytest.mark.slow
 def test_adjacent_analysis_computes_neighbours_only_and_plans_the_same(llama_graph):
     import numpy as np
 

@@ -92,6 +92,7 @@ def test_bad_data_is_one_line_and_exit_2(tiny_llama_folder: Path, tmp_path: Path
         run(build_parser().parse_args(argv))
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_llama_folder: Path, tmp_path: Path) -> None:
     """Exact equality (torch.equal on every tensor) after kill -9 mid-run and --resume."""
     steps = ["--steps", "60", "--checkpoint-every", "5", "--lr", "1e-3"]

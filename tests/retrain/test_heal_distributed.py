@@ -35,6 +35,7 @@ def single(tiny_llama_folder: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one(single: Path, tiny_llama_folder: Path, tmp_path: Path, strategy: str) -> None:
     out = tmp_path / "healed"
