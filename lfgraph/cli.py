@@ -180,8 +180,7 @@ def _calibration(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .pipeline import check_inputs, check_recipe, graph_of, plan_model, plan_summary
-    from .recipes import ACTIVATION_SELECTIONS, default_recipe
+    from .pipeline import check_inputs, check_recipe, graph_of, plan_model, plan_summary, resolve_recipe
 
     check_inputs(args.model, calibration=_calibration(args))
     check_recipe(args.target, args.mode, args.select or "similarity", args.fuse or "remove", args.target_kind)
@@ -189,11 +188,11 @@ def _plan(args: argparse.Namespace) -> int:
                   [args.model, args.calibration_text, args.calibration_tokens], args.overwrite)
     source, graph = graph_of(args.model)
     options = _calibration(args)
-    select, fuse = default_recipe(source.family, args.mode, source.has_calibration(options), args.target, args.target_kind,
-                                  source.architecture)
-    select, fuse = args.select or select, args.fuse or fuse
-    calibration = source.calibration(options) if select in ACTIVATION_SELECTIONS or fuse.startswith("calibrated") else None
-    plan = plan_model(source, graph, args.target, mode=args.mode, select=select, fuse=fuse, metric=args.metric or "bures",
+    recipe = resolve_recipe(source, args.mode, args.select, args.fuse, args.target, args.target_kind, options, args.metric, args.scope)
+    for note in recipe.notes:
+        print(f"note: {note}", file=sys.stderr)
+    calibration = source.calibration(options) if recipe.needs_calibration else None
+    plan = plan_model(source, graph, args.target, mode=args.mode, select=recipe.select, fuse=recipe.fuse, metric=args.metric or "bures",
                       scope=args.scope or "adjacent", target_kind=args.target_kind, calibration=calibration,
                       distill_trainable=args.distill_trainable)
     print(plan_summary(plan))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -158,6 +159,40 @@ def plan_model(
     }
     plan = runs_to_plan(runs, container, fuse=rule, align=align, provenance=provenance)
     return _finish_plan(plan, graph, fuse, distill_trainable)
+
+
+@dataclass
+class Recipe:
+    """The selection and fusion rule a run uses, whether they are the family's defaults, and
+    what the user should be told about the choice."""
+
+    select: str
+    fuse: str
+    is_default: bool
+    notes: list[str]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.select in ACTIVATION_SELECTIONS or self.fuse.startswith("calibrated")
+
+
+def resolve_recipe(source: Source, mode: str, select: str | None, fuse: str | None, target: float, target_kind: str,
+                   calibration: CalibrationOptions, metric: str | None = None, scope: str | None = None) -> Recipe:
+    """The one place a run's recipe is chosen (``compress``, ``plan`` and ``heal`` ask it):
+    the user's ``select``/``fuse`` where given, else the family's measured default for this
+    target (:func:`lfgraph.recipes.default_recipe`), the weights-only recipe when there is no
+    calibration data; notes say when that fallback happened and when ``metric``/``scope``
+    do not apply."""
+    has_data = source.has_calibration(calibration)
+    d_select, d_fuse = default_recipe(source.family, mode, has_data, target, target_kind, source.architecture)
+    recipe = Recipe(select or d_select, fuse or d_fuse, select is None and fuse is None, [])
+    if not has_data and recipe.is_default and mode == "merge" and source.kind == "pytorch":
+        recipe.notes.append("no calibration data (no tokenizer files, no --calibration-tokens): the weights-only recipe, "
+                            f"select {d_select} + fuse {d_fuse}; give calibration data for the activation-based default")
+    ignored = [o for o, v in (("--metric", metric), ("--scope", scope)) if v is not None]
+    if recipe.select != "similarity" and ignored:
+        recipe.notes.append(f"{' and '.join(ignored)} ignored: they apply to --select similarity, not {recipe.select}")
+    return recipe
 
 
 def _finish_plan(plan: FusionPlan, graph: LayerGraph, fusion_rule: str, distill_trainable: str | None = None) -> FusionPlan:
@@ -343,24 +378,17 @@ def compress(
             if plan.fuse == "calibrated":
                 calibration = source.calibration(cal_opts)
         else:
-            has_data = source.has_calibration(cal_opts)
-            d_select, d_fuse = default_recipe(source.family, mode, has_data, target, target_kind, source.architecture)
-            chosen_select, chosen_fuse = select or d_select, fuse or d_fuse
-            if not has_data and select is None and fuse is None and mode == "merge" and source.kind == "pytorch":
-                notes.append("no calibration data (no tokenizer files, no --calibration-tokens): the weights-only recipe, "
-                             f"select {d_select} + fuse {d_fuse}; give calibration data for the activation-based default")
-            if chosen_select != "similarity":
-                ignored = [o for o, v in (("--metric", metric), ("--scope", scope)) if v is not None]
-                if ignored:
-                    notes.append(f"{' and '.join(ignored)} ignored: they apply to --select similarity, not {chosen_select}")
-            if chosen_select in ACTIVATION_SELECTIONS or chosen_fuse.startswith("calibrated"):
+            chosen = resolve_recipe(source, mode, select, fuse, target, target_kind, cal_opts, metric, scope)
+            notes.extend(chosen.notes)
+            chosen_select, chosen_fuse = chosen.select, chosen.fuse
+            if chosen.needs_calibration:
                 calibration = source.calibration(cal_opts)
             metric, scope = metric or "bures", scope or "adjacent"
             _progress(f"planning: select {chosen_select}, fuse {chosen_fuse}, target {target} of {target_kind}", quiet)
             plan = plan_model(source, graph, target, mode=mode, select=chosen_select, fuse=chosen_fuse, metric=metric,
                               scope=scope, target_kind=target_kind, calibration=calibration, progress=not quiet,
                               distill_trainable=distill_trainable)
-            recipe = describe(mode, chosen_select, chosen_fuse, metric, scope, select is None and fuse is None, source.family)
+            recipe = describe(mode, chosen_select, chosen_fuse, metric, scope, chosen.is_default, source.family)
         achieved = plan.provenance.get("achieved")
         if achieved is not None and given_plan is None and abs(achieved - target) > 1e-6:
             notes.append(f"target {target} of {target_kind} rounds to {achieved:.1%} of {plan.provenance.get('achieved_kind', target_kind)} actually removed")

@@ -161,13 +161,14 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
         if plan.fuse == "calibrated":
             calibration = pipeline.calibration_tokens(model)
     else:
-        from ..architectures import of_model
-        from ..recipes import default_recipe
+        from ..model_types import CalibrationOptions
+        from ..sources import TorchSource
 
-        select, fuse = default_recipe(model.family, args.mode, model.tokenizer is not None, args.target, architecture=of_model(model.module))
-        select, fuse = args.select or select, args.fuse or fuse
-        if select != "similarity" or fuse.startswith("calibrated"):
-            calibration = pipeline.calibration_tokens(model, 16, min(256, max_positions(model.module) or 256))
+        options = CalibrationOptions(windows=16, seq_len=min(256, max_positions(model.module) or 256))
+        recipe = pipeline.resolve_recipe(TorchSource(model), args.mode, args.select, args.fuse, args.target, "blocks", options)
+        select, fuse = recipe.select, recipe.fuse
+        if recipe.needs_calibration:
+            calibration = TorchSource(model).calibration(options)
         _say(f"planning: {args.mode}, select {select}, fuse {fuse}, target {args.target}", args.quiet)
         plan = pipeline.plan_model(model, graph, args.target, mode=args.mode, select=select, fuse=fuse,
                                    calibration=calibration, progress=False)
