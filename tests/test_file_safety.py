@@ -457,3 +457,16 @@ def test_no_onnx_writes_a_checked_checkpoint_folder(tiny_llama_folder, tmp_path,
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 4  # 6 blocks, a quarter rounds to 2
     _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "x.onnx"), "--no-onnx", *FAST]), "--no-onnx")
+
+
+def test_sighup_is_handled_like_sigterm(tiny_llama_folder, tmp_path, capsys, monkeypatch):
+    def hang_up(*a, **k):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)
+        pytest.fail("SIGHUP did not interrupt")
+
+    monkeypatch.setattr("lfgraph.sources.TorchSource.write", hang_up)
+    code = main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGHUP and "SIGHUP" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
