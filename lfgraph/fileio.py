@@ -148,7 +148,8 @@ def _is_empty_folder(p: Path) -> bool:
 
 
 def _resolved(p: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(p))))
+    # symbolic links followed: an output reached through a link into the input is inside it
+    return Path(os.path.realpath(os.path.expanduser(str(p))))
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -470,3 +470,11 @@ def test_sighup_is_handled_like_sigterm(tiny_llama_folder, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert code == 128 + signal.SIGHUP and "SIGHUP" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_reached_through_a_link_into_the_input_is_refused(model_copy, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(model_copy)
+    before = _digest(model_copy)
+    _one_line(capsys, main(["compress", str(model_copy), "-o", str(link / "small"), *FAST]), "inside the input")
+    assert _digest(model_copy) == before
