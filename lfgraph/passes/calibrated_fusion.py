@@ -19,7 +19,11 @@ Every statistic is accumulated in float64 batch by batch (bounded memory: the Gr
 plus one hidden state per calibration token at the current depth). The ridge strength is
 chosen on a held-out part of the calibration windows from a grid of strengths relative to
 ``trace(G) / dim`` (so the grid means the same for any amount of data), then the fit is
-redone on all windows. ``lam -> infinity`` gives back ``W0``.
+redone on all windows. ``lam -> infinity`` gives back ``W0``. The held-out part is kept as
+rows while it has fewer tokens than the projection has inputs; the grid is searched by a
+golden-section walk (4-5 of 9 factorisations; the whole grid when the losses seen are not
+unimodal); each factorisation is done in place in one work buffer, so a fit holds two
+``in x in`` float64 matrices (the Gram matrix and that buffer).
 
 Each run is fitted on the hidden states of the model as already compressed below it, so
 later fits see (and can absorb) the error of earlier ones. The other blocks of each run are
