@@ -129,8 +129,8 @@ def estimate(
     if calibrated:
         d_in = inter + 1
         n_val = min(max(1, round(windows * VAL_FRACTION)) * seq_len, d_in)
-        # fit Gram + work buffer; C, C + lam W0 (then the solution), W0; held-out rows and their solve
-        parts["refit Gram matrices (float64)"] = 2 * d_in * d_in * 8 + 3 * h * d_in * 8 + n_val * (2 * d_in + h) * 8
+        # fit Gram + work buffer; C, C + lam W0, the solution, W0; held-out rows and their solve
+        parts["refit Gram matrices (float64)"] = 2 * d_in * d_in * 8 + 4 * h * d_in * 8 + n_val * (2 * d_in + h) * 8
         parts["refitted tensors"] = runs * h * inter * DTYPES[embed.dtype if embed else "F32"].itemsize
     block_phase = sum(v for k, v in parts.items() if k != "runtime")
     est = Estimate(parts=parts)
