@@ -211,24 +211,36 @@ def map_stats(stats: RidgeStats, W0: torch.Tensor) -> RidgeStats:
 
 
 def _factor_shifted(G: torch.Tensor, lam: float, work: torch.Tensor) -> torch.Tensor | None:
-    """The lower Cholesky factor of ``G + lam I``, computed in ``work`` (overwritten: the
-    shifted matrix and then its factor share this one buffer; LAPACK factors it in place,
-    ``torch.linalg.cholesky_ex(..., out=work)`` allocates no second ``in x in`` matrix).
-    ``None`` when the matrix is not positive definite; ``work`` then holds ``G + lam I``."""
+    """The lower Cholesky factor of ``G + lam I`` (C order), computed in ``work``
+    (overwritten: the shifted matrix and then its factor share this one buffer). LAPACK's
+    ``potrf`` through scipy factors it in place: the C-ordered symmetric matrix is read as the
+    same matrix in Fortran order, upper triangle, and ``Uᵀ U`` in Fortran order is ``L Lᵀ``
+    in C order. (``torch.linalg.cholesky_ex(out=work)`` is faster here (MKL) but measured one
+    more transient ``in x in`` copy.) ``None`` when the matrix is not positive definite;
+    ``work`` then holds ``G + lam I``."""
+    from scipy.linalg import LinAlgError, cho_factor
+
     work.copy_(G)
     work.diagonal().add_(lam)
-    _, info = torch.linalg.cholesky_ex(work, out=(work, torch.empty((), dtype=torch.int32)))
-    if int(info) == 0:
-        return work
-    work.copy_(G)
-    work.diagonal().add_(lam)
-    return None
+    try:
+        cho_factor(work.numpy().T, lower=False, overwrite_a=True, check_finite=False)
+    except LinAlgError:
+        work.copy_(G)
+        work.diagonal().add_(lam)
+        return None
+    return work
 
 
 def _cho_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``A^-1 rhs`` for ``rhs (in, k)`` given ``A``'s lower Cholesky factor (a new ``in x k``
-    result; ``k`` is ``out`` or the held-out token count, never ``in x in``)."""
-    return torch.cholesky_solve(rhs, factor)
+    """``A^-1 rhs`` given ``A``'s lower Cholesky factor ``L`` (C order) and ``rhs (in, k)``
+    stored as the transpose of a C-ordered ``(k, in)`` matrix, solved in place (the result
+    shares ``rhs``'s memory). LAPACK's ``potrs`` through scipy reads ``L``'s memory as the
+    Fortran-ordered ``Lᵀ``: no copy of the factor (``torch.cholesky_solve`` makes one, a
+    third ``in x in`` matrix)."""
+    from scipy.linalg import cho_solve
+
+    b = rhs.contiguous() if not rhs.T.is_contiguous() else rhs
+    return torch.from_numpy(cho_solve((factor.numpy().T, False), b.numpy(), overwrite_b=True, check_finite=False))
 
 
 def ridge_solve(stats: RidgeStats, W0: torch.Tensor, strength: float, work: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,7 +249,7 @@ def ridge_solve(stats: RidgeStats, W0: torch.Tensor, strength: float, work: torc
     Returns float64 ``(out, in)``. ``strength -> inf`` gives ``W0``; ``strength -> 0`` the
     ordinary least-squares fit (when ``G`` is invertible). ``work`` (``in x in`` float64) is
     overwritten; without it one is allocated: the solve holds ``G``, that one buffer (the
-    shifted matrix, then its factor) and two ``out x in`` matrices (``C + lam W0`` and the
+    shifted matrix, then its factor) and one ``out x in`` matrix (``C + lam W0``, then the
     solution).
     """
     lam = strength * stats.scale()
@@ -274,7 +286,7 @@ def _heldout_loss(fit: RidgeStats, G: torch.Tensor, C: torch.Tensor, val: RidgeS
     factor = _factor_shifted(G, lam, work)
     if factor is None:
         return val.loss(torch.linalg.lstsq(work, torch.add(C, W0.double(), alpha=lam).T).solution.T)
-    X = _cho_solve(factor, val.Z.T)  # type: ignore[union-attr]  # (in, n_val)
+    X = _cho_solve(factor, val.Z.clone().T)  # type: ignore[union-attr]  # (in, n_val)
     pred = torch.add(C, W0.double(), alpha=lam) @ X  # (out, n_val) = W Zvᵀ
     r = pred.T - val.Y  # type: ignore[operator]
     return float((r * r).sum())
