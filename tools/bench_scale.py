@@ -47,7 +47,7 @@ SIZES = {
 }
 
 _CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 import torch
 from lfgraph.stream import compress_checkpoint
 src, out, select, fuse, windows, seq_len, tokens = sys.argv[1:8]
@@ -56,9 +56,10 @@ r = compress_checkpoint(src, out, target=0.25, select=select, fuse=fuse, calibra
                         calibration_windows=int(windows), calibration_seq_len=int(seq_len), progress=False)
 status = open("/proc/self/status").read()
 hwm = int(status.split("VmHWM:")[1].split()[0]) * 1024
+ru = resource.getrusage(resource.RUSAGE_SELF)
 io = dict(l.split(": ") for l in open("/proc/self/io").read().split("\n") if l)
 print(json.dumps({"seconds": r.seconds, "wall_in_child": time.perf_counter() - t0, "bytes_read": r.bytes_read,
-                  "bytes_written": r.bytes_written, "peak_rss": hwm, "disk_read": int(io["read_bytes"]),
+                  "bytes_written": r.bytes_written, "peak_rss": hwm, "cpu_s": ru.ru_utime + ru.ru_stime, "disk_read": int(io["read_bytes"]),
                   "estimate_peak": r.estimate.peak_bytes, "estimate_seconds": r.estimate.seconds,
                   "blocks": r.blocks, "params": r.params, "plan": [[f.keep, f.absorb] for f in r.plan.fusions]}))
 """
@@ -207,6 +208,7 @@ def main() -> int:
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(out), args.select, args.fuse, str(args.windows),
                                str(args.seq_len), str(tokens_file)], capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        load = os.getloadavg()[1]
         if proc.returncode != 0:
             print(proc.stderr[-3000:])
             return 1
@@ -215,7 +217,7 @@ def main() -> int:
         tokens = args.windows * args.seq_len
         compute_floor = forward_flops(name, tokens) / (fp32 * 1e9)
         io_floor = ckpt_bytes / read_rate + r["bytes_written"] / write_rate
-        row = dict(size=name, params=r["params"][0], checkpoint_gb=ckpt_bytes / 1e9, made_s=made, wall_s=wall, peak_rss_gb=r["peak_rss"] / 1e9,
+        row = dict(size=name, params=r["params"][0], checkpoint_gb=ckpt_bytes / 1e9, made_s=made, wall_s=wall, cpu_s=r["cpu_s"], load5=load, peak_rss_gb=r["peak_rss"] / 1e9,
                    estimate_peak_gb=r["estimate_peak"] / 1e9, read_gb=r["bytes_read"] / 1e9, disk_read_gb=r["disk_read"] / 1e9,
                    written_gb=r["bytes_written"] / 1e9, compute_floor_s=compute_floor, io_floor_s=io_floor,
                    ratio=wall / max(compute_floor, io_floor), stages=r["seconds"], blocks=r["blocks"], plan=r["plan"])
@@ -226,11 +228,11 @@ def main() -> int:
             shutil.rmtree(folder, ignore_errors=True)
             tokens_file.unlink(missing_ok=True)
     print()
-    print("| size | params | bf16 GB | wall s | peak RSS GB (est.) | read GB (disk) | written GB | compute floor s | I/O floor s | wall / max floor | stages s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| size | params | bf16 GB | wall s | CPU s | peak RSS GB (est.) | read GB (disk) | written GB | compute floor s | I/O floor s | wall / max floor | stages s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if k != "total")
-        print(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_gb']:.2f} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} ({r['estimate_peak_gb']:.2f}) | "
+        print(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_gb']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gb']:.2f} ({r['estimate_peak_gb']:.2f}) | "
               f"{r['read_gb']:.2f} ({r['disk_read_gb']:.2f}) | {r['written_gb']:.2f} | {r['compute_floor_s']:.1f} | {r['io_floor_s']:.1f} | {r['ratio']:.1f} | {stages} |")
     if len(rows) >= 2:
         x = np.log([r["params"] for r in rows])

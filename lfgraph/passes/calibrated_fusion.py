@@ -19,7 +19,11 @@ Every statistic is accumulated in float64 batch by batch (bounded memory: the Gr
 plus one hidden state per calibration token at the current depth). The ridge strength is
 chosen on a held-out part of the calibration windows from a grid of strengths relative to
 ``trace(G) / dim`` (so the grid means the same for any amount of data), then the fit is
-redone on all windows. ``lam -> infinity`` gives back ``W0``.
+redone on all windows. ``lam -> infinity`` gives back ``W0``. The held-out part is kept as
+rows while it has fewer tokens than the projection has inputs; the grid is searched by a
+golden-section walk (4-5 of 9 factorisations; the whole grid when the losses seen are not
+unimodal); each factorisation is done in place in one work buffer, so a fit holds two
+``in x in`` float64 matrices (the Gram matrix and that buffer).
 
 Each run is fitted on the hidden states of the model as already compressed below it, so
 later fits see (and can absorb) the error of earlier ones. The other blocks of each run are
@@ -91,36 +95,107 @@ REFITS = ("full", "map")
 @dataclass
 class RidgeStats:
     """Weighted sufficient statistics of a least-squares problem ``W z ≈ y``:
-    ``G = Σ w z zᵀ`` (in×in), ``C = Σ w y zᵀ`` (out×in), ``S = Σ w ‖y‖²``, ``n`` tokens."""
+    ``G = Σ w z zᵀ`` (in×in), ``C = Σ w y zᵀ`` (out×in), ``S = Σ w ‖y‖²``, ``n`` tokens.
 
-    G: torch.Tensor
-    C: torch.Tensor
+    Two forms: the Gram form (``G``, ``C``), or the rows themselves (``Z = √w z`` (n×in),
+    ``Y = √w y`` (n×out); ``G`` and ``C`` are ``None``), which is smaller while ``n <= in``
+    (a held-out set of a few hundred tokens against a down projection of thousands of inputs)
+    and turns itself into the Gram form when it would no longer be. With ``ref`` (a matrix
+    ``out×in``, the starting weights) ``ref_loss`` accumulates ``Σ w ‖ref z - y‖²`` batch by
+    batch, which costs a product per batch instead of an ``out×in×in`` one afterwards."""
+
+    G: torch.Tensor | None
+    C: torch.Tensor | None
     S: float = 0.0
     n: int = 0
+    Z: torch.Tensor | None = None
+    Y: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+    ref_loss: float = 0.0
 
     @classmethod
-    def zeros(cls, d_in: int, d_out: int) -> "RidgeStats":
-        return cls(torch.zeros(d_in, d_in, dtype=torch.float64), torch.zeros(d_out, d_in, dtype=torch.float64))
+    def zeros(cls, d_in: int, d_out: int, rows: bool = False, ref: torch.Tensor | None = None) -> "RidgeStats":
+        ref = None if ref is None else ref.double()
+        if rows:
+            return cls(None, None, Z=torch.zeros(0, d_in, dtype=torch.float64), Y=torch.zeros(0, d_out, dtype=torch.float64), ref=ref)
+        return cls(torch.zeros(d_in, d_in, dtype=torch.float64), torch.zeros(d_out, d_in, dtype=torch.float64), ref=ref)
+
+    @property
+    def is_rows(self) -> bool:
+        return self.G is None
 
     def add(self, z: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> None:
         """Accumulate tokens ``z (n, in)``, ``y (n, out)`` with weights ``w (n,)``."""
         z, y = z.double(), y.double()
+        if self.ref is not None:
+            r = z @ self.ref.T - y
+            self.ref_loss += float((r * r).sum(1).mul(1.0 if w is None else w.double()).sum())
+        if self.is_rows:
+            if w is not None:
+                sw = w.double().sqrt()[:, None]
+                z, y = z * sw, y * sw
+            self.Z, self.Y = torch.cat([self.Z, z]), torch.cat([self.Y, y])  # type: ignore[list-item]
+            self.S += float((y * y).sum())
+            self.n += z.shape[0]
+            self._compact()
+            return
         zw = z if w is None else z * w.double()[:, None]
-        self.G += zw.T @ z
-        self.C += y.T @ zw
+        self.G.addmm_(zw.T, z)  # type: ignore[union-attr]  # in place: no in×in temporary
+        self.C.addmm_(y.T, zw)  # type: ignore[union-attr]
         self.S += float(((y * y).sum(1) * (1.0 if w is None else w.double())).sum())
         self.n += z.shape[0]
 
+    def _compact(self) -> None:
+        """Rows form -> Gram form once there are more rows than inputs."""
+        if self.is_rows and self.Z.shape[0] > self.Z.shape[1]:  # type: ignore[union-attr]
+            self.G, self.C = self.gram()
+            self.Z = self.Y = None
+
+    def gram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G, C)`` (computed from the rows in the rows form)."""
+        if not self.is_rows:
+            return self.G, self.C  # type: ignore[return-value]
+        return self.Z.T @ self.Z, self.Y.T @ self.Z  # type: ignore[union-attr]
+
+    def absorb(self, other: "RidgeStats") -> "RidgeStats":
+        """Add ``other``'s statistics into these, in place (no new in×in matrix when
+        ``other`` is in the rows form); returns ``self``."""
+        if self.is_rows and other.is_rows:
+            self.Z, self.Y = torch.cat([self.Z, other.Z]), torch.cat([self.Y, other.Y])  # type: ignore[list-item]
+        else:
+            if self.is_rows:
+                self.G, self.C = self.gram()
+                self.Z = self.Y = None
+            if other.is_rows:
+                self.G.addmm_(other.Z.T, other.Z)  # type: ignore[union-attr]
+                self.C.addmm_(other.Y.T, other.Z)  # type: ignore[union-attr]
+            else:
+                self.G += other.G  # type: ignore[operator]
+                self.C += other.C  # type: ignore[operator]
+        self.S += other.S
+        self.n += other.n
+        self.ref_loss += other.ref_loss
+        self._compact()
+        return self
+
+    def copy(self) -> "RidgeStats":
+        c = lambda t: None if t is None else t.clone()  # noqa: E731
+        return RidgeStats(c(self.G), c(self.C), self.S, self.n, c(self.Z), c(self.Y), self.ref, self.ref_loss)
+
     def __add__(self, other: "RidgeStats") -> "RidgeStats":
-        return RidgeStats(self.G + other.G, self.C + other.C, self.S + other.S, self.n + other.n)
+        return self.copy().absorb(other)
 
     def scale(self) -> float:
         """``trace(G) / dim``: the unit in which ridge strengths are given."""
-        return max(float(torch.diagonal(self.G).mean()), 1e-30)
+        diag = (self.Z * self.Z).sum(0) if self.is_rows else torch.diagonal(self.G)  # type: ignore[operator, arg-type]
+        return max(float(diag.mean()), 1e-30)
 
     def loss(self, W: torch.Tensor) -> float:
         """``Σ w ‖W z - y‖²`` from the statistics alone."""
         W = W.double()
+        if self.is_rows:
+            r = self.Z @ W.T - self.Y  # type: ignore[operator]
+            return float((r * r).sum())
         return float((W @ self.G * W).sum() - 2.0 * (W * self.C).sum() + self.S)
 
 
@@ -128,33 +203,149 @@ def map_stats(stats: RidgeStats, W0: torch.Tensor) -> RidgeStats:
     """The statistics of the problem ``M a ≈ y`` with ``a = W0 z`` (a refit ``W = M W0`` that
     only mixes the projection's outputs): ``G' = W0 G W0ᵀ``, ``C' = C W0ᵀ``."""
     W0 = W0.double()
+    if stats.is_rows:
+        out = RidgeStats(None, None, stats.S, stats.n, stats.Z @ W0.T, stats.Y)  # type: ignore[operator]
+        out._compact()
+        return out
     return RidgeStats(W0 @ stats.G @ W0.T, stats.C @ W0.T, stats.S, stats.n)
 
 
-def ridge_solve(stats: RidgeStats, W0: torch.Tensor, strength: float) -> torch.Tensor:
+def _factor_shifted(G: torch.Tensor, lam: float, work: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of ``G + lam I`` (C order), computed in ``work``
+    (overwritten: the shifted matrix and then its factor share this one buffer). LAPACK's
+    ``potrf`` through scipy factors it in place: the C-ordered symmetric matrix is read as the
+    same matrix in Fortran order, upper triangle, and ``Uᵀ U`` in Fortran order is ``L Lᵀ``
+    in C order. (``torch.linalg.cholesky_ex(out=work)`` is faster here (MKL) but measured one
+    more transient ``in x in`` copy.) ``None`` when the matrix is not positive definite;
+    ``work`` then holds ``G + lam I``."""
+    from scipy.linalg import LinAlgError, cho_factor
+
+    work.copy_(G)
+    work.diagonal().add_(lam)
+    try:
+        cho_factor(work.numpy().T, lower=False, overwrite_a=True, check_finite=False)
+    except LinAlgError:
+        work.copy_(G)
+        work.diagonal().add_(lam)
+        return None
+    return work
+
+
+def _cho_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``A^-1 rhs`` given ``A``'s lower Cholesky factor ``L`` (C order) and ``rhs (in, k)``
+    stored as the transpose of a C-ordered ``(k, in)`` matrix, solved in place (the result
+    shares ``rhs``'s memory). LAPACK's ``potrs`` through scipy reads ``L``'s memory as the
+    Fortran-ordered ``Lᵀ``: no copy of the factor (``torch.cholesky_solve`` makes one, a
+    third ``in x in`` matrix)."""
+    from scipy.linalg import cho_solve
+
+    b = rhs.contiguous() if not rhs.T.is_contiguous() else rhs
+    return torch.from_numpy(cho_solve((factor.numpy().T, False), b.numpy(), overwrite_b=True, check_finite=False))
+
+
+def ridge_solve(stats: RidgeStats, W0: torch.Tensor, strength: float, work: torch.Tensor | None = None) -> torch.Tensor:
     """``argmin_W Σ w ‖W z - y‖² + lam ‖W - W0‖²`` with ``lam = strength * stats.scale()``.
 
     Returns float64 ``(out, in)``. ``strength -> inf`` gives ``W0``; ``strength -> 0`` the
-    ordinary least-squares fit (when ``G`` is invertible).
+    ordinary least-squares fit (when ``G`` is invertible). ``work`` (``in x in`` float64) is
+    overwritten; without it one is allocated: the solve holds ``G``, that one buffer (the
+    shifted matrix, then its factor) and one ``out x in`` matrix (``C + lam W0``, then the
+    solution).
     """
     lam = strength * stats.scale()
+    G, C = stats.gram()
+    work = torch.empty_like(G) if work is None else work
+    B = torch.add(C, W0.double(), alpha=lam)
+    # G + lam I is symmetric positive definite for lam > 0: Cholesky is exact and cheap
+    factor = _factor_shifted(G, lam, work)
+    if factor is None:
+        return torch.linalg.lstsq(work, B.T).solution.T
+    return _cho_solve(factor, B.T).T
+
+
+def _solution_loss(stats: RidgeStats, W0: torch.Tensor, W: torch.Tensor, strength: float) -> float:
+    """``stats.loss(W)`` for ``W = ridge_solve(stats, W0, strength)`` in ``O(out x in)``: the
+    solution satisfies ``W G = C + lam (W0 - W)``, so ``tr(W G Wᵀ) = <C, W> + lam <W0 - W, W>``
+    and the loss is ``S - <C, W> + lam <W0 - W, W>`` (no ``out x in x in`` product)."""
+    if stats.is_rows:
+        return stats.loss(W)
+    lam = strength * stats.scale()
     W0 = W0.double()
-    A = stats.G + lam * torch.eye(stats.G.shape[0], dtype=torch.float64)
-    B = stats.C + lam * W0
-    # A is symmetric positive definite for lam > 0: Cholesky is exact and cheap
-    try:
-        L = torch.linalg.cholesky(A)
-        return torch.cholesky_solve(B.T, L).T
-    except RuntimeError:
-        return torch.linalg.lstsq(A, B.T).solution.T
+    return max(0.0, float(stats.S - (stats.C * W).sum() + lam * ((W0 - W) * W).sum()))  # type: ignore[operator]
 
 
-def choose_strength(fit: RidgeStats, val: RidgeStats | None, W0: torch.Tensor, strengths: Sequence[float]) -> tuple[float, dict[float, float]]:
+def _heldout_loss(fit: RidgeStats, G: torch.Tensor, C: torch.Tensor, val: RidgeStats, W0: torch.Tensor, strength: float,
+                  work: torch.Tensor) -> float:
+    """``val.loss(ridge_solve(fit, W0, strength))`` without forming the solution when ``val``
+    holds rows: ``W Zvᵀ = (C + lam W0) (G + lam I)^-1 Zvᵀ`` costs one factorisation and a
+    solve with ``n_val`` right-hand sides instead of ``out``, and no ``out x in x in``
+    product for the loss."""
+    if not val.is_rows:
+        return val.loss(ridge_solve(fit, W0, strength, work))
+    lam = strength * fit.scale()
+    factor = _factor_shifted(G, lam, work)
+    if factor is None:
+        return val.loss(torch.linalg.lstsq(work, torch.add(C, W0.double(), alpha=lam).T).solution.T)
+    X = _cho_solve(factor, val.Z.clone().T)  # type: ignore[union-attr]  # (in, n_val)
+    pred = torch.add(C, W0.double(), alpha=lam) @ X  # (out, n_val) = W Zvᵀ
+    r = pred.T - val.Y  # type: ignore[operator]
+    return float((r * r).sum())
+
+
+#: How :func:`choose_strength` searches the grid: ``golden`` a golden-section walk over the
+#: sorted strengths (the full grid when the losses it sees are not unimodal), ``grid`` all.
+STRENGTH_SEARCHES = ("golden", "grid")
+
+
+def choose_strength(fit: RidgeStats, val: RidgeStats | None, W0: torch.Tensor, strengths: Sequence[float],
+                    search: str = "golden", work: torch.Tensor | None = None) -> tuple[float, dict[float, float]]:
     """The strength of ``strengths`` with the lowest held-out loss (fit on ``fit``, scored on
-    ``val``); with no held-out statistics or a single strength, the first one."""
+    ``val``); with no held-out statistics or a single strength, the first one. Returns it
+    and the held-out losses of the strengths evaluated.
+
+    ``search="golden"``: a golden-section search over the strengths sorted by value, which
+    finds the grid's minimum with about 5 of 9 factorisations when the held-out loss is
+    unimodal over the grid. It checks that the losses it evaluated are unimodal (falling,
+    then rising, in the order of the strengths) and evaluates the rest of the grid when
+    they are not, so the answer is the full grid's whenever the curve's shape is visible in
+    the points evaluated. ``grid``: every strength.
+    """
+    if search not in STRENGTH_SEARCHES:
+        raise LfgraphError(f"unknown strength search {search!r}: choose one of {', '.join(STRENGTH_SEARCHES)}")
     if val is None or val.n == 0 or len(strengths) == 1:
         return float(strengths[0]), {}
-    losses = {float(s): val.loss(ridge_solve(fit, W0, s)) for s in strengths}
+    G, C = fit.gram()
+    work = torch.empty_like(G) if work is None else work
+    order = sorted({float(s) for s in strengths})
+    losses: dict[float, float] = {}
+
+    def f(i: int) -> float:
+        s = order[i]
+        if s not in losses:
+            losses[s] = _heldout_loss(fit, G, C, val, W0, s, work)
+        return losses[s]
+
+    if search == "grid" or len(order) < 4:
+        for i in range(len(order)):
+            f(i)
+    else:
+        lo, hi = 0, len(order) - 1
+        step = lambda a, b: max(1, round((b - a) * 0.381966))  # noqa: E731  # 1 - 1/golden ratio
+        while hi - lo > 2:
+            m1, m2 = lo + step(lo, hi), hi - step(lo, hi)
+            if m1 >= m2:
+                m1, m2 = (lo + hi) // 2, (lo + hi) // 2 + 1
+            if f(m1) <= f(m2):
+                hi = m2
+            else:
+                lo = m1
+        for i in range(lo, hi + 1):
+            f(i)
+        seen = [losses[s] for s in order if s in losses]
+        k = seen.index(min(seen))
+        if any(a < b for a, b in zip(seen[:k], seen[1:k + 1])) or any(a > b for a, b in zip(seen[k:], seen[k + 1:])):
+            for i in range(len(order)):  # not unimodal where it was looked at: the whole grid
+                f(i)
     return min(losses, key=lambda s: (losses[s], -s)), losses
 
 
@@ -613,7 +804,7 @@ def _fit_transformer_run(
     if attn_name:
         proj = block.get_submodule(attn_name)
         W0 = _proj_matrix(proj)
-        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0])
+        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0], ref=W0), RidgeStats.zeros(W0.shape[1], W0.shape[0], rows=True, ref=W0)
         for k, b in enumerate(state):
             cap = _Capture(proj)
             try:
@@ -627,7 +818,7 @@ def _fit_transformer_run(
 
     mlp = _Projection(block, mlp_name, experts)
     W0 = mlp.matrix()
-    fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0])
+    fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0], ref=W0), RidgeStats.zeros(W0.shape[1], W0.shape[0], rows=True, ref=W0)
     state_energy = 0.0
     for k, b in enumerate(state):
         z, y = _mlp_problem(block, mlp, W0, b, run_out[k], form)
@@ -735,7 +926,7 @@ def _best_keep(
     for c in candidates:
         proj = _Projection(stack[c], mlp_name, experts)
         W0 = proj.matrix()
-        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0])
+        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0], rows=True)
         for k, b in enumerate(state):
             z, y = _mlp_problem(stack[c], proj, W0, b, run_out[k], form)
             (val if b.val else fit).add(z, y, weights(k))
@@ -753,17 +944,25 @@ def _apply_fit(
     cpath: str, spec: _RunSpec, proj_name: str, goal: str, seconds: float | None = None, state_energy: float | None = None,
     refit: str = "full",
 ) -> None:
-    everything = fit + val
+    # memory: the fit's Gram matrix and one work buffer of its size (the shifted matrix, then
+    # its factor); the held-out statistics are added into the fit's in place for the final solve
     if refit == "map":
         # fit M (out x out) on a = W0 z, pulled towards the identity; the projection gets M W0
         eye = torch.eye(W0.shape[0], dtype=torch.float64)
         fit_m, val_m = map_stats(fit, W0), map_stats(val, W0)
         strength, losses = choose_strength(fit_m, val_m, eye, strengths)
-        W = ridge_solve(fit_m + val_m, eye, strength) @ W0.double()
+        W = ridge_solve(fit_m.absorb(val_m), eye, strength) @ W0.double()
+        del fit_m, val_m
+        everything = fit.absorb(val)
+        after = everything.loss(W)
     else:
-        strength, losses = choose_strength(fit, val, W0, strengths)
-        W = ridge_solve(everything, W0, strength)
-    before, after = everything.loss(W0), everything.loss(W)
+        work = torch.empty_like(fit.gram()[0])
+        strength, losses = choose_strength(fit, val, W0, strengths, work=work)
+        everything = fit.absorb(val)
+        W = ridge_solve(everything, W0, strength, work)
+        del work
+        after = _solution_loss(everything, W0, W, strength)
+    before = everything.ref_loss if everything.ref is not None else everything.loss(W0)
     proj.set(W)
     rec = {
         "strength": strength,
@@ -873,7 +1072,7 @@ def _fit_conv_run(
         cache.append((u, goal, b.x))
     W, strength, losses = W0, None, {}
     for _ in range(iterations if relu_mode else 1):
-        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0])
+        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0], rows=True)
         for b, (u, goal, x) in zip(state, cache):
             z = _patches(block.conv2, u)
             xt = x.permute(0, 2, 3, 1).reshape(-1, W0.shape[0])

@@ -6,14 +6,18 @@ the calibration tokens and the fingerprint's pieces of tensors; and the block pa
 float32 (two while a run is refitted), the block's stored bytes (mapped while it is read),
 the hidden states of every calibration token (two copies for Block Influence, ``n + 2``
 for angular runs of ``n``, three while refitting), one batch's transient activations, and
-for the ``calibrated`` rule the float64 Gram matrices of the refit (the fit, held-out and
-summed statistics, the shifted matrix and its Cholesky factor: five ``in x in`` copies for
-a down projection of ``in`` inputs) and the refitted tensors kept until written.
+for the ``calibrated`` rule the float64 statistics of the refit (two ``in x in`` matrices for a
+down projection of ``in`` inputs: the fit's Gram matrix, into which the held-out part is
+added in place for the final solve, and one work buffer holding the shifted matrix and then
+its Cholesky factor; the held-out tokens as rows, ``n_val x (in + out)``, while fewer than
+``in``; a few ``out x in`` matrices) and the refitted tensors kept until written.
 
 Time is floating-point work divided by matrix-multiply rates measured here in a fraction of
 a second: the calibration forward passes (``2 x block parameters x tokens`` per block pass,
-plus attention), and for ``calibrated`` the refit's float64 work (Gram accumulation, one
-Cholesky factorisation and solve per ridge strength tried plus the final one).
+plus attention), and for ``calibrated`` the refit's float64 work (Gram accumulation; per
+ridge strength tried, :data:`STRENGTHS_TRIED` of the grid by the golden-section search, one
+Cholesky factorisation and a solve against the held-out rows; the final factorisation and
+solve with ``out`` right-hand sides).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ RUNTIME_BYTES = 600 << 20
 BATCH = 4
 
 GB = 1 << 30
+#: Ridge strengths the golden-section search of ``choose_strength`` evaluates on the
+#: 9-strength grid when the held-out loss is unimodal (4 or 5; all 9 when it is not).
+STRENGTHS_TRIED = 5
+#: Fraction of the calibration windows held out to choose the strength (as the refit splits them).
+VAL_FRACTION = 0.25
 
 
 @dataclass
@@ -119,7 +128,9 @@ def estimate(
     }
     if calibrated:
         d_in = inter + 1
-        parts["refit Gram matrices (float64)"] = 5 * d_in * d_in * 8 + 4 * h * d_in * 8
+        n_val = min(max(1, round(windows * VAL_FRACTION)) * seq_len, d_in)
+        # fit Gram + work buffer; C, C + lam W0, the solution, W0; held-out rows and their solve
+        parts["refit Gram matrices (float64)"] = 2 * d_in * d_in * 8 + 4 * h * d_in * 8 + n_val * (2 * d_in + h) * 8
         parts["refitted tensors"] = runs * h * inter * DTYPES[embed.dtype if embed else "F32"].itemsize
     block_phase = sum(v for k, v in parts.items() if k != "runtime")
     est = Estimate(parts=parts)
@@ -129,8 +140,10 @@ def estimate(
     est.forward_flops = float(per_pass * passes)
     if calibrated:
         d_in = inter + 1
-        solves = len(DEFAULT_LAMBDAS) + 1
-        est.refit_flops = float(runs * (2 * tokens * d_in * d_in + solves * (d_in**3 / 3 + 2 * d_in * d_in * h)))
+        n_val = min(max(1, round(windows * VAL_FRACTION)) * seq_len, d_in)
+        tried = min(STRENGTHS_TRIED, len(DEFAULT_LAMBDAS))
+        search = tried * (d_in**3 / 3 + 2 * d_in * d_in * n_val + 2 * h * d_in * n_val)
+        est.refit_flops = float(runs * (2 * tokens * d_in * d_in + search + d_in**3 / 3 + 2 * d_in * d_in * h))
     est.rates = dict(rates) if rates else {"float32": matmul_rate(torch.float32), "float64": matmul_rate(torch.float64) if calibrated else 0.0}
     est.seconds = est.forward_flops / est.rates["float32"] + (est.refit_flops / est.rates["float64"] if calibrated else 0.0)
     kept_fraction = (L - n_drop) / L

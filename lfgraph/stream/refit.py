@@ -12,7 +12,8 @@ So the refitted projections are the in-memory path's, bit for bit on the same ma
 
 Memory: the hidden state of every calibration token three times (the frontier, the run's
 running output, the run's output for the fit), one block being run plus the kept block,
-and the fit's float64 Gram matrices (several ``in x in`` copies while a strength is chosen).
+and the fit's float64 statistics (two ``in x in`` matrices: the fit's Gram matrix and one work
+buffer for the shifted matrix and its factor; the held-out tokens as rows).
 """
 
 from __future__ import annotations

@@ -368,3 +368,87 @@ def test_block_distillation_trains_every_block_and_nothing_outside_the_stack() -
     (rec,) = [r for r in out.log.records if r.action == "distill"]
     assert rec.detail["trainable"] == "blocks" and rec.detail["kl_best"] < rec.detail["kl_start"]
     assert DistillSettings(trainable="blocks").learning_rate == DEFAULT_LR["blocks"] < DistillSettings().learning_rate
+
+
+def _ridge_problem(d: int = 120, o: int = 16, n: int = 90, nv: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.1
+    W0 = torch.randn(o, d, generator=g, dtype=torch.float64) * 0.1
+    T = torch.randn(d, o, generator=g, dtype=torch.float64) * 0.1
+    Z, Zv = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix, torch.randn(nv, d, generator=g, dtype=torch.float64) @ mix
+    Y, Yv = Z @ T + torch.randn(n, o, generator=g, dtype=torch.float64), Zv @ T + torch.randn(nv, o, generator=g, dtype=torch.float64)
+    w, wv = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(nv, generator=g, dtype=torch.float64)
+    return W0, (Z, Y, w), (Zv, Yv, wv)
+
+
+def test_ridge_solve_and_heldout_rows_equal_the_gram_formula() -> None:
+    """The in-place solve, the held-out set kept as rows, the in-place sum of the statistics
+    and the golden-section strength search give what the textbook formulas give:
+    ``W = (C + lam W0)(G + lam I)^-1`` with explicit Gram matrices, every strength tried."""
+    from lfgraph.passes.calibrated_fusion import DEFAULT_LAMBDAS, _solution_loss, choose_strength
+
+    W0, (Z, Y, w), (Zv, Yv, wv) = _ridge_problem()
+    fit, val = RidgeStats.zeros(Z.shape[1], Y.shape[1], ref=W0), RidgeStats.zeros(Z.shape[1], Y.shape[1], rows=True, ref=W0)
+    fit.add(Z, Y, w)
+    val.add(Zv, Yv, wv)
+    assert val.is_rows and not fit.is_rows
+    G, C = (Z * w[:, None]).T @ Z, Y.T @ (Z * w[:, None])
+    Gv, Cv, Sv = (Zv * wv[:, None]).T @ Zv, Yv.T @ (Zv * wv[:, None]), float(((Yv * Yv).sum(1) * wv).sum())
+    scale = float(G.diagonal().mean())
+
+    def textbook(G: torch.Tensor, C: torch.Tensor, s: float) -> torch.Tensor:
+        lam = s * scale if G is not None else s
+        return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), (C + lam * W0).T).T
+
+    losses = {}
+    for s in DEFAULT_LAMBDAS:
+        W = textbook(G, C, s)
+        torch.testing.assert_close(ridge_solve(fit, W0, s), W, rtol=1e-10, atol=1e-12)
+        losses[s] = float((W @ Gv * W).sum() - 2 * (W * Cv).sum() + Sv)
+    best = min(losses, key=lambda s: (losses[s], -s))
+    for search in ("grid", "golden"):
+        s, seen = choose_strength(fit, val, W0, DEFAULT_LAMBDAS, search=search)
+        assert s == best
+        for k, v in seen.items():
+            assert v == pytest.approx(losses[k], rel=1e-10)
+    assert len(choose_strength(fit, val, W0, DEFAULT_LAMBDAS)[1]) < len(DEFAULT_LAMBDAS)
+    # the final fit on everything: held-out rows added into the fit's Gram matrix in place
+    G_all, C_all = G + Gv, C + Cv
+    everything = fit.absorb(val)
+    assert everything.G.data_ptr() == fit.G.data_ptr()
+    torch.testing.assert_close(everything.G, G_all, rtol=1e-12, atol=1e-12)
+    scale = float(G_all.diagonal().mean())
+    W = ridge_solve(everything, W0, best)
+    torch.testing.assert_close(W, textbook(G_all, C_all, best), rtol=1e-10, atol=1e-12)
+    S_all = float(((Y * Y).sum(1) * w).sum()) + Sv
+    full_loss = float((W @ G_all * W).sum() - 2 * (W * C_all).sum() + S_all)
+    assert _solution_loss(everything, W0, W, best) == pytest.approx(full_loss, rel=1e-9)
+    assert everything.ref_loss == pytest.approx(float((W0 @ G_all * W0).sum() - 2 * (W0 * C_all).sum() + S_all), rel=1e-10)
+
+
+def test_golden_search_falls_back_to_the_grid_when_not_unimodal() -> None:
+    """A held-out loss with dips over the grid: where the points the walk evaluates are not
+    falling-then-rising it tries every strength, so it returns the full grid's choice. (A
+    bump that falls between the points it evaluates is not seen: the walk is exact for
+    unimodal curves only.)"""
+    from lfgraph.passes import calibrated_fusion as cf
+
+    curve = {1e-3: 1.0, 3e-3: 5.0, 1e-2: 4.0, 3e-2: 3.0, 1e-1: 3.5, 3e-1: 2.5, 1.0: 2.8, 3.0: 4.0, 10.0: 5.0}
+    original = cf._heldout_loss
+    cf._heldout_loss = lambda fit, G, C, val, W0, s, work: curve[s]  # type: ignore[assignment]
+    try:
+        stats = RidgeStats.zeros(3, 2)
+        val = RidgeStats.zeros(3, 2, rows=True)
+        val.add(torch.randn(2, 3), torch.randn(2, 2))
+        s, seen = cf.choose_strength(stats, val, torch.zeros(2, 3), cf.DEFAULT_LAMBDAS)
+    finally:
+        cf._heldout_loss = original
+    assert s == 1e-3 and len(seen) == len(curve)
+
+
+def test_rows_turn_into_a_gram_matrix_when_larger() -> None:
+    stats = RidgeStats.zeros(5, 2, rows=True)
+    stats.add(torch.randn(4, 5), torch.randn(4, 2))
+    assert stats.is_rows
+    stats.add(torch.randn(3, 5), torch.randn(3, 2))
+    assert not stats.is_rows and stats.n == 7 and stats.G.shape == (5, 5)
