@@ -10,7 +10,10 @@ same capacity (one ``d x d`` matrix per fused run, nothing else trains): logit K
 original model, a held-out part of the calibration windows for early stopping (the best
 state is kept, so the result is never worse on those windows than the closed-form start).
 The loop is healing's (:func:`lfgraph.retrain.heal`: warm-up and cosine schedule, clipping,
-progress bar), with every parameter frozen except the trained ones.
+progress bar), with every parameter frozen except the trained ones. What does not train is
+computed once per window instead of at every step (``cache_frozen``,
+:mod:`lfgraph.retrain.frozen`): the teacher's logits, and the student's blocks below the
+lowest trained one, so that a step runs only the blocks from the first cut up.
 
 ``trainable="neighbors"`` (the default) trains more than ReplaceMe's capacity: every
 parameter of the block that holds each map and of the block right after it (the first
@@ -195,8 +198,10 @@ def distill_maps(
     ``blocks`` trains too (blocks of ``student`` that the caller picks for the set: for
     ``neighbors`` each cut's kept block and the block after it, for ``blocks`` every
     surviving block; :func:`lfgraph.passes.calibrated_fusion.blocks_to_train`). Returns the
-    healing curve (``heal``'s ``curve()``) plus ``kl_start``/``kl_best`` on the held-out
-    windows."""
+    healing curve (``heal``'s ``curve()``; its ``seconds`` are the training loop's, held-out
+    evaluation excluded) plus ``kl_start``/``kl_best`` on the held-out windows,
+    ``sampling_seconds``, ``cache_seconds`` and what was cached (``teacher_cache``:
+    ``logits``, ``head input`` or ``none``; ``frozen_blocks``: the blocks skipped per step)."""
     from ..retrain.heal import HealConfig
 
     s = settings or DistillSettings()
