@@ -688,7 +688,8 @@ def calibrated_merge(
         log.add(PASS_NAME, "distill", cpath, [r.target for r in log.records if r.action == "refit"],
                 steps=curve["steps"], best_step=curve["best_step"], kl_start=curve.get("kl_start"), kl_best=curve.get("kl_best"),
                 seconds=round(curve["seconds"], 3), trainable_params=curve["trainable_params"], sampled_windows=curve["sampled_windows"],
-                trainable=distill.trainable)
+                trainable=distill.trainable, sampling_seconds=round(curve["sampling_seconds"], 3),
+                cache_seconds=round(curve["cache_seconds"], 3), teacher_cache=curve["teacher_cache"], frozen_blocks=curve["frozen_blocks"])
         model.eval()
     for s in specs:
         for i in s.index:

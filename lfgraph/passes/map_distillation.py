@@ -10,7 +10,10 @@ same capacity (one ``d x d`` matrix per fused run, nothing else trains): logit K
 original model, a held-out part of the calibration windows for early stopping (the best
 state is kept, so the result is never worse on those windows than the closed-form start).
 The loop is healing's (:func:`lfgraph.retrain.heal`: warm-up and cosine schedule, clipping,
-progress bar), with every parameter frozen except the trained ones.
+progress bar), with every parameter frozen except the trained ones. What does not train is
+computed once per window instead of at every step (``cache_frozen``,
+:mod:`lfgraph.retrain.frozen`): the teacher's logits, and the student's blocks below the
+lowest trained one, so that a step runs only the blocks from the first cut up.
 
 ``trainable="neighbors"`` (the default) trains more than ReplaceMe's capacity: every
 parameter of the block that holds each map and of the block right after it (the first
@@ -29,6 +32,8 @@ modified; every parameter's ``requires_grad`` flag is restored.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -81,10 +86,14 @@ class DistillSettings:
     sampled_windows: int = DEFAULT_SAMPLED_WINDOWS
     prompt_tokens: int = 16
     top_p: float = 0.95
+    #: compute what does not train once (:mod:`lfgraph.retrain.frozen`): the teacher's
+    #: logits, and the student's blocks below the lowest trained one. Off: heal runs both
+    #: models whole at every step (the same result up to float reassociation, slower).
+    cache_frozen: bool = True
     #: ``maps``: only the maps (ReplaceMe's capacity); ``neighbors``: also every parameter of
     #: the block holding each map and of the block after it; ``blocks``: also every block.
     trainable: str = DEFAULT_TRAINABLE
-    extra: dict[str, Any] = field(default_factory=dict)  # further HealConfig fields
+    extra: dict[str, Any] = field(default_factory=dict)  # further HealConfig fields (override the above)
 
     @property
     def learning_rate(self) -> float:
@@ -189,9 +198,11 @@ def distill_maps(
     ``blocks`` trains too (blocks of ``student`` that the caller picks for the set: for
     ``neighbors`` each cut's kept block and the block after it, for ``blocks`` every
     surviving block; :func:`lfgraph.passes.calibrated_fusion.blocks_to_train`). Returns the
-    healing curve (``heal``'s ``curve()``) plus ``kl_start``/``kl_best`` on the held-out
-    windows."""
-    from ..retrain.heal import HealConfig, heal
+    healing curve (``heal``'s ``curve()``; its ``seconds`` are the training loop's, held-out
+    evaluation excluded) plus ``kl_start``/``kl_best`` on the held-out windows,
+    ``sampling_seconds``, ``cache_seconds`` and what was cached (``teacher_cache``:
+    ``logits``, ``head input`` or ``none``; ``frozen_blocks``: the blocks skipped per step)."""
+    from ..retrain.heal import HealConfig
 
     s = settings or DistillSettings()
     if not projections:
@@ -203,11 +214,13 @@ def distill_maps(
         raise LfgraphError(f"distilling with trainable={s.trainable!r} needs the blocks that train: pass blocks, or use trainable='maps'")
     blocks = list(blocks) if s.trainable != "maps" else []
     sampled = 0
+    t0 = time.perf_counter()
     if s.sampled_windows > 0 and train.shape[1] >= 2 and _generator(teacher) is not None:
         # short windows: the prompt is at most half of one, so that something is sampled
         prompt = max(1, min(s.prompt_tokens, int(train.shape[1]) // 2))
         extra = sample_windows(teacher, train, s.sampled_windows, prompt, s.top_p, s.seed, progress=s.progress)
         train, sampled = torch.cat([train, extra]), int(extra.shape[0])
+    sampling_seconds = time.perf_counter() - t0
     # heal trains on the GPU when there is one; both models go back to where they were
     devices = {id(m): _device_of(m) for m in (student, teacher)}
     flags = {id(p): p.requires_grad for p in student.parameters()}
@@ -222,13 +235,13 @@ def distill_maps(
             d, transposed = _out_features(m)
             parametrize.register_parametrization(m, "weight", OutputMap(d, transposed, m.weight.dtype))
             maps.append(m.parametrizations.weight[0].M)
-        config = HealConfig(
-            steps=s.steps, lr=s.learning_rate, batch_size=s.batch_size, objective="distill", temperature=s.temperature,
-            trainable="all", eval_data=val, eval_every=s.eval_every, keep_best=True, eval_at_start=True, seed=s.seed, progress=s.progress,
-            desc="distil maps" + TRAINED_WITH_THE_MAPS[s.trainable], **({"strategy": "none"} | s.extra),
-        )
+        config = HealConfig(**({
+            "steps": s.steps, "lr": s.learning_rate, "batch_size": s.batch_size, "objective": "distill", "temperature": s.temperature,
+            "trainable": "all", "eval_data": val, "eval_every": s.eval_every, "keep_best": True, "eval_at_start": True, "seed": s.seed,
+            "progress": s.progress, "desc": "distil maps" + TRAINED_WITH_THE_MAPS[s.trainable], "strategy": "none",
+        } | s.extra))
         with torch.enable_grad():  # callers (the method interface) may run under no_grad
-            result = heal(student, teacher, train, config)
+            result, cached = _heal_cached(student, teacher, train, val, config, s)
     finally:
         for m in projections:
             if parametrize.is_parametrized(m, "weight"):
@@ -240,7 +253,40 @@ def distill_maps(
                 m.to(devices[id(m)])
     curve = result.curve()
     curve["sampled_windows"] = sampled
+    curve["sampling_seconds"] = sampling_seconds
+    curve.update(cached)
     if result.evals:
         curve["kl_start"] = float(result.evals[0][1])
         curve["kl_best"] = float(min(e[1] for e in result.evals))
     return curve
+
+
+def _heal_cached(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: torch.Tensor, config: Any,
+                 s: DistillSettings) -> tuple[Any, dict[str, Any]]:
+    """``heal(student, teacher, train, config)`` with, under ``s.cache_frozen``, the teacher
+    replaced by its cached logits and the student's frozen lower blocks by their cached
+    output (:mod:`lfgraph.retrain.frozen`): the same loop, batches and loss, without
+    recomputing at every step what does not train. Expects the trainable flags set and the
+    maps installed. Returns heal's result and what was cached (for the record)."""
+    from ..retrain.frozen import FrozenPrefix, TeacherCache, first_trained_block
+    from ..retrain.heal import heal
+
+    info: dict[str, Any] = {"teacher_cache": "none", "frozen_blocks": 0, "cache_seconds": 0.0}
+    if not s.cache_frozen:
+        return heal(student, teacher, train, config), info
+    t0 = time.perf_counter()
+    # build where heal will train (the GPU when there is one)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    student.to(device)
+    teacher.to(device)
+    windows = torch.cat([train, val]).to(device)
+    # the cached passes run in batches of the calibration's size: more rows per matmul
+    build_batch = max(4, s.batch_size)
+    cached_teacher = TeacherCache.build(teacher, windows, build_batch)
+    found = first_trained_block(student)
+    prefix = FrozenPrefix.build(student, found[0], found[1], windows, build_batch) if found is not None else None
+    info.update(teacher_cache=cached_teacher.stores if cached_teacher is not None else "none",
+                frozen_blocks=prefix.first if prefix is not None else 0, cache_seconds=time.perf_counter() - t0)
+    with prefix.active() if prefix is not None else contextlib.nullcontext():
+        result = heal(prefix if prefix is not None else student, cached_teacher if cached_teacher is not None else teacher, train, config)
+    return result, info
