@@ -136,7 +136,7 @@ def run_child(code: Path, model: str, args: argparse.Namespace, env_extra: dict[
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model, "--steps", str(args.steps), "--sampled", str(args.sampled)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if out.returncode != 0:
-        raise SystemExit(f"{model} with {code} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{model} with {code} failed (exit status {out.returncode}; negative: killed by that signal):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
