@@ -103,7 +103,12 @@ def child(args: argparse.Namespace) -> None:
     picked = blocks_to_train(list(range(n)), [r[0] for r in runs], runs, "neighbors")
     stack = student.get_submodule(stack_path)
     blocks = [stack[alive.index(i)] for i in picked]
-    projections = [student.get_submodule(r.target) for r in closed.log.records if r.action == "refit"]
+    # refit records name blocks by their index before the absorbed ones were removed
+    projections = []
+    for r in closed.log.records:
+        if r.action == "refit":
+            index, proj = r.target[len(stack_path) + 1 :].split(".", 1)
+            projections.append(stack[alive.index(int(index))].get_submodule(proj))
     first = min(alive.index(i) for i in picked)
     settings = DistillSettings(steps=args.steps, sampled_windows=args.sampled)
     rate0 = matmul_rate()
@@ -136,7 +141,7 @@ def run_child(code: Path, model: str, args: argparse.Namespace, env_extra: dict[
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model, "--steps", str(args.steps), "--sampled", str(args.sampled)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if out.returncode != 0:
-        raise SystemExit(f"{model} with {code} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{model} with {code} failed (exit status {out.returncode}; negative: killed by that signal):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
