@@ -338,7 +338,8 @@ def compress(
         folder_out = out.suffix != ".onnx"
         inputs = [spec if isinstance(spec, (str, os.PathLike)) else None, plan if isinstance(plan, (str, os.PathLike)) else None,
                   calibration_text, calibration_tokens]
-        heal_dir = (heal_options or {}).get("checkpoint_dir") if heal_steps else None
+        # a checkpoint folder resumed from is an input; otherwise it is an output like -o
+        heal_dir = (heal_options or {}).get("checkpoint_dir") if heal_steps and not (heal_options or {}).get("resume") else None
         check_outputs({"-o": out, "the output of a failed check": failed_path(out), "--log": log_path, "--report": report_path,
                        "--heal-checkpoint-dir": heal_dir},
                       inputs, overwrite, folders=(("-o", "the output of a failed check") if folder_out else ()) + ("--heal-checkpoint-dir",))

@@ -478,3 +478,14 @@ def test_an_output_reached_through_a_link_into_the_input_is_refused(model_copy, 
     before = _digest(model_copy)
     _one_line(capsys, main(["compress", str(model_copy), "-o", str(link / "small"), *FAST]), "inside the input")
     assert _digest(model_copy) == before
+
+
+def test_a_checkpoint_folder_resumed_from_is_an_input(tiny_llama_folder, tmp_path, capsys):
+    """A run killed right after its first checkpoint (before any marker, in older versions)
+    is resumed, never refused as a folder lfgraph did not write."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "heal-checkpoint.pt").write_bytes(b"not a checkpoint")
+    line = _one_line(capsys, main(["heal", str(tiny_llama_folder), "-o", str(tmp_path / "h"), "--steps", "2", "--seq-len", "32",
+                                   "--windows", "8", "--resume", "--checkpoint-dir", str(ck)]), "checkpoint")
+    assert "--overwrite" not in line and "cannot read the checkpoint" in line

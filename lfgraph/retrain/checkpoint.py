@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import LfgraphError
-from ..fileio import atomic_path, mark_folder
+from ..fileio import MARKER, atomic_path, mark_folder
 
 CHECKPOINT_NAME = "heal-checkpoint.pt"
 
@@ -46,9 +46,12 @@ def save(folder: str | Path, payload: dict[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(folder)
+    # the marker first: a checkpoint never exists without it, even when the writer is killed
+    # between the two (a later run may then resume or replace it without --overwrite)
+    if not (folder / MARKER).is_file():
+        mark_folder(folder)
     with atomic_path(target) as tmp:
         torch.save(payload, tmp)
-    mark_folder(folder)  # a later run may replace it without --overwrite
     return target
 
 

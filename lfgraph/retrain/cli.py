@@ -236,8 +236,9 @@ def run(args: argparse.Namespace) -> int:
     """``lfgraph heal``: 0 on success; user errors raise ``LfgraphError`` (the CLI prints one line)."""
     args.resume = resume_mode(args.resume, args.resume_if_present, args.checkpoint_dir)
     # every output checked before the model loads (numbers by their argparse rules)
-    check_outputs({"-o": args.out, "--checkpoint-dir": args.checkpoint_dir}, [args.model, args.teacher, args.plan, args.text],
-                  args.overwrite, folders=["-o", "--checkpoint-dir"])
+    # a checkpoint folder resumed from is an input; otherwise it is an output like -o
+    check_outputs({"-o": args.out, "--checkpoint-dir": None if args.resume else args.checkpoint_dir},
+                  [args.model, args.teacher, args.plan, args.text], args.overwrite, folders=["-o", "--checkpoint-dir"])
     torch.manual_seed(args.seed)
     text = None
     if args.text:
