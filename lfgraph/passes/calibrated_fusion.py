@@ -243,6 +243,47 @@ def _cho_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(cho_solve((factor.numpy().T, False), b.numpy(), overwrite_b=True, check_finite=False))
 
 
+class _Dual:
+    """The ridge problem of statistics held as rows (``n`` tokens, fewer than the ``in``
+    inputs) solved in its dual form: with ``R = Y - Z W0ᵀ`` (what ``W0`` leaves) and the
+    ``n x n`` kernel ``K = Z Zᵀ``, ``W = W0 + Tᵀ Z`` with ``T = (K + lam I)^-1 R``, the same
+    solution as the primal ``(C + lam W0)(G + lam I)^-1`` (push-through identity) at the
+    cost of ``n x n`` factorisations instead of ``in x in`` ones: no ``in x in`` matrix
+    exists (at 8B, a down projection has 14336 inputs and a refit sees ~1000 tokens)."""
+
+    def __init__(self, stats: RidgeStats, W0: torch.Tensor) -> None:
+        assert stats.is_rows
+        self.Z: torch.Tensor = stats.Z  # type: ignore[assignment]
+        self.K = self.Z @ self.Z.T
+        self.R = stats.Y - self.Z @ W0.double().T  # type: ignore[operator]
+        self.scale = stats.scale()
+
+    def coef(self, strength: float) -> torch.Tensor:
+        """``T = (K + lam I)^-1 R`` (``n x out``); the pseudo-inverse when ``K + lam I`` is
+        singular (``strength`` 0 with more tokens than independent directions)."""
+        A = self.K.clone()
+        A.diagonal().add_(strength * self.scale)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return torch.cholesky_solve(self.R, L)
+        return torch.linalg.lstsq(A, self.R, driver="gelsd").solution
+
+    def solution(self, W0: torch.Tensor, strength: float) -> torch.Tensor:
+        W = self.coef(strength).T @ self.Z
+        return W.add_(W0)
+
+    def heldout_losses(self, val: RidgeStats, W0: torch.Tensor) -> Any:
+        """``strength -> val.loss(solution(strength))`` without forming a solution: the
+        held-out predictions' error is ``Zv Zᵀ T - Rv`` (``n_val x out``)."""
+        Kv = val.Z @ self.Z.T  # type: ignore[union-attr]
+        Rv = val.Y - val.Z @ W0.double().T  # type: ignore[operator]
+
+        def loss(strength: float) -> float:
+            E = Kv @ self.coef(strength) - Rv
+            return float((E * E).sum())
+        return loss
+
+
 def ridge_solve(stats: RidgeStats, W0: torch.Tensor, strength: float, work: torch.Tensor | None = None) -> torch.Tensor:
     """``argmin_W Σ w ‖W z - y‖² + lam ‖W - W0‖²`` with ``lam = strength * stats.scale()``.
 
@@ -250,8 +291,11 @@ def ridge_solve(stats: RidgeStats, W0: torch.Tensor, strength: float, work: torc
     ordinary least-squares fit (when ``G`` is invertible). ``work`` (``in x in`` float64) is
     overwritten; without it one is allocated: the solve holds ``G``, that one buffer (the
     shifted matrix, then its factor) and one ``out x in`` matrix (``C + lam W0``, then the
-    solution).
+    solution). Statistics held as rows (fewer tokens than inputs) are solved in the dual
+    form (:class:`_Dual`): no ``in x in`` matrix, ``work`` unused.
     """
+    if stats.is_rows:
+        return _Dual(stats, W0).solution(W0, strength)
     lam = strength * stats.scale()
     G, C = stats.gram()
     work = torch.empty_like(G) if work is None else work
@@ -314,15 +358,20 @@ def choose_strength(fit: RidgeStats, val: RidgeStats | None, W0: torch.Tensor, s
         raise LfgraphError(f"unknown strength search {search!r}: choose one of {', '.join(STRENGTH_SEARCHES)}")
     if val is None or val.n == 0 or len(strengths) == 1:
         return float(strengths[0]), {}
-    G, C = fit.gram()
-    work = torch.empty_like(G) if work is None else work
+    if fit.is_rows:  # fewer fitting tokens than inputs: the dual form, no in x in matrix
+        dual = _Dual(fit, W0)
+        heldout = dual.heldout_losses(val, W0) if val.is_rows else lambda s: val.loss(dual.solution(W0, s))
+    else:
+        G, C = fit.gram()
+        work = torch.empty_like(G) if work is None else work
+        heldout = lambda s: _heldout_loss(fit, G, C, val, W0, s, work)  # noqa: E731
     order = sorted({float(s) for s in strengths})
     losses: dict[float, float] = {}
 
     def f(i: int) -> float:
         s = order[i]
         if s not in losses:
-            losses[s] = _heldout_loss(fit, G, C, val, W0, s, work)
+            losses[s] = heldout(s)
         return losses[s]
 
     if search == "grid" or len(order) < 4:
@@ -805,7 +854,7 @@ def _fit_transformer_run(
     if attn_name:
         proj = block.get_submodule(attn_name)
         W0 = _proj_matrix(proj)
-        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0], ref=W0), RidgeStats.zeros(W0.shape[1], W0.shape[0], rows=True, ref=W0)
+        fit, val = _new_stats(W0, state)
         for k, b in enumerate(state):
             cap = _Capture(proj)
             try:
@@ -819,7 +868,7 @@ def _fit_transformer_run(
 
     mlp = _Projection(block, mlp_name, experts)
     W0 = mlp.matrix()
-    fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0], ref=W0), RidgeStats.zeros(W0.shape[1], W0.shape[0], rows=True, ref=W0)
+    fit, val = _new_stats(W0, state)
     state_energy = 0.0
     for k, b in enumerate(state):
         z, y = _mlp_problem(block, mlp, W0, b, run_out[k], form)
@@ -917,6 +966,17 @@ def _mlp_problem(block: nn.Module, proj: _Projection, W0: torch.Tensor, b: _Batc
     return proj.features(cap, W0), y.reshape(-1, W0.shape[0])
 
 
+def _new_stats(W0: torch.Tensor, state: list[_Batch], ref: bool = True) -> tuple[RidgeStats, RidgeStats]:
+    """Empty (fit, held-out) statistics for a projection ``W0 (out, in)`` on the batches of
+    ``state``: the held-out tokens as rows; the fitting tokens as rows too when there are no
+    more of them than inputs (then solved in the dual form, :class:`_Dual`), else as a Gram
+    matrix accumulated batch by batch."""
+    d_out, d_in = W0.shape
+    fit_tokens = sum(b.x.numel() // b.x.shape[-1] for b in state if not b.val)
+    r = W0 if ref else None
+    return RidgeStats.zeros(d_in, d_out, rows=fit_tokens <= d_in, ref=r), RidgeStats.zeros(d_in, d_out, rows=True, ref=r)
+
+
 def _best_keep(
     stack: list[nn.Module], candidates: list[int], mlp_name: str, experts: str | None, form: _BlockForm, state: list[_Batch],
     run_out: list[torch.Tensor], weights: Any, strengths: Sequence[float],
@@ -927,7 +987,7 @@ def _best_keep(
     for c in candidates:
         proj = _Projection(stack[c], mlp_name, experts)
         W0 = proj.matrix()
-        fit, val = RidgeStats.zeros(W0.shape[1], W0.shape[0]), RidgeStats.zeros(W0.shape[1], W0.shape[0], rows=True)
+        fit, val = _new_stats(W0, state, ref=False)
         for k, b in enumerate(state):
             z, y = _mlp_problem(stack[c], proj, W0, b, run_out[k], form)
             (val if b.val else fit).add(z, y, weights(k))
@@ -957,10 +1017,10 @@ def _apply_fit(
         everything = fit.absorb(val)
         after = everything.loss(W)
     else:
-        work = torch.empty_like(fit.gram()[0])
+        work = None if fit.is_rows else torch.empty_like(fit.G)  # type: ignore[arg-type]
         strength, losses = choose_strength(fit, val, W0, strengths, work=work)
         everything = fit.absorb(val)
-        W = ridge_solve(everything, W0, strength, work)
+        W = ridge_solve(everything, W0, strength, work if not everything.is_rows else None)
         del work
         after = _solution_loss(everything, W0, W, strength)
     before = everything.ref_loss if everything.ref is not None else everything.loss(W0)

@@ -6,8 +6,9 @@ the calibration tokens and the fingerprint's pieces of tensors; and the block pa
 float32 (two while a run is refitted), the block's stored bytes (mapped while it is read),
 the hidden states of every calibration token (two copies for Block Influence, ``n + 2``
 for angular runs of ``n``, three while refitting), one batch's transient activations, and
-for the ``calibrated`` rule the float64 statistics of the refit (two ``in x in`` matrices for a
-down projection of ``in`` inputs: the fit's Gram matrix, into which the held-out part is
+for the ``calibrated`` rule the float64 statistics of the refit (with fewer calibration tokens
+than inputs, the dual form: the tokens as rows and ``n x n`` kernels; otherwise two ``in x in``
+matrices for a down projection of ``in`` inputs: the fit's Gram matrix, into which the held-out part is
 added in place for the final solve, and one work buffer holding the shifted matrix and then
 its Cholesky factor; the held-out tokens as rows, ``n_val x (in + out)``, while fewer than
 ``in``; a few ``out x in`` matrices) and the refitted tensors kept until written.
@@ -129,8 +130,14 @@ def estimate(
     if calibrated:
         d_in = inter + 1
         n_val = min(max(1, round(windows * VAL_FRACTION)) * seq_len, d_in)
-        # fit Gram + work buffer; C, C + lam W0, the solution, W0; held-out rows and their solve
-        parts["refit Gram matrices (float64)"] = 2 * d_in * d_in * 8 + 4 * h * d_in * 8 + n_val * (2 * d_in + h) * 8
+        n_fit = tokens - n_val
+        if n_fit <= d_in:
+            # the dual form: fit and held-out tokens as rows (n x (in + out)), n x n kernels,
+            # W0 (the reference) and the solution out x in
+            parts["refit statistics (float64, dual form)"] = tokens * (d_in + 2 * h) * 8 * 2 + 3 * tokens * tokens * 8 + 2 * h * d_in * 8
+        else:
+            # fit Gram + work buffer; C, C + lam W0, the solution, W0; held-out rows and their solve
+            parts["refit Gram matrices (float64)"] = 2 * d_in * d_in * 8 + 4 * h * d_in * 8 + n_val * (2 * d_in + h) * 8
         parts["refitted tensors"] = runs * h * inter * DTYPES[embed.dtype if embed else "F32"].itemsize
     block_phase = sum(v for k, v in parts.items() if k != "runtime")
     est = Estimate(parts=parts)
@@ -142,8 +149,14 @@ def estimate(
         d_in = inter + 1
         n_val = min(max(1, round(windows * VAL_FRACTION)) * seq_len, d_in)
         tried = min(STRENGTHS_TRIED, len(DEFAULT_LAMBDAS))
-        search = tried * (d_in**3 / 3 + 2 * d_in * d_in * n_val + 2 * h * d_in * n_val)
-        est.refit_flops = float(runs * (2 * tokens * d_in * d_in + search + d_in**3 / 3 + 2 * d_in * d_in * h))
+        if n_fit <= d_in:
+            # kernels and residuals (n x in products), then per strength an n x n factorisation
+            # and solves with out right-hand sides; the solution T' Z (out x n x in)
+            per_run = 2 * tokens * d_in * (tokens + 2 * h) + (tried + 1) * (tokens**3 / 3 + 4 * tokens * tokens * h) + 2 * h * tokens * d_in
+        else:
+            search = tried * (d_in**3 / 3 + 2 * d_in * d_in * n_val + 2 * h * d_in * n_val)
+            per_run = 2 * tokens * d_in * d_in + search + d_in**3 / 3 + 2 * d_in * d_in * h
+        est.refit_flops = float(runs * per_run)
     est.rates = dict(rates) if rates else {"float32": matmul_rate(torch.float32), "float64": matmul_rate(torch.float64) if calibrated else 0.0}
     est.seconds = est.forward_flops / est.rates["float32"] + (est.refit_flops / est.rates["float64"] if calibrated else 0.0)
     kept_fraction = (L - n_drop) / L

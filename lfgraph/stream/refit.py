@@ -12,8 +12,10 @@ So the refitted projections are the in-memory path's, bit for bit on the same ma
 
 Memory: the hidden state of every calibration token three times (the frontier, the run's
 running output, the run's output for the fit), one block being run plus the kept block,
-and the fit's float64 statistics (two ``in x in`` matrices: the fit's Gram matrix and one work
-buffer for the shifted matrix and its factor; the held-out tokens as rows).
+and the fit's float64 statistics: with no more fitting tokens than the projection has inputs
+(1024 tokens against 14336 inputs at 8B) the tokens as rows, solved in the dual form through
+``n x n`` kernels; otherwise two ``in x in`` matrices (the fit's Gram matrix and one work
+buffer for the shifted matrix and its factor) and the held-out tokens as rows.
 """
 
 from __future__ import annotations

@@ -426,6 +426,45 @@ def test_ridge_solve_and_heldout_rows_equal_the_gram_formula() -> None:
     assert everything.ref_loss == pytest.approx(float((W0 @ G_all * W0).sum() - 2 * (W0 * C_all).sum() + S_all), rel=1e-10)
 
 
+def test_fewer_tokens_than_inputs_are_solved_in_the_dual_form_with_the_primal_answer() -> None:
+    """Fit statistics kept as rows (90 tokens, 120 inputs) are solved through the n x n
+    kernel: the same solutions, held-out losses and chosen strength as the textbook primal
+    formula, and no in x in matrix is ever made (the statistics stay rows)."""
+    from lfgraph.passes.calibrated_fusion import DEFAULT_LAMBDAS, _solution_loss, choose_strength
+
+    W0, (Z, Y, w), (Zv, Yv, wv) = _ridge_problem(d=120, n=90, nv=25)
+    fit, val = RidgeStats.zeros(120, 16, rows=True, ref=W0), RidgeStats.zeros(120, 16, rows=True, ref=W0)
+    fit.add(Z, Y, w)
+    val.add(Zv, Yv, wv)
+    assert fit.is_rows and val.is_rows
+    G, C = (Z * w[:, None]).T @ Z, Y.T @ (Z * w[:, None])
+    Gv, Cv, Sv = (Zv * wv[:, None]).T @ Zv, Yv.T @ (Zv * wv[:, None]), float(((Yv * Yv).sum(1) * wv).sum())
+    scale = float(G.diagonal().mean())
+    losses = {}
+    for s in DEFAULT_LAMBDAS:
+        W = torch.linalg.solve(G + s * scale * torch.eye(120, dtype=torch.float64), (C + s * scale * W0).T).T
+        torch.testing.assert_close(ridge_solve(fit, W0, s), W, rtol=1e-8, atol=1e-10)
+        losses[s] = float((W @ Gv * W).sum() - 2 * (W * Cv).sum() + Sv)
+    best = min(losses, key=lambda s: (losses[s], -s))
+    for search in ("grid", "golden"):
+        s, seen = choose_strength(fit, val, W0, DEFAULT_LAMBDAS, search=search)
+        assert s == best
+        for k, v in seen.items():
+            assert v == pytest.approx(losses[k], rel=1e-8)
+    everything = fit.absorb(val)  # 115 tokens, still fewer than the 120 inputs
+    assert everything.is_rows and everything.G is None
+    G_all, C_all = G + Gv, C + Cv
+    scale = float(G_all.diagonal().mean())
+    W = ridge_solve(everything, W0, best)
+    torch.testing.assert_close(W, torch.linalg.solve(G_all + best * scale * torch.eye(120, dtype=torch.float64), (C_all + best * scale * W0).T).T,
+                               rtol=1e-8, atol=1e-10)
+    S_all = float(((Y * Y).sum(1) * w).sum()) + Sv
+    assert _solution_loss(everything, W0, W, best) == pytest.approx(float((W @ G_all * W).sum() - 2 * (W * C_all).sum() + S_all), rel=1e-8)
+    # strength 0 with fewer tokens than inputs: the minimum-norm change that fits exactly
+    W_exact = ridge_solve(everything, W0, 0.0)
+    torch.testing.assert_close(everything.Z @ W_exact.T, everything.Y, rtol=1e-6, atol=1e-6)
+
+
 def test_golden_search_falls_back_to_the_grid_when_not_unimodal() -> None:
     """A held-out loss with dips over the grid: where the points the walk evaluates are not
     falling-then-rising it tries every strength, so it returns the full grid's choice. (A
