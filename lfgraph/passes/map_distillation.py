@@ -33,8 +33,11 @@ modified; every parameter's ``requires_grad`` flag is restored.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import LfgraphError
+from ..models import cache_dir, inner_hf_model
 
 #: Defaults of the ``calibrated-distill`` fusion rule (docs/study): on the calibration
 #: windows alone the held-out KL is lowest near step 60 (the map overfits ~6k tokens); with
@@ -86,6 +90,11 @@ class DistillSettings:
     sampled_windows: int = DEFAULT_SAMPLED_WINDOWS
     prompt_tokens: int = 16
     top_p: float = 0.95
+    #: keep the sampled windows under ``$LFGRAPH_CACHE/samples/`` (default
+    #: ``~/.cache/lfgraph``), keyed by a hash of the original's weights, the prompts and the
+    #: sampling settings: they are a function of those alone (seeded), and sampling is the
+    #: slowest part of the default rule on a CPU.
+    cache_samples: bool = True
     #: compute what does not train once (:mod:`lfgraph.retrain.frozen`): the teacher's
     #: logits, and the student's blocks below the lowest trained one. Off: heal runs both
     #: models whole at every step (the same result up to float reassociation, slower).
@@ -144,17 +153,50 @@ def split_windows(calibration: torch.Tensor, val_fraction: float) -> tuple[torch
 
 def _generator(model: nn.Module) -> nn.Module | None:
     """The Hugging Face model inside ``model`` when it can ``generate``, else ``None``."""
-    from ..models import inner_hf_model
-
     inner = inner_hf_model(model)
     return inner if inner is not None and callable(getattr(inner, "generate", None)) else None
 
 
+def _samples_path(gen: nn.Module, windows: torch.Tensor, settings: tuple) -> Path:
+    """Where the windows sampled from ``gen`` with these prompts and settings are cached: a
+    hash of every weight's bytes, the prompt windows, the settings and torch's version (a
+    sampler's stream of random numbers may change between versions)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((settings, torch.__version__, type(gen).__name__)).encode())
+    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+    for name, t in gen.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return cache_dir() / "samples" / f"{h.hexdigest()}.pt"
+
+
+def _load_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
+    try:
+        got = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+    return got if isinstance(got, torch.Tensor) and tuple(got.shape) == shape else None
+
+
+def _store_cached(path: Path, samples: torch.Tensor) -> None:
+    """Best effort (a cache): written whole under a temporary name, then renamed; a cache
+    that cannot be written is skipped."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(samples, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt_tokens: int, top_p: float = 0.95,
-                   seed: int = 0, batch_size: int = 24, progress: bool = False) -> torch.Tensor:
+                   seed: int = 0, batch_size: int = 24, progress: bool = False, cache: bool = False) -> torch.Tensor:
     """``count`` windows as long as ``windows``' rows, each the first ``prompt_tokens`` of a
     row of ``windows`` (cycling) continued by nucleus sampling from ``teacher`` (KV cache,
-    temperature 1, no early stop). Seeded: the same arguments give the same tokens."""
+    temperature 1, no early stop). Seeded: the same arguments give the same tokens. With
+    ``cache``, read from / written to ``$LFGRAPH_CACHE/samples/`` (:func:`_samples_path`)."""
     n, length = int(windows.shape[0]), int(windows.shape[1])
     if not 0 < prompt_tokens < length:
         raise LfgraphError(f"prompt_tokens must be between 1 and the window length - 1 ({length - 1}), got {prompt_tokens}")
@@ -163,6 +205,11 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
     gen = _generator(teacher)
     if gen is None:
         raise LfgraphError(f"sampling windows from the original needs a Hugging Face causal LM with generate(); {type(teacher).__name__} has none: set sampled_windows=0")
+    path = _samples_path(gen, windows, (count, prompt_tokens, top_p, seed, batch_size)) if cache else None
+    if path is not None and path.is_file():
+        cached = _load_cached(path, (count, length))
+        if cached is not None:
+            return cached.to(windows.dtype)
     device = _device_of(gen)
     out = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -174,7 +221,10 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
             seq = gen.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=top_p,
                                temperature=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
             out.append(seq[:, :length].cpu())
-    return torch.cat(out).to(windows.dtype)
+    samples = torch.cat(out).to(windows.dtype)
+    if path is not None:
+        _store_cached(path, samples)
+    return samples
 
 
 def check_settings(settings: DistillSettings, calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +268,7 @@ def distill_maps(
     if s.sampled_windows > 0 and train.shape[1] >= 2 and _generator(teacher) is not None:
         # short windows: the prompt is at most half of one, so that something is sampled
         prompt = max(1, min(s.prompt_tokens, int(train.shape[1]) // 2))
-        extra = sample_windows(teacher, train, s.sampled_windows, prompt, s.top_p, s.seed, progress=s.progress)
+        extra = sample_windows(teacher, train, s.sampled_windows, prompt, s.top_p, s.seed, progress=s.progress, cache=s.cache_samples)
         train, sampled = torch.cat([train, extra]), int(extra.shape[0])
     sampling_seconds = time.perf_counter() - t0
     # heal trains on the GPU when there is one; both models go back to where they were

@@ -291,6 +291,37 @@ def test_sampled_windows_continue_the_prompts_from_the_original() -> None:
         sample_windows(nn.Linear(2, 2), windows, 2, prompt_tokens=4)
 
 
+def test_sampled_windows_are_cached_by_weights_prompts_and_settings(tmp_path, monkeypatch) -> None:
+    """``cache=True``: the second call with the same original, prompts and settings reads the
+    windows back without sampling (generate is not called) and gets the same tokens; another
+    seed or a changed weight is another entry; a damaged entry is sampled again."""
+    from lfgraph.passes import map_distillation as md
+
+    monkeypatch.setenv("LFGRAPH_CACHE", str(tmp_path))
+    model = CausalLMLogits(tiny_llama(layers=2)).eval()
+    windows = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(5))
+    a = md.sample_windows(model, windows, 5, prompt_tokens=4, seed=1, cache=True)
+    entries = list((tmp_path / "samples").iterdir())
+    assert len(entries) == 1 and entries[0].suffix == ".pt"
+    gen = md._generator(model)
+    real_generate = gen.generate
+    gen.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled again"))
+    try:
+        assert torch.equal(md.sample_windows(model, windows, 5, prompt_tokens=4, seed=1, cache=True), a)
+    finally:
+        gen.generate = real_generate
+    b = md.sample_windows(model, windows, 5, prompt_tokens=4, seed=2, cache=True)
+    with torch.no_grad():
+        next(gen.parameters()).add_(1e-3)
+    c = md.sample_windows(model, windows, 5, prompt_tokens=4, seed=1, cache=True)
+    assert len(list((tmp_path / "samples").iterdir())) == 3 and not torch.equal(a, b)
+    assert torch.equal(c[:, :4], a[:, :4])
+    entries[0].write_bytes(b"damaged")
+    with torch.no_grad():
+        next(gen.parameters()).sub_(1e-3)
+    assert md.sample_windows(model, windows, 5, prompt_tokens=4, seed=1, cache=True).shape == (5, 12)
+
+
 def test_distillation_trains_on_sampled_windows_and_holds_out_real_ones() -> None:
     """``sampled_windows``: the count is recorded, the held-out windows stay the real ones
     (the starting KL equals a run without samples), and only the map changes."""
