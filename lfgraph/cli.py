@@ -87,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", default=None, metavar="FILE", help="write the visualizer's page of this run (.html; .json for its data)")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--no-onnx", dest="onnx", action="store_false",
-                   help="for a causal LM's folder: write the Hugging Face checkpoint only (no ONNX, no genai_config.json)")
+                   help="for a causal LM's folder: write the Hugging Face checkpoint only (no ONNX, no genai_config.json); "
+                        "with --stream, ONNX is otherwise written when ONNX Runtime can hold the model in the memory available")
     c.add_argument("--stream", action="store_true",
                    help="read a safetensors checkpoint folder one block at a time and write a Hugging Face checkpoint folder "
-                        "(big models; select block_influence|angular, fuse remove|calibrated; no ONNX, no quality check)")
+                        "(big models; select block_influence|angular, fuse remove|calibrated; ONNX by onnxruntime-genai's builder when it fits; "
+                        "no quality check)")
     add_overwrite_option(c)
     from .retrain.cli import add_compress_options
 

@@ -7,7 +7,9 @@ while the selection scores (:mod:`.select`) and the calibrated refit's statistic
 (:mod:`.refit`) accumulate, and the output written shard by shard (:mod:`.write`) into a
 staging folder moved into place when complete (:mod:`.staging`). Peak memory and time are
 estimated before any weight is read (:mod:`.estimate`). Plans and weights are the in-memory
-path's for the same inputs. The output is a Hugging Face checkpoint only (no ONNX).
+path's for the same inputs. The output is a Hugging Face checkpoint, plus float32 ONNX from
+onnxruntime-genai's builder, checked against it, when ONNX Runtime can hold the model
+(:mod:`lfgraph.stream.onnx`).
 
     from lfgraph.stream import compress_checkpoint
     report = compress_checkpoint("llama-1b/", "llama-1b-lf/", target=0.25)

@@ -5,8 +5,9 @@
       → [calibrated: refit pass, block by block] → write shards (staged) → report
 
 Same plan and same weights as the in-memory path (``lfgraph.pipeline``) on the same folder
-and options; the output is a Hugging Face checkpoint folder only (no ONNX: exporting ONNX
-needs the whole model in memory).
+and options; the output is a Hugging Face checkpoint folder, plus float32 ONNX written by
+onnxruntime-genai's builder and checked against it when ONNX Runtime can hold the model
+(:mod:`lfgraph.stream.onnx`; the in-memory exporter would need the whole model traced).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import LfgraphError
-from ..fileio import check_outputs, commit_folder, staging_folder
+from ..fileio import check_outputs, commit_folder, failed_path, staging_folder
 from ..options import COUNT, FRACTION, SEQ_LEN, check
 from ..passes.base import RewriteLog
 from ..passes.selection import Run, runs_to_plan
@@ -30,6 +31,7 @@ from ..recipes import FUSION_RULES, refit_provenance, split_fusion_rule
 from .calibrate import calibration_ids, stack_input
 from .checkpoint import Checkpoint
 from .estimate import Estimate, check_fits, estimate
+from .onnx import CHECK_RTOL, ONNX_CHOICES, OnnxResult, wants_onnx, write_onnx
 from .refit import IN_MEMORY_CONTAINER, refit_runs
 from .select import STREAM_SELECTIONS, score_blocks, select_runs
 from .skeleton import LAYERS_PATH, Skeleton
@@ -57,6 +59,8 @@ class StreamReport:
     peak_rss_bytes: int = 0
     files: list[Path] = field(default_factory=list)
     log: RewriteLog = field(default_factory=RewriteLog)
+    onnx: OnnxResult | None = None
+    onnx_reason: str = ""
     exit_code: int = 0
 
     def table(self) -> str:
@@ -71,8 +75,12 @@ class StreamReport:
             f"  read        {self.bytes_read / GB:.2f} GB   written {self.bytes_written / GB:.2f} GB",
             f"  peak memory {self.peak_rss_bytes / GB:.2f} GB (estimated {self.estimate.peak_bytes / GB:.2f} GB)",
             "  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + f" (estimated {self.estimate.seconds:.0f} s of compute)",
-            "  output      Hugging Face checkpoint (the streaming path writes no ONNX)",
+            "  output      Hugging Face checkpoint" + (" + float32 model.onnx and genai_config.json (onnxruntime-genai's builder)" if self.onnx else f"; no ONNX: {self.onnx_reason}"),
         ]
+        if self.onnx is not None:
+            o = self.onnx
+            rows.append(f"  onnx        built in {o.seconds:.1f} s, builder peak {o.builder_peak_bytes / GB:.2f} GB; export check: prefill logits vs the checkpoint "
+                        f"max rel {o.check_rel:.1e} {'✓' if o.passed else f'✗ (> {CHECK_RTOL:g}): written to {self.out}'}")
         return "\n".join(rows)
 
 
@@ -113,7 +121,7 @@ def return_freed_memory() -> None:
         pass
 
 
-def check_stream_options(src: Path, out: Path, target: float, select: str, fuse: str) -> None:
+def check_stream_options(src: Path, out: Path, target: float, select: str, fuse: str, onnx: str = "auto") -> None:
     """Refuse what the streaming path cannot do, with one line each, before reading weights."""
     if select not in STREAM_SELECTIONS:
         raise LfgraphError(f"the streaming path selects by {' or '.join(STREAM_SELECTIONS)}, not {select!r}: "
@@ -124,9 +132,11 @@ def check_stream_options(src: Path, out: Path, target: float, select: str, fuse:
                                "or the in-memory path (without --stream)")
         raise LfgraphError(f"the streaming path fuses by {', '.join(STREAM_FUSION_RULES)}, not {fuse!r}: use the in-memory path (without --stream)")
     check("--target", target, FRACTION)
+    if onnx not in ONNX_CHOICES:
+        raise LfgraphError(f"onnx must be one of {', '.join(ONNX_CHOICES)}, got {onnx!r}")
     if out.suffix.lower() == ".onnx":
-        raise LfgraphError("the streaming path writes a Hugging Face checkpoint folder, not ONNX: give a folder for -o "
-                           "(ONNX export needs the whole model in memory: use the in-memory path)")
+        raise LfgraphError("the streaming path writes a deploy folder (checkpoint, and model.onnx when it fits), not a lone .onnx file: "
+                           "give a folder for -o")
     if not src.is_dir():
         raise LfgraphError(f"model {src} is not a folder: the streaming path reads a Hugging Face checkpoint folder (config.json + safetensors)")
 
@@ -165,6 +175,7 @@ def compress_checkpoint(
     fingerprint: bool = True,
     check_memory: bool = True,
     overwrite: bool = False,
+    onnx: str = "auto",
 ) -> StreamReport:
     """Compress the causal LM checkpoint in ``src_folder`` by ``target`` of its decoder
     blocks into the Hugging Face checkpoint folder ``out_folder``, never holding the model.
@@ -181,12 +192,16 @@ def compress_checkpoint(
     :mod:`lfgraph.fileio` (``overwrite`` as ``--overwrite``); ``fingerprint=False`` skips reading the weights once more to record
     the model fingerprint in the plan. Before any weight is read the peak memory is
     estimated and, with ``check_memory``, a run that cannot fit raises ``LfgraphError``
-    naming the options that would make it fit.
+    naming the options that would make it fit. ``onnx`` (:data:`~lfgraph.stream.onnx.ONNX_CHOICES`):
+    whether the folder also gets float32 ``model.onnx`` and ``genai_config.json`` from
+    onnxruntime-genai's builder, checked against the written checkpoint (prefill logits);
+    ``auto`` when ONNX Runtime could hold it in the memory available. A failed check puts
+    the folder at ``OUT.failed/`` (exit code 1), never at ``out_folder``.
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     src, out = Path(src_folder), Path(out_folder)
-    check_stream_options(src, out, target, select, fuse)
+    check_stream_options(src, out, target, select, fuse, onnx)
     check("--calibration-windows", calibration_windows, COUNT)
     check("--calibration-seq-len", calibration_seq_len, SEQ_LEN)
     check_outputs({"-o": out}, [src, calibration_text, calibration_tokens], overwrite, folders=["-o"])
@@ -241,21 +256,32 @@ def compress_checkpoint(
     t0 = time.perf_counter()
     dropped = {i for r in runs for i in r.absorb}
     kept = [i for i in range(L) if i not in dropped]
+    dropped_params = sum(e.numel for n, e in ckpt.tensors.items()
+                         if n.startswith(f"{LAYERS_PATH}.") and int(n.split(".")[2]) in dropped)
+    params_before = skeleton.parameter_count()
+    params_after = params_before - dropped_params
+    onnx_result, exit_code, target_folder = None, 0, out
     with staging_folder(out) as folder:
         with _bar(0, "writing", progress, unit="B") as bar:
             bar.total = sum(e.nbytes for e in ckpt.tensors.values())
             written = write_checkpoint(ckpt, folder, kept, changed, bar)
         plan.save(folder / "plan.json")
-        commit_folder(folder, out)
-    seconds["write"] = time.perf_counter() - t0
+        seconds["write"] = time.perf_counter() - t0
+        write, why = wants_onnx(onnx, params_after, written.bytes_written)
+        _say(f"ONNX: {'writing float32 ONNX with onnxruntime-genai' if write else 'not written'} ({why})", progress)
+        if write:
+            onnx_result = write_onnx(folder, ids)
+            seconds["onnx"] = onnx_result.seconds
+            seconds["onnx check"] = onnx_result.check_seconds
+            if not onnx_result.passed:
+                exit_code, target_folder = 1, failed_path(out)
+        commit_folder(folder, target_folder)
     seconds["total"] = time.perf_counter() - t_start
 
-    dropped_params = sum(e.numel for n, e in ckpt.tensors.items()
-                         if n.startswith(f"{LAYERS_PATH}.") and int(n.split(".")[2]) in dropped)
-    params_before = skeleton.parameter_count()
     return StreamReport(
-        model=src.name, out=out, plan=plan, blocks=(L, len(kept)), params=(params_before, params_before - dropped_params),
+        model=src.name, out=target_folder, plan=plan, blocks=(L, len(kept)), params=(params_before, params_after),
         estimate=est, seconds=seconds, bytes_read=ckpt.bytes_read, bytes_written=written.bytes_written,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        files=[out / f.name for f in written.files] + [out / "plan.json"], log=log,
+        files=sorted(p for p in target_folder.iterdir() if not p.name.startswith(".")), log=log,
+        onnx=onnx_result, onnx_reason=why, exit_code=exit_code,
     )

@@ -38,7 +38,7 @@ def compress_stream(args: argparse.Namespace) -> int:
         args.model, args.output, target=args.target, select=args.select or "block_influence", fuse=args.fuse or "calibrated",
         calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len, progress=not args.quiet,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, onnx="auto" if args.onnx else "none",
     )
     sys.stderr.flush()
     print(report.table())

@@ -41,7 +41,7 @@ def test_streamed_equals_in_memory(tmp_path, arch, sharded, select, fuse):
     plan, model, cal = in_memory(folder, select, fuse)
     out = tmp_path / "out"
     report = compress_checkpoint(folder, out, target=0.25, select=select, fuse=fuse, calibration_windows=WINDOWS,
-                                 calibration_seq_len=SEQ, progress=False)
+                                 calibration_seq_len=SEQ, progress=False, onnx="none")
     assert report.plan.to_json() == plan.to_json()
     assert json.loads((out / "plan.json").read_text()) == json.loads(plan.to_json())
     streamed, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
@@ -73,7 +73,7 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
     plan, model, cal = in_memory(folder, "block_influence", "calibrated")
     out = tmp_path / "out"
     report = compress_checkpoint(folder, out, target=0.25, select="block_influence", fuse="calibrated",
-                                 calibration_windows=WINDOWS, calibration_seq_len=SEQ, progress=False)
+                                 calibration_windows=WINDOWS, calibration_seq_len=SEQ, progress=False, onnx="none")
     assert report.plan.to_json() == plan.to_json()
     streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():

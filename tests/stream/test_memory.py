@@ -29,7 +29,7 @@ if sys.argv[1] == "compress":
     from lfgraph.stream import compress_checkpoint
     torch.set_num_threads(1)
     compress_checkpoint(sys.argv[2], sys.argv[3], target=0.25, select="block_influence", fuse="remove",
-                        calibration_windows=8, calibration_seq_len=64, progress=False)
+                        calibration_windows=8, calibration_seq_len=64, progress=False, onnx="none")
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the forking parent's size
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
 print(json.dumps(int(hwm) * 1024))

@@ -30,7 +30,7 @@ def _dtypes(folder):
 def test_bf16_in_bf16_out(tmp_path, sharded):
     folder = save_folder(tmp_path / "model", "qwen2", layers=8, sharded=sharded, dtype=torch.bfloat16)
     out = tmp_path / "out"
-    report = compress_checkpoint(folder, out, target=0.25, fuse="calibrated", calibration_windows=4, calibration_seq_len=32, progress=False)
+    report = compress_checkpoint(folder, out, target=0.25, fuse="calibrated", calibration_windows=4, calibration_seq_len=32, progress=False, onnx="none")
     assert set(_dtypes(out).values()) == {"BF16"}
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -59,7 +59,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stream_api, "write_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False)
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
@@ -74,12 +74,12 @@ def test_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stream_api, "write_checkpoint", failing)
     with pytest.raises(RuntimeError):
-        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, overwrite=True)
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
     assert (out / "old.txt").read_text() == "previous"
     monkeypatch.undo()
     with pytest.raises(LfgraphError, match="--overwrite"):  # a folder lfgraph did not write (lfgraph.fileio)
-        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False)
-    compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, overwrite=True)
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none")
+    compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none", overwrite=True)
     assert (out / "old.txt").read_text() == "previous" and (out / "config.json").is_file()  # only lfgraph's files written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]

@@ -1,0 +1,173 @@
+"""The deploy folder's ONNX for the streaming path, written by onnxruntime-genai's model
+builder, and its export check.
+
+The in-memory exporter (:mod:`lfgraph.deploy`) traces the whole model with torch.export,
+which is what the streaming path exists to avoid. onnxruntime-genai's builder
+(``python -m onnxruntime_genai.models.builder``) writes the same deploy layout
+(``model.onnx`` + ``model.onnx.data``, ``genai_config.json``, inputs ``input_ids``,
+``attention_mask``, ``past_key_values.N.key|value``, outputs ``logits``, ``present.N.*``)
+for the families the streaming path reads (Llama, Qwen2, Qwen3, Mistral), op by op from the
+checkpoint's tensors. It runs in a child process, so that its memory (the checkpoint in its
+stored dtype while the float32 graph is written) goes back to the system when it ends.
+
+The export check runs the written ONNX file with ONNX Runtime on a short prompt and
+compares its prefill logits with the written checkpoint's, computed block by block
+(:func:`streamed_logits`): the checkpoint is never held whole, but ONNX Runtime holds the
+float32 model (4 bytes a parameter), which is what decides whether ONNX is written at all
+(:func:`onnx_peak_bytes`, ``--onnx auto``).
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..calibration import block_output
+from ..errors import LfgraphError
+from ..estimate import available_memory
+from .checkpoint import Checkpoint
+from .skeleton import Skeleton
+
+#: ``--onnx`` choices of ``compress --stream``: ``auto`` writes float32 ONNX when it fits
+#: in the memory available (see :func:`onnx_peak_bytes`), ``fp32`` always, ``none`` never.
+ONNX_CHOICES = ("auto", "fp32", "none")
+#: Tokens of the export check's prompt.
+CHECK_TOKENS = 16
+#: The export check's tolerance: largest absolute difference over the largest logit.
+CHECK_RTOL = 1e-4
+#: The child's runtime (Python, torch, transformers, onnx) and ONNX Runtime's own.
+RUNTIME_BYTES = 1 << 30
+
+
+@dataclass
+class OnnxResult:
+    """What writing the ONNX file did: the builder's time and peak memory, and the check."""
+
+    seconds: float
+    builder_peak_bytes: int
+    check_rel: float
+    check_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.check_rel <= CHECK_RTOL
+
+
+def onnx_peak_bytes(params: int, stored_bytes: int) -> int:
+    """Peak resident bytes of writing and checking float32 ONNX for a model of ``params``
+    parameters stored in ``stored_bytes``: the larger of the builder (the checkpoint as
+    stored, loaded by transformers) and the check (ONNX Runtime's float32 weights)."""
+    return RUNTIME_BYTES + max(stored_bytes, 4 * params)
+
+
+def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | None = None) -> tuple[bool, str]:
+    """(write ONNX?, the reason in words) for ``--onnx choice``."""
+    if choice not in ONNX_CHOICES:
+        raise LfgraphError(f"--onnx must be one of {', '.join(ONNX_CHOICES)}, got {choice!r}")
+    if choice == "none":
+        return False, "--onnx none"
+    need = onnx_peak_bytes(params, stored_bytes)
+    avail = available_memory() if available is None else available
+    if choice == "fp32" or need <= avail:
+        return True, f"float32 ONNX of {params / 1e9:.2f}B parameters needs about {need / (1 << 30):.1f} GB, {avail / (1 << 30):.1f} GB available"
+    return False, (f"float32 ONNX of {params / 1e9:.2f}B parameters needs about {need / (1 << 30):.1f} GB "
+                   f"(ONNX Runtime holds it whole to run it) but {avail / (1 << 30):.1f} GB is available: checkpoint only "
+                   "(the Python API's onnx='fp32' writes it anyway)")
+
+
+def build_onnx(folder: Path) -> tuple[float, int]:
+    """Write ``model.onnx`` (+ ``.data``) and ``genai_config.json`` into ``folder`` (a
+    checkpoint folder) with onnxruntime-genai's builder in a child process, float32 for the
+    CPU. Returns (seconds, the child's peak resident bytes). Raises ``LfgraphError`` with
+    the builder's last line when it fails."""
+    try:
+        import onnxruntime_genai  # noqa: F401  # the builder ships with it
+    except ImportError:
+        raise LfgraphError("writing ONNX on the streaming path needs onnxruntime-genai (pip install 'lfgraph[deploy]'), "
+                           "or use --onnx none") from None
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lfgraph-genai-") as cache:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(folder),
+               "-p", "fp32", "-e", "cpu", "-c", cache]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate()
+        finally:
+            if proc.poll() is None:  # interrupted: the child goes too, nothing is left running
+                proc.kill()
+                proc.wait()
+    if proc.returncode != 0 or not (folder / "model.onnx").is_file():
+        last = next((line for line in reversed(out.splitlines()) if line.strip()), "no output")
+        raise LfgraphError(f"onnxruntime-genai's builder could not write ONNX for this model: {last.strip()} "
+                           "(use --onnx none for the checkpoint alone)")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return time.perf_counter() - t0, peak
+
+
+@torch.no_grad()
+def streamed_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``(batch, seq, vocab)`` of the checkpoint in ``folder`` on ``ids``,
+    computed one decoder block at a time (the model is never held whole)."""
+    from .calibrate import stack_input
+
+    sk = Skeleton(Checkpoint(folder))
+    inputs = stack_input(sk, [ids], batch_size=int(ids.shape[0]))
+    x, kwargs = inputs.hidden[0], inputs.kwargs[0]
+    for i in range(sk.num_layers):
+        try:
+            x = block_output(sk.materialize(i)(x, **kwargs[i]))
+        finally:
+            sk.release(i)
+    norm = sk.model.get_submodule("model.norm")
+    names = {k: sk.stored_name(f"model.norm.{k}") for k in norm.state_dict()}
+    got = sk.ckpt.load(names.values(), torch.float32)
+    norm.load_state_dict({k: got[v] for k, v in names.items()}, strict=True, assign=True)
+    head = sk.stored_name("lm_head.weight")
+    W = sk.ckpt.load([head], torch.float32)[head]
+    return norm(x) @ W.T
+
+
+def check_onnx(folder: Path, ids: torch.Tensor) -> tuple[float, float]:
+    """(largest |ONNX - checkpoint| over the largest |logit|, seconds): the prefill logits of
+    ``folder/model.onnx`` under ONNX Runtime against :func:`streamed_logits`."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    ref = streamed_logits(folder, ids).numpy()
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    a = ids.numpy().astype(np.int64)
+    cfg = Checkpoint(folder).config
+    kv_heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    feeds: dict[str, np.ndarray] = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = a
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones_like(a)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.broadcast_to(np.arange(a.shape[1], dtype=np.int64), a.shape).copy()
+        elif i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((a.shape[0], kv_heads, 0, head_dim), dtype=np.float32)
+        else:
+            raise LfgraphError(f"the builder's ONNX file has an input lfgraph does not know how to feed: {i.name}")
+    logits = session.run(["logits"], feeds)[0]
+    del session
+    rel = float(np.abs(logits - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+    return rel, time.perf_counter() - t0
+
+
+def write_onnx(folder: Path, ids: torch.Tensor) -> OnnxResult:
+    """Build ``folder``'s ONNX and check it on the first :data:`CHECK_TOKENS` of ``ids``'s
+    first row."""
+    seconds, peak = build_onnx(folder)
+    rel, check_seconds = check_onnx(folder, ids[:1, :CHECK_TOKENS])
+    return OnnxResult(seconds=seconds, builder_peak_bytes=peak, check_rel=rel, check_seconds=check_seconds)
