@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..passes.block_stack import remove_blocks
-from ..passes.calibrated_fusion import calibrated_merge_plan, options_from_provenance
-from ..passes.selection import runs_to_plan, select_runs
+from lfgraph.passes.block_stack import remove_blocks
+from lfgraph.passes.calibrated_fusion import calibrated_merge_plan, options_from_provenance
+from lfgraph.passes.selection import runs_to_plan, select_runs
 from ._hidden import calibration_slice
 from .interface import Method, find_block_stack, n_blocks_for, register, removable_blocks
 from .sleb import SLEB_BUDGET
@@ -44,9 +44,9 @@ def fuse_runs(
     sleb_budget: tuple[int, int] = SLEB_BUDGET, batch_size: int = 4, **options: Any,
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """Select runs with ``select`` and fuse them with ``fuse`` (defaults: the family's recipe)."""
-    from ..recipes import CALIBRATED_VARIANTS, default_recipe, refit_provenance
+    from lfgraph.recipes import CALIBRATED_VARIANTS, default_recipe, refit_provenance
 
-    from ..architectures import of_model
+    from lfgraph.architectures import of_model
 
     recipe = default_recipe(family_of(model), "merge", True, target, architecture=of_model(model))
     select, fuse = select or recipe[0], fuse or recipe[1]
@@ -71,7 +71,7 @@ def fuse_runs(
                 details["distill"] = {k: r.detail[k] for k in ("steps", "best_step", "kl_start", "kl_best", "sampled_windows", "trainable", "seconds") if k in r.detail}
         return result.model, names, details
     if fuse != "remove":
-        from ..errors import LfgraphError
+        from lfgraph.errors import LfgraphError
 
         raise LfgraphError(f"fusion {fuse!r} is not available through the method interface: use calibrated or remove")
     remove_blocks(model, names)

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import batches
-from ..calibration import stack_hidden_states
-from ..passes.block_stack import remove_blocks
-from ..passes.calibrated_fusion import MLP_OUT_NAMES, _find, _proj_matrix, _set_proj_matrix
+from lfgraph.calibration import batches
+from lfgraph.calibration import stack_hidden_states
+from lfgraph.passes.block_stack import remove_blocks
+from lfgraph.passes.calibrated_fusion import MLP_OUT_NAMES, _find, _proj_matrix, _set_proj_matrix
 from ._hidden import tokens
 from .gromov import angular_block
 from .interface import Method, find_block_stack, n_blocks_for, register

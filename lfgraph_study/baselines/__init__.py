@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from ..errors import LfgraphError
-from ..retrain.modes import is_fusable_layer
+from lfgraph.errors import LfgraphError
+from lfgraph.retrain.modes import is_fusable_layer
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch
 from scipy.linalg import hadamard
 from torch import nn
 
-from ..calibration import block_output
-from ..passes.block_stack import remove_blocks
+from lfgraph.calibration import block_output
+from lfgraph.passes.block_stack import remove_blocks
 from .gromov import angular_block
 from .interface import Method, find_block_stack, n_blocks_for, register
 from .replaceme import cut_activations
@@ -74,7 +74,7 @@ def linearpatch(
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """Delete the angular block of ``round(target x blocks)`` and insert the patch ``P``."""
     if scale not in ("lstsq", "magnitude"):
-        from ..errors import LfgraphError
+        from lfgraph.errors import LfgraphError
 
         raise LfgraphError(f"unknown LinearPatch scale {scale!r}: choose lstsq or magnitude")
     cpath = find_block_stack(model)

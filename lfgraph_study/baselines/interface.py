@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import LfgraphError
+from lfgraph.errors import LfgraphError
 
 @dataclass
 class MethodResult:
@@ -70,7 +70,7 @@ def find_block_stack(model: nn.Module) -> str:
 
     Raises ``LfgraphError`` when the model has no such stack (depth methods need one).
     """
-    from ..architectures import block_stack
+    from lfgraph.architectures import block_stack
 
     return block_stack(model)[0]
 

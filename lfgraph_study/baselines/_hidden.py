@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import batches, block_output, capture_block_input
+from lfgraph.calibration import batches, block_output, capture_block_input
 
 
 def calibration_slice(calibration: torch.Tensor, max_windows: int, max_tokens: int) -> torch.Tensor:

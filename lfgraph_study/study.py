@@ -1,7 +1,7 @@
-"""``lfgraph study``: every method x every target on one model, one protocol, one shot
+"""``lfgraph-study``: every method x every target on one model, one protocol, one shot
 (and healed, with ``--heal STEPS``).
 
-Language models: each method of :data:`lfgraph.baselines.METHODS` compresses the model at
+Language models: each method of :data:`lfgraph_study.baselines.METHODS` compresses the model at
 each target from the same calibration windows (the bundled corpus's calibration pool);
 each compressed model is scored on two held-out texts that calibration never sees:
 
@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import LfgraphError
-from .options import COUNT, FRACTION, SEQ_LEN, STEPS, add_overwrite_option
-from .fileio import atomic_path, check_outputs, commit_folder, png_metadata, staging_folder, write_text_atomic
+from lfgraph.errors import LfgraphError
+from lfgraph.options import COUNT, FRACTION, SEQ_LEN, STEPS, add_overwrite_option
+from lfgraph.fileio import atomic_path, check_outputs, commit_folder, png_metadata, staging_folder, write_text_atomic
 
 LICENSES_DIR = Path("/usr/share/common-licenses")
 DEFAULT_METHODS = ("shortgpt", "gromov", "sleb", "laco", "replaceme-lstsq", "replaceme-cosine", "linearpatch", "lfgraph")
@@ -67,7 +67,7 @@ def licenses_text(folder: Path = LICENSES_DIR) -> str:
 
 def eval_windows(tokenizer: Any, n_windows: int, seq_len: int) -> dict[str, torch.Tensor]:
     """The two held-out texts as ``(n_windows, seq_len)`` token windows each."""
-    from .calibration import _tokenize, heldout_windows, windows_from_tokens
+    from lfgraph.calibration import _tokenize, heldout_windows, windows_from_tokens
 
     return {
         "pydoc-heldout": heldout_windows(tokenizer, n_windows, seq_len),
@@ -147,10 +147,10 @@ class Track:
 def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: int, eval_tokens: int,
              lm_eval_tasks: Sequence[str] = (), lm_eval_include: str | None = None, lm_eval_limit: int | None = None) -> Track:
     """A causal LM (alias, folder or .gguf) with the two held-out texts, plus zero-shot
-    ``lm_eval_tasks`` through lm-eval when given (:mod:`lfgraph.harness`; ``lm_eval_include``
+    ``lm_eval_tasks`` through lm-eval when given (:mod:`lfgraph_study.harness`; ``lm_eval_include``
     a folder of local task files, ``lm_eval_limit`` examples per task)."""
-    from .calibration import calibration_windows
-    from .models import load_model
+    from lfgraph.calibration import calibration_windows
+    from lfgraph.models import load_model
 
     loaded = load_model(spec)
     if loaded.family != "causal-lm":
@@ -192,9 +192,9 @@ def lm_track(spec: str, calib_windows: int, calib_tokens: int, eval_windows_n: i
 
 def vision_track(steps: int = 300, seed: int = 0, n_train: int = 2048, n_calib: int = 256, n_test: int = 768) -> Track:
     """The project's ResNet-style CNN trained for ``steps`` on the synthetic task of
-    ``lfgraph.zoo``'s benchmarks (scikit-learn is not installed here, so its digits are not
+    ``lfgraph_study.zoo``'s benchmarks (scikit-learn is not installed here, so its digits are not
     available); ``n_calib`` calibration and ``n_test`` test images apart from training."""
-    from .calibration import accuracy
+    from lfgraph.calibration import accuracy
     from .zoo import ResNetCNN, train_classifier
 
     x, y = synthetic_images(n_train + n_calib + n_test, seed=seed)
@@ -244,7 +244,7 @@ def sweep(
     heal_steps: int = 0, heal_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every method at every target on ``track``: one row per (method, target) with the
-    method's :meth:`~lfgraph.baselines.MethodResult.row` and its scores (or ``error``).
+    method's :meth:`~lfgraph_study.baselines.MethodResult.row` and its scores (or ``error``).
 
     A method may be a label ``"name=method"`` (e.g. ``"lfgraph-map=lfgraph"``) so that one
     method runs under several option sets; ``options`` are keyed by the label's name (or the
@@ -289,7 +289,7 @@ def sweep(
 def _healed_row(track: Track, model: nn.Module, row: dict[str, Any], steps: int, options: dict[str, Any]) -> dict[str, Any]:
     """Heal ``model`` in place (distillation from ``track.model`` on the calibration data)
     and score it: ``row`` with the new scores, method ``+heal``, steps and CPU seconds."""
-    from .retrain.heal import HealConfig, heal
+    from lfgraph.retrain.heal import HealConfig, heal
 
     config = HealConfig(**({"steps": steps, "progress": False, "keep_best": False, "objective": "distill"} | options))
     t0 = time.process_time()
@@ -435,12 +435,10 @@ def plot_study(track: Track, rows: list[dict[str, Any]], out: Path) -> list[Path
 # ---------------------------------------------------------------------------------------
 
 
-def add_subcommand(subparsers: Any) -> None:
-    """Register ``lfgraph study``."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``lfgraph-study`` (:mod:`lfgraph_study.cli`), on ``p``."""
     from .baselines import METHODS
 
-    p = subparsers.add_parser("study", help="compare compression methods (layer fusion, depth pruners, the paper's) on one model",
-                              description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a causal LM (smollm2, a Hugging Face folder, a .gguf) or 'cnn' for the vision track")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",
                    help=f"methods to compare (default: %(default)s); choices: {', '.join(METHODS)}")
@@ -456,7 +454,7 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--cnn-steps", type=COUNT, default=300, help="training steps of the vision track's CNN")
     p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
                    help="also score zero-shot lm-eval tasks (needs 'lfgraph[lm-eval]'; offline: local task files via --lm-eval-include)")
-    p.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-eval task YAMLs (e.g. written by lfgraph.harness.write_cloze_task)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-eval task YAMLs (e.g. written by lfgraph_study.harness.write_cloze_task)")
     p.add_argument("--lm-eval-limit", type=COUNT, metavar="N", help="at most N examples per lm-eval task")
     p.add_argument("--heal", type=STEPS, default=0, metavar="STEPS",
                    help="also heal each depth method's result for STEPS steps (distillation from the original on the "

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LfgraphError
-from ..passes.block_stack import remove_blocks
+from lfgraph.errors import LfgraphError
+from lfgraph.passes.block_stack import remove_blocks
 from ._hidden import calibration_slice, run_stack, stack_inputs, tokens
 from .interface import Method, find_block_stack, n_blocks_for, register, removable_blocks
 

@@ -9,7 +9,7 @@ later". :func:`compression_schedule` gives the cumulative fractions and
 
 from __future__ import annotations
 
-from ..errors import LfgraphError
+from lfgraph.errors import LfgraphError
 
 #: Schedule kinds; the CLI's choices come from here.
 SCHEDULE_KINDS = ("exponential", "uniform")

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LfgraphError
-from ..passes.block_stack import remove_blocks
-from ..passes.selection import angular_distances
+from lfgraph.errors import LfgraphError
+from lfgraph.passes.block_stack import remove_blocks
+from lfgraph.passes.selection import angular_distances
 from .interface import Method, find_block_stack, n_blocks_for, register, removable_blocks
 
 

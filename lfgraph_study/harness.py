@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .errors import LfgraphError
-from .fileio import write_text_atomic
+from lfgraph.errors import LfgraphError
+from lfgraph.fileio import write_text_atomic
 
 INSTALL_HINT = "the zero-shot tasks run through lm-eval: pip install 'lfgraph[lm-eval]'"
 
@@ -38,7 +38,7 @@ def _harness() -> Any:
 
 def hf_model_of(model: nn.Module) -> nn.Module:
     """The Hugging Face ``PreTrainedModel`` inside lfgraph's wrappers (``CausalLMLogits``)."""
-    from .models import inner_hf_model
+    from lfgraph.models import inner_hf_model
 
     inner = inner_hf_model(model)
     if inner is None:

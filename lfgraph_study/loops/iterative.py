@@ -1,6 +1,6 @@
 """The paper's iterative scheme for any rewrite: analyse → plan → rewrite → heal, repeated.
 
-:func:`iterative_heal` follows a compression curriculum (:mod:`lfgraph.retrain.schedule`,
+:func:`iterative_heal` follows a compression curriculum (:mod:`lfgraph_study.loops.schedule`,
 uniform or exponential): at step ``s`` the model is re-traced, a plan brings it to the
 cumulative target ``c_s`` (a share of the ORIGINAL blocks under ``merge``, of its parameters
 under ``tie``), the plan is applied with the pipeline's rewrite, and the result is healed
@@ -8,7 +8,7 @@ by distillation from the original model. Optionally it stops at the inflection p
 each further share removed starts to cost much more than the previous one did.
 
 (The retraining modes mean/freeze/mix on tie sets train the sets *before* they are tied:
-that scheme is :func:`lfgraph.retrain.loop.iterative_compress`.)
+that scheme is :func:`lfgraph_study.loops.loop.iterative_compress`.)
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import LfgraphError
-from .heal import HealConfig, heal
-from .modes import install_retrain_mode
+from lfgraph.errors import LfgraphError
+from lfgraph.retrain.heal import HealConfig, heal
+from lfgraph.retrain.modes import install_retrain_mode
 from .schedule import compression_schedule
 
 
@@ -93,8 +93,8 @@ def iterative_heal(
     and one :class:`HealStep` per step taken plus step 0 (after a stop at the inflection
     point the last record is the step that triggered it, whose model is discarded).
     """
-    from .. import pipeline
-    from ..models import LoadedModel
+    from lfgraph import pipeline
+    from lfgraph.models import LoadedModel
 
     if mode not in ("merge", "tie"):
         raise LfgraphError(f"mode must be 'merge' or 'tie', got {mode!r}")

@@ -5,7 +5,7 @@ one optimizer for every mode (the modes differ only in their parametrizations an
 and ties the sets at the end. :func:`iterative_compress` is the paper's scheme (1): at each
 compression step it plans the next fusions on the current model with the planner, retrains
 under the chosen retraining mode, ties, and repeats, following a compression curriculum
-(:mod:`lfgraph.retrain.schedule`).
+(:mod:`lfgraph_study.loops.schedule`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import LfgraphError
-from .modes import FusedSet, install_retrain_mode, unique_parameter_count
-from .objectives import Objective, make_objective
+from lfgraph.errors import LfgraphError
+from lfgraph.retrain.modes import FusedSet, install_retrain_mode, unique_parameter_count
+from lfgraph.retrain.objectives import Objective, make_objective
 from .schedule import compression_schedule
 
 #: What retraining updates: every parameter, or (the paper's scheme (2)) only the fused sets.
@@ -221,12 +221,12 @@ def iterative_compress(
     """Compress ``model`` by layer fusion in ``compression_steps`` steps with retraining.
 
     At step ``s`` the cumulative target ``c_s`` comes from
-    :func:`~lfgraph.retrain.schedule.compression_schedule` (``final_fraction`` = share of
+    :func:`~lfgraph_study.loops.schedule.compression_schedule` (``final_fraction`` = share of
     the model's parameters to remove, the planner's ``target_kind="params"``); the current
     model's ``LayerGraph`` is built, the planner (``make_plan(..., mode="tie")``) picks the
     fusions that bring the unique-parameter count to ``(1 − c_s)`` of the original, the
     fused sets are retrained for ``steps_per_compression`` steps (an int, or one count per
-    step, e.g. from :func:`~lfgraph.retrain.schedule.retraining_steps`) under fusion
+    step, e.g. from :func:`~lfgraph_study.loops.schedule.retraining_steps`) under fusion
     ``mode`` and tied.
 
     Expects ``model(*example_inputs)`` to run (for tracing). With a distilling objective and
@@ -234,8 +234,8 @@ def iterative_compress(
     Guarantees: the input model is not modified; returns the compressed model (in eval
     mode) and one :class:`CompressionRecord` per step (plus step 0, the input).
     """
-    from ..frontends.torch_fx import build_layer_graph
-    from ..passes.planner import make_plan
+    from lfgraph.frontends.torch_fx import build_layer_graph
+    from lfgraph.passes.planner import make_plan
 
     objective = make_objective(objective, temperature, alpha)
     fractions = compression_schedule(final_fraction, compression_steps, schedule_kind)

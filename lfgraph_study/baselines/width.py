@@ -1,7 +1,7 @@
 """The paper's width methods through the common interface: magnitude pruning per layer and
 global, k-means quantisation, randomized truncated SVD, DAE student rollout.
 
-Each wraps :func:`lfgraph.baselines.compress_baseline` (the implementations live in
+Each wraps :func:`lfgraph_study.baselines.compress_baseline` (the implementations live in
 ``pruning.py``, ``quantization.py``, ``svd.py``, ``dae.py``); ``target`` is the fraction of
 layer weights removed or made redundant, and ``details["achieved"]`` the fraction reached.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..calibration import batches
+from lfgraph.calibration import batches
 from .interface import Method, register
 
 
@@ -26,7 +26,7 @@ def _width(name: str):
         return out, [f"{stats['layers']} layers ({name})"], {"achieved": stats["achieved"]}
 
     compress.__name__ = name.replace("-", "_")
-    compress.__doc__ = f"The paper's ``{name}`` at ``target`` (see :mod:`lfgraph.baselines`)."
+    compress.__doc__ = f"The paper's ``{name}`` at ``target`` (see :mod:`lfgraph_study.baselines`)."
     return compress
 
 

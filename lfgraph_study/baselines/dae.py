@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .pruning import progress_over
-from ..errors import LfgraphError
+from lfgraph.errors import LfgraphError
 from .svd import can_factorize, factorized_layer, factorized_weight_count, rank_for, replace_module, weight_matrix
 
 if TYPE_CHECKING:

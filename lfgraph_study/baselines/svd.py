@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .pruning import progress_over
-from ..errors import LfgraphError
-from ..retrain.modes import is_conv1d_transposed
+from lfgraph.errors import LfgraphError
+from lfgraph.retrain.modes import is_conv1d_transposed
 
 if TYPE_CHECKING:
     from . import LayerRef

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..passes.block_stack import remove_blocks
-from ..passes.selection import sleb_order
+from lfgraph.passes.block_stack import remove_blocks
+from lfgraph.passes.selection import sleb_order
 from .interface import Method, find_block_stack, n_blocks_for, register, removable_blocks
 
 #: SLEB's default reduced calibration budget (windows, tokens per window).

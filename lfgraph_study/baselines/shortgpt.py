@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..passes.block_stack import remove_blocks
-from ..passes.selection import block_influence_scores
+from lfgraph.passes.block_stack import remove_blocks
+from lfgraph.passes.selection import block_influence_scores
 from .interface import Method, find_block_stack, n_blocks_for, register, removable_blocks
 
 
