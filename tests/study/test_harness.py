@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lfgraph.errors import LfgraphError
-from lfgraph.harness import read_results, task_scores, write_cloze_task
+from lfgraph_study.harness import read_results, task_scores, write_cloze_task
 from lfgraph.models import CausalLMLogits
-from lfgraph.zoo import tiny_llama
+from lfgraph_study.zoo import tiny_llama
 from tiny_text import TEXT, tiny_tokenizer
 
 LICENSE = "/usr/share/common-licenses/GPL-3"
@@ -71,9 +71,9 @@ def test_missing_lm_eval_is_one_clear_error(monkeypatch) -> None:
 
 
 def test_study_refuses_lm_eval_on_the_cnn_track_before_loading(capsys) -> None:
-    from lfgraph.cli import main
+    from lfgraph_study.cli import main
 
-    assert main(["study", "cnn", "--lm-eval", "cloze"]) == 2
+    assert main(["cnn", "--lm-eval", "cloze"]) == 2
     assert "lfgraph: error" in capsys.readouterr().err
 
 

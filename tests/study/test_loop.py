@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfgraph.errors import LfgraphError
-from lfgraph.retrain import RETRAIN_MODES, iterative_compress, retrain
+from lfgraph.retrain import RETRAIN_MODES
+from lfgraph_study.loops import iterative_compress, retrain
 from lfgraph.retrain.modes import unique_parameter_count
 from lfgraph.retrain.objectives import Objective, distillation_loss, make_objective, task_loss
-from lfgraph.zoo import MLP
+from lfgraph_study.zoo import MLP
 
 torch.set_num_threads(1)
 
@@ -118,7 +119,7 @@ def test_retrain_user_errors() -> None:
 
 
 def test_retrain_gpt2_conv1d_language_model() -> None:
-    from lfgraph.zoo import tiny_gpt2
+    from lfgraph_study.zoo import tiny_gpt2
 
     model = tiny_gpt2(layers=2, hidden=32)
     ids = torch.arange(32).remainder(8).view(2, 16)  # a repeating, learnable sequence

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lfgraph.errors import LfgraphError
-from lfgraph.retrain.schedule import SCHEDULE_KINDS, compression_schedule, retraining_steps
+from lfgraph_study.loops.schedule import SCHEDULE_KINDS, compression_schedule, retraining_steps
 
 
 @pytest.mark.parametrize("kind", SCHEDULE_KINDS)

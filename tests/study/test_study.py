@@ -1,8 +1,7 @@
-"""``lfgraph study``: the sweep, its outputs, the inflection point, the CLI entry (local parser)."""
+"""``lfgraph-study``: the sweep, its outputs, the inflection point, the command and its option rules."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -10,10 +9,11 @@ import math
 import pytest
 import torch
 
-from lfgraph import zoo
+from cli_checks import one_line
+from lfgraph_study import zoo
 from lfgraph.errors import LfgraphError
 from lfgraph.models import CausalLMLogits
-from lfgraph.study import Track, add_subcommand, inflection_point, licenses_text, lm_scores, run, summary_markdown, sweep, write_outputs
+from lfgraph_study.study import Track, inflection_point, licenses_text, lm_scores, run, summary_markdown, sweep, write_outputs
 
 
 def test_inflection_point_finds_the_knee_of_an_exponential_rise() -> None:
@@ -98,10 +98,11 @@ def test_errors_are_rows_not_crashes(tmp_path) -> None:
         sweep(track, ["nope"], [0.2], log=lambda s: None)
 
 
-def test_cli_subcommand_on_a_local_parser(tiny_llama_folder, tmp_path) -> None:
-    parser = argparse.ArgumentParser()
-    add_subcommand(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["study", str(tiny_llama_folder), "--methods", "shortgpt", "lfgraph", "--targets", "0.17",
+def test_the_lfgraph_study_command(tiny_llama_folder, tmp_path) -> None:
+    from lfgraph_study.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([str(tiny_llama_folder), "--methods", "shortgpt", "lfgraph", "--targets", "0.17",
                               "--calib-windows", "4", "--calib-tokens", "32", "--eval-windows", "2", "--eval-tokens", "32",
                               "--out", str(tmp_path / "s")])
     assert run(args) == 0
@@ -109,13 +110,13 @@ def test_cli_subcommand_on_a_local_parser(tiny_llama_folder, tmp_path) -> None:
     assert {r["method"] for r in data["rows"]} == {"shortgpt", "lfgraph"}
     assert "licenses" in data["protocol"]["texts"]
     with pytest.raises(SystemExit):
-        parser.parse_args(["study", "x", "--methods", "nope"])
+        parser.parse_args(["x", "--methods", "nope"])
     with pytest.raises(SystemExit):  # the fraction rule of every --target(s) option
-        parser.parse_args(["study", str(tiny_llama_folder), "--targets", "1.5"])
+        parser.parse_args([str(tiny_llama_folder), "--targets", "1.5"])
 
 
 def test_merge_studies_joins_rows_and_refuses_other_protocols(tmp_path) -> None:
-    from lfgraph.study import merge_studies
+    from lfgraph_study.study import merge_studies
 
     track = _tiny_track()
     write_outputs(track, sweep(track, ["shortgpt"], [0.17], log=lambda s: None), tmp_path / "a")
@@ -130,7 +131,7 @@ def test_merge_studies_joins_rows_and_refuses_other_protocols(tmp_path) -> None:
 
 
 def test_vision_track_runs_depth_and_width_methods(tmp_path) -> None:
-    from lfgraph.study import vision_track
+    from lfgraph_study.study import vision_track
 
     track = vision_track(steps=5, n_train=64, n_calib=32, n_test=64)
     rows = sweep(track, ["shortgpt", "lfgraph", "prune-global", "replaceme-lstsq"], [0.25], log=lambda s: None)
@@ -155,9 +156,36 @@ def test_sweep_heals_depth_methods_and_compares_healed_with_healed(tmp_path) -> 
 
 
 def test_vision_track_heals_without_labels(tmp_path) -> None:
-    from lfgraph.study import vision_track
+    from lfgraph_study.study import vision_track
 
     track = vision_track(steps=5, n_train=64, n_calib=32, n_test=64)
     rows = sweep(track, ["shortgpt"], [0.25], log=lambda s: None, heal_steps=2)
     assert [r["method"] for r in rows] == ["shortgpt", "shortgpt+heal"]
     assert 0.0 <= rows[1]["accuracy"] <= 1.0
+
+
+# --------------------------------------------------------------------------- lfgraph-study's file and number rules
+# (the product's commands are checked in tests/test_file_safety.py)
+
+
+def test_study_out_naming_a_file_is_refused(tiny_llama_folder, tmp_path, capsys):
+    from lfgraph_study.cli import main
+
+    f = tmp_path / "study.txt"
+    f.write_text("keep me")
+    one_line(capsys, main([str(tiny_llama_folder), "--out", str(f)]), "--out")
+    assert f.read_text() == "keep me"
+
+
+STUDY_NUMERIC = ["--targets", "--calib-windows", "--calib-tokens", "--eval-windows", "--eval-tokens", "--sleb-windows",
+                 "--sleb-tokens", "--cnn-steps", "--lm-eval-limit", "--heal"]
+
+
+@pytest.mark.parametrize("option", STUDY_NUMERIC)
+def test_every_numeric_option_refuses_nan_and_negative_numbers(tiny_llama_folder, tmp_path, capsys, monkeypatch, option):
+    from lfgraph_study.cli import main
+
+    monkeypatch.setattr("lfgraph.models.load_model", lambda *a, **k: pytest.fail("loaded before the options were checked"))
+    for value in ("nan", "-1", "inf"):
+        one_line(capsys, main([str(tiny_llama_folder), f"{option}={value}"]), f"argument {option}")
+    assert list(tmp_path.iterdir()) == []

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from lfgraph.baselines import BASELINES, compress_baseline, compressible_layers, compression_stats, layer_weight_count
-from lfgraph.baselines.dae import fit_dae
-from lfgraph.baselines.pruning import lowest_magnitude_mask
-from lfgraph.baselines.quantization import kmeans_1d
-from lfgraph.baselines.svd import low_rank_layer, rank_for
+from lfgraph_study.baselines import BASELINES, compress_baseline, compressible_layers, compression_stats, layer_weight_count
+from lfgraph_study.baselines.dae import fit_dae
+from lfgraph_study.baselines.pruning import lowest_magnitude_mask
+from lfgraph_study.baselines.quantization import kmeans_1d
+from lfgraph_study.baselines.svd import low_rank_layer, rank_for
 from lfgraph.errors import LfgraphError
-from lfgraph.zoo import MLP, ResNetCNN, randomize_batchnorm
+from lfgraph_study.zoo import MLP, ResNetCNN, randomize_batchnorm
 
 torch.set_num_threads(1)
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from lfgraph import zoo
-from lfgraph.baselines import METHODS, compressible_layers, run_method
-from lfgraph.baselines.laco import laco, released_merge
-from lfgraph.baselines.linearpatch import PatchedBlock, hadamard_rotation
-from lfgraph.baselines.replaceme import cut_activations, lstsq_map
-from lfgraph.baselines.svd import rank_for
+from lfgraph_study import zoo
+from lfgraph_study.baselines import METHODS, compressible_layers, run_method
+from lfgraph_study.baselines.laco import laco, released_merge
+from lfgraph_study.baselines.linearpatch import PatchedBlock, hadamard_rotation
+from lfgraph_study.baselines.replaceme import cut_activations, lstsq_map
+from lfgraph_study.baselines.svd import rank_for
 from lfgraph.errors import LfgraphError
 from lfgraph.models import CausalLMLogits
 from lfgraph.passes.block_stack import remove_blocks
