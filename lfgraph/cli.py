@@ -120,6 +120,10 @@ def _package_subcommands() -> list[tuple[str, Callable[[argparse._SubParsersActi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["study"]:  # the subcommand before the study left the package
+        print("lfgraph: error: the study is its own command now: lfgraph-study MODEL ... (package lfgraph_study; "
+              "python -m lfgraph_study.cli from a checkout)", file=sys.stderr)
+        return 2
     return run_command(build_parser, argv)
 
 
