@@ -40,7 +40,7 @@ from lfgraph.errors import LfgraphError
 from .svd import can_factorize, factorized_layer, factorized_weight_count, rank_for, replace_module, weight_matrix
 
 if TYPE_CHECKING:
-    from . import LayerRef
+    from .layers import LayerRef
 
 ACTIVATIONS = {"identity": None, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 

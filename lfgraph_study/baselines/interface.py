@@ -99,13 +99,13 @@ def n_blocks_for(model: nn.Module, target: float, container: str | None = None) 
 def layer_weights(model: nn.Module) -> int:
     """Weights of the model's fully-connected and convolution layers (the denominator of
     ``weight_fraction``; a weight tied to an embedding is not counted)."""
-    from . import layer_weight_count
+    from .layers import layer_weight_count
 
     return layer_weight_count(model)
 
 
-#: Every method by name (``lfgraph study --methods`` takes its choices from here); filled
-#: at the bottom of this module, once :class:`Method` exists for the method modules.
+#: Every method by name (``lfgraph-study --methods`` takes its choices from here); filled by
+#: :func:`register` as the package imports each method module (``baselines/__init__.py``).
 METHODS: dict[str, Method] = {}
 
 
@@ -153,11 +153,3 @@ def register(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} is registered twice")
     METHODS[method.name] = method
     return method
-
-
-def _load_methods() -> None:
-    # each method lives in its own module and registers itself on import
-    from . import gromov, laco, lfgraph_fusion, linearpatch, replaceme, shortgpt, sleb, width  # noqa: F401
-
-
-_load_methods()

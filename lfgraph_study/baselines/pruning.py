@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from . import LayerRef
+    from .layers import LayerRef
 
 
 def lowest_magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:

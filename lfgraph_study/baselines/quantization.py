@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from . import LayerRef
+    from .layers import LayerRef
 
 
 def _non_empty(bounds: torch.Tensor, n: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from lfgraph.errors import LfgraphError
 from lfgraph.retrain.modes import is_conv1d_transposed
 
 if TYPE_CHECKING:
-    from . import LayerRef
+    from .layers import LayerRef
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

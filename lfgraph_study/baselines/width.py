@@ -18,7 +18,7 @@ from .interface import Method, register
 
 def _width(name: str):
     def compress(model: nn.Module, target: float, calibration: Any, *, batch_size: int = 16, **options: Any) -> tuple[nn.Module, list[str], dict[str, Any]]:
-        from . import BASELINES, compress_baseline, compression_stats
+        from .paper import BASELINES, compress_baseline, compression_stats
 
         data = list(batches(calibration, batch_size)) if BASELINES[name].needs_data else None
         out = compress_baseline(model, name, target, data, **options)
