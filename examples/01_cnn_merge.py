@@ -29,7 +29,7 @@ from lfgraph.passes.rewrite_torch import apply_plan, unique_parameter_count
 from lfgraph.pipeline import plan_summary
 from lfgraph.visualize.plots import plot_analysis
 from lfgraph.visualize import render_rewrite
-from lfgraph.zoo import ResNetCNN, randomize_batchnorm
+from lfgraph_study.zoo import ResNetCNN, randomize_batchnorm
 
 OUT = Path(__file__).resolve().parent / "out"
 # the exporter's notes about optional torchvision ops and deprecations are noise here

@@ -24,7 +24,7 @@ from lfgraph.models import EncoderHidden
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan, unique_parameter_count
 from lfgraph.visualize import render_rewrite
-from lfgraph.zoo import tiny_bert
+from lfgraph_study.zoo import tiny_bert
 
 OUT = Path(__file__).resolve().parent / "out"
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)

@@ -26,7 +26,7 @@ from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan, unique_parameter_count
 from lfgraph.pipeline import plan_summary
 from lfgraph.visualize import render_rewrite
-from lfgraph.zoo import tiny_llama
+from lfgraph_study.zoo import tiny_llama
 
 OUT = Path(__file__).resolve().parent / "out"
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)

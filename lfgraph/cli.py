@@ -113,19 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _package_subcommands() -> list[tuple[str, Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]]:
     """(name, add_subcommand, run) of each package that brings its own subcommand."""
-    from . import study
     from .deploy import cli as generate
     from .retrain import cli as heal
     from .visualize import command as visualize
 
     return [("heal", heal.add_subcommand, heal.run), ("generate", generate.add_subcommand, generate.run),
-            ("study", study.add_subcommand, study.run), ("visualize", visualize.add_subcommand, visualize.run)]
+            ("visualize", visualize.add_subcommand, visualize.run)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["study"]:  # the subcommand before the study left the package
+        print("lfgraph: error: the study is its own command now: lfgraph-study MODEL ... (package lfgraph_study; "
+              "python -m lfgraph_study.cli from a checkout)", file=sys.stderr)
+        return 2
+    return run_command(build_parser, argv)
+
+
+def run_command(build: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` with ``build()``'s parser and run the chosen ``args.run`` under the rules
+    of this module's docstring (one error line, exit codes, Ctrl-C); also ``lfgraph-study``'s."""
     try:
         with signals_as_interrupts():
-            args = build_parser().parse_args(argv)
+            args = build().parse_args(argv)
             return args.run(args)
     except SystemExit as e:  # argparse: --help, --version, or an option error already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

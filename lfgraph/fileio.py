@@ -1,7 +1,7 @@
 """Output files: a user's files are never lost, and every output appears complete or not at all.
 
 Three rules, the same for every file or folder any subcommand writes (``-o``, ``--log``,
-``--report``, ``--plot``, ``plan -o``, ``heal -o``, ``study --out``, ``visualize -o``):
+``--report``, ``--plot``, ``plan -o``, ``heal -o``, ``lfgraph-study --out``, ``visualize -o``):
 
 1. **Checked before the heavy work** (:func:`check_outputs`): an output may not be an input,
    lie inside an input folder or contain an input; its folder must exist and be writable;

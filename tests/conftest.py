@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfgraph import zoo
+import tiny_models as zoo
 
 from tiny_text import tiny_tokenizer
 

@@ -80,6 +80,10 @@ def _one_line_error(capsys, code, match):
     assert match in errors[0]
 
 
+def test_the_study_is_its_own_command(capsys):
+    _one_line_error(capsys, main(["study", "cnn"]), "lfgraph-study")
+
+
 def test_missing_model_path(capsys, tmp_path):
     _one_line_error(capsys, main(["analyze", str(tmp_path / "nope")]), "not found")
 

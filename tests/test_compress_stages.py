@@ -69,7 +69,8 @@ def test_report_page_counts_match_the_plan(deploy_run):
 def test_folder_output_is_for_language_models_only(tmp_path, capsys):
     import torch
 
-    from lfgraph import pipeline, zoo
+    from lfgraph import pipeline
+    import tiny_models as zoo
     from lfgraph.errors import LfgraphError
     from lfgraph.models import wrap_module
 

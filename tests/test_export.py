@@ -8,7 +8,6 @@ import onnx
 import pytest
 import torch
 
-from lfgraph import zoo
 from lfgraph.errors import LfgraphError
 from lfgraph.export import export_onnx
 from lfgraph.onnx_io import read_metadata
@@ -17,6 +16,8 @@ from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import CausalLMLogits, EncoderHidden
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan, unique_parameter_count
+
+import tiny_models as zoo
 
 G = torch.Generator().manual_seed(0)
 IDS = torch.randint(0, 128, (1, 8), generator=G)

@@ -119,13 +119,6 @@ def test_heal_output_onto_an_existing_file_is_refused(tiny_llama_folder, tmp_pat
     assert f.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["result"]
 
 
-def test_study_out_naming_a_file_is_refused(tiny_llama_folder, tmp_path, capsys):
-    f = tmp_path / "study.txt"
-    f.write_text("keep me")
-    _one_line(capsys, main(["study", str(tiny_llama_folder), "--out", str(f)]), "--out")
-    assert f.read_text() == "keep me"
-
-
 def test_output_folders_that_cannot_be_written_are_refused_before_loading(tiny_llama_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("lfgraph.sources.load_model", lambda *a, **k: pytest.fail("loaded before the output check"))
     parent_is_file = tmp_path / "file"
@@ -300,8 +293,6 @@ NUMERIC = {
     "heal": ["--steps", "--lr", "--batch-size", "--accumulation", "--seq-len", "--windows", "--temperature",
              "--hidden-weight", "--warmup", "--clip", "--lora-rank", "--eval-every", "--eval-windows",
              "--checkpoint-every", "--seed", "--target"],
-    "study": ["--targets", "--calib-windows", "--calib-tokens", "--eval-windows", "--eval-tokens", "--sleb-windows",
-              "--sleb-tokens", "--cnn-steps", "--lm-eval-limit", "--heal"],
     "generate": ["--max-new-tokens"],
     "verify": ["--rtol"],
 }
@@ -310,7 +301,7 @@ NUMERIC = {
 def _argv(command: str, option: str, value: str, folder: Path, tmp: Path) -> list[str]:
     head = {"compress": ["compress", str(folder), "-o", str(tmp / "o.onnx")], "plan": ["plan", str(folder)],
             "analyze": ["analyze", str(folder)], "heal": ["heal", str(folder), "-o", str(tmp / "h")],
-            "study": ["study", str(folder)], "generate": ["generate", str(tmp), "--prompt", "hi"],
+            "generate": ["generate", str(tmp), "--prompt", "hi"],
             "verify": ["verify", str(tmp / "o.onnx"), str(folder)]}[command]
     return [*head, f"{option}={value}"]
 

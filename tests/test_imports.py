@@ -1,6 +1,7 @@
-"""The house's import map: no cycle among the package's module-level imports, and the
-command-line layer imported by nothing below it (checked by reading the source, not by
-importing it)."""
+"""The house's import map: no cycle among the package's imports (module-level or inside
+functions), the command-line layer imported by nothing below it, and the product apart from
+the study: nothing in ``lfgraph`` imports ``lfgraph_study`` (checked by reading the source,
+not by importing it)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from pathlib import Path
 
 import networkx as nx
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lfgraph"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lfgraph"
+STUDY = ROOT / "lfgraph_study"
 #: Modules that run commands; the pipeline is theirs to import, and nothing imports them but the CLI.
-COMMANDS = {"lfgraph.cli", "lfgraph.retrain.cli", "lfgraph.deploy.cli", "lfgraph.visualize.command", "lfgraph.study"}
+COMMANDS = {"lfgraph.cli", "lfgraph.retrain.cli", "lfgraph.deploy.cli", "lfgraph.visualize.command"}
 
 
-def _modules() -> dict[str, Path]:
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
     out = {}
-    for f in PACKAGE.rglob("*.py"):
-        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+    for f in package.rglob("*.py"):
+        parts = f.relative_to(package.parent).with_suffix("").parts
         out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     return out
 
@@ -38,8 +41,8 @@ def _targets(module: str, is_package: bool, node: ast.AST, modules: dict[str, Pa
     return subs | ({mod} if others and mod in modules else set())
 
 
-def import_graph(module_level_only: bool) -> nx.DiGraph:
-    modules = _modules()
+def import_graph(module_level_only: bool, package: Path = PACKAGE) -> nx.DiGraph:
+    modules = _modules(package)
     g = nx.DiGraph()
     g.add_nodes_from(modules)
     for name, path in modules.items():
@@ -57,10 +60,37 @@ def test_no_cycle_among_module_level_imports():
     assert cycles == [], cycles[:5]
 
 
+def test_no_cycle_among_imports_inside_functions_either():
+    # 23 before the study left the package, all among the comparison methods (lfgraph_study.baselines)
+    cycles = list(nx.simple_cycles(import_graph(module_level_only=False)))
+    assert cycles == [], cycles[:5]
+
+
+def test_no_cycle_among_the_studys_imports_either():
+    for module_level_only in (True, False):
+        cycles = list(nx.simple_cycles(import_graph(module_level_only, STUDY)))
+        assert cycles == [], cycles[:5]
+
+
+def test_the_product_never_imports_the_study():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            wrong += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "lfgraph_study"]
+        # an import by name (importlib, __import__) would dodge the statements above
+        text = path.read_text(encoding="utf-8")
+        wrong += [f"{path.relative_to(ROOT)}: names lfgraph_study in an import call"
+                  for call in ("import_module(\"lfgraph_study", "__import__(\"lfgraph_study", "import_module('lfgraph_study", "__import__('lfgraph_study")
+                  if call in text]
+    assert wrong == [], wrong
+
+
 def test_the_command_layer_is_imported_from_above_only():
     g = import_graph(module_level_only=False)
     wrong = sorted((a, b) for a, b in g.edges if b in COMMANDS and a not in COMMANDS)
     assert wrong == [], wrong
-    # the pipeline is the commands' (and the research loops', which drive whole runs)
+    # the pipeline is the commands' (the research loops that drive whole runs are lfgraph_study's)
     users = {a for a, b in g.edges if b == "lfgraph.pipeline"}
-    assert users <= COMMANDS | {"lfgraph.retrain.iterative", "lfgraph.retrain.loop", "lfgraph.baselines.lfgraph_fusion"}, users
+    assert users <= COMMANDS, users

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lfgraph import pipeline, zoo
+from lfgraph import pipeline
 from lfgraph.cli import main
 from lfgraph.models import load_model, wrap_module
 from lfgraph.sources import OnnxSource, Source, TorchSource
 from lfgraph.verify import compare_outputs
+
+import tiny_models as zoo
 
 PLAN_OPTIONS = dict(target=0.34, mode="merge", select="similarity", fuse="remove", metric="bures", scope="adjacent")
 

@@ -9,7 +9,6 @@ import onnx
 import pytest
 import torch
 
-from lfgraph import zoo
 from lfgraph.cli import main
 from lfgraph.export import export_onnx
 from lfgraph.frontends.onnx_graph import build_layer_graph as onnx_graph
@@ -17,6 +16,8 @@ from lfgraph.frontends.torch_fx import build_layer_graph as torch_graph
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_onnx import apply_plan as onnx_apply, make_inputs
 from lfgraph.passes.rewrite_torch import apply_plan as torch_apply
+
+import tiny_models as zoo
 
 
 @pytest.fixture(scope="module")

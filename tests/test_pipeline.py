@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from lfgraph import pipeline, zoo
+from lfgraph import pipeline
 from lfgraph.models import wrap_module
+
+import tiny_models as zoo
 
 
 def _cnn():

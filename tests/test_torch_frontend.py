@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from lfgraph import zoo
 from lfgraph.errors import UnsupportedModelError
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import CausalLMLogits, EncoderHidden
+
+import tiny_models as zoo
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

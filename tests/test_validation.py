@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from lfgraph import models, pipeline, zoo
+from lfgraph import models, pipeline
 from lfgraph.cli import main
 
+import tiny_models as zoo
 from cli_checks import one_line as _one_line
 from lfgraph.errors import LfgraphError
 

@@ -221,7 +221,7 @@ def synthetic_images(n: int, classes: int = 10, size: int = 16, seed: int = 0, n
 
 def train_cnn(steps: int, seed: int = 0) -> nn.Module:
     """``zoo.ResNetCNN`` trained for a fixed number of Adam steps (deterministic; ~1 minute)."""
-    from lfgraph.zoo import ResNetCNN, train_classifier
+    from lfgraph_study.zoo import ResNetCNN, train_classifier
 
     torch.manual_seed(seed)
     model = ResNetCNN(stages=((16, 3), (32, 3)), num_classes=10)

@@ -63,16 +63,21 @@ def build(model_name: str):
     SmolLM2's vocabulary (6.4M parameters, most of them the tied embedding)."""
     import torch
 
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from lfgraph.models import CausalLMLogits, load_model
     from lfgraph.pipeline import calibration_tokens
-    from lfgraph.zoo import tiny_llama
 
     loaded = load_model("smollm2")
     calib = calibration_tokens(loaded, 16, 256)
     if model_name == "smollm2":
         return loaded.module.eval(), calib
     del loaded
-    toy = CausalLMLogits(tiny_llama(layers=4, hidden=128, vocab_size=49152)).eval()
+    # built here, not from lfgraph_study.zoo: the child runs on the lfgraph package alone (extract())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    toy = CausalLMLogits(LlamaForCausalLM(cfg).eval()).eval()
     return toy, calib
 
 

@@ -143,9 +143,9 @@ def run_gamma(args: argparse.Namespace) -> str:
     """
     import torch.nn.functional as F
 
-    from lfgraph.retrain import retrain
+    from lfgraph_study.loops import retrain
     from lfgraph.retrain.modes import install_retrain_mode
-    from lfgraph.zoo import MLP
+    from lfgraph_study.zoo import MLP
 
     torch.set_num_threads(1)
     rows = ["| seed | γ (eq. 6) | held-out loss, tied untrained | γ = eq. 6 | γ = 0 | γ = ½ | mean mode |",

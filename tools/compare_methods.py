@@ -7,13 +7,13 @@ Run by people, not imported by lfgraph:
 
 What it does:
 
-1. Trains the project CNN (``lfgraph.zoo.ResNetCNN``) for a fixed number of steps on a
+1. Trains the project CNN (``lfgraph_study.zoo.ResNetCNN``) for a fixed number of steps on a
    synthetic, learnable 10-class image task (noisy, shifted, rescaled low-frequency colour
    templates, 16x16 pixels).
 2. **Without retraining**: at each fraction ``f`` (default 10/20/30 %) of the weights of the
    fully-connected and convolution layers, compresses it by layer fusion (the planner with
    ``mode="tie"``, ``target_kind="params"``, Bures metric, global and adjacent scope, then
-   ``apply_plan``) and by every baseline in ``lfgraph.baselines.BASELINES``, and prints
+   ``apply_plan``) and by every baseline in ``lfgraph_study.baselines.BASELINES``, and prints
    test accuracy with the share of layer weights actually removed.
 3. **With retraining** at one fraction: layer fusion retrained under each retraining mode
    (mean / freeze / mix) and iteratively (3 compression steps, exponential schedule),
@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfgraph.baselines import BASELINES, compress_baseline, compression_stats, layer_weight_count
+from lfgraph_study.baselines import BASELINES, compress_baseline, compression_stats, layer_weight_count
 from lfgraph.errors import LfgraphError
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.passes.analysis import analyze
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan
-from lfgraph.retrain import iterative_compress, retrain, retraining_steps
-from lfgraph.zoo import ResNetCNN
+from lfgraph_study.loops import iterative_compress, retrain, retraining_steps
+from lfgraph_study.zoo import ResNetCNN
 
 CLASSES, SIZE = 10, 16
 

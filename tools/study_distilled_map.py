@@ -6,7 +6,7 @@ The closed-form map fits the hidden state after the cut; this asks how much is l
 fitting what perplexity measures (the next-token distribution) instead, with the same data
 and the same capacity (nothing else trains). Calibration: the study's 32 x 256 tokens; the
 last 8 windows are held out for early stopping (KL every 10 steps, best state kept).
-Scores: the study's two held-out texts (``lfgraph.study.lm_track``).
+Scores: the study's two held-out texts (``lfgraph_study.study.lm_track``).
 
     OMP_NUM_THREADS=1 python tools/study_distilled_map.py --target 0.1 --steps 60 --out map.json
 """
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lfgraph.baselines import run_method
+from lfgraph_study.baselines import run_method
 from lfgraph.fileio import write_text_atomic
-from lfgraph.study import lm_track
+from lfgraph_study.study import lm_track
 
 
 class OutputMap(nn.Module):

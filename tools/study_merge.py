@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lfgraph.study import merge_studies
+from lfgraph_study.study import merge_studies
 
 if __name__ == "__main__":
     if len(sys.argv) < 3:

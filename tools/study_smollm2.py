@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lfgraph.study import lm_track, sweep, write_outputs
+from lfgraph_study.study import lm_track, sweep, write_outputs
 
 #: The peers and lfgraph's default first, then lfgraph's other recipes and the ablation of
 #: its calibrated rule: how much the refit may move (full down-projection refit vs. a
@@ -72,9 +72,9 @@ def main() -> None:
     torch.set_num_threads(1)
     tasks, include = [], None
     if args.cloze:
-        from lfgraph.harness import write_cloze_task
+        from lfgraph_study.harness import write_cloze_task
         from lfgraph.models import cache_dir
-        from lfgraph.study import licenses_text
+        from lfgraph_study.study import licenses_text
 
         include = cache_dir() / "lm-eval-tasks"
         write_cloze_task(licenses_text(), include, "cloze_licenses", n=args.cloze)

@@ -8,7 +8,7 @@ fraction of parameters to make redundant:
 
 - one shot: the planner ties the closest layers (``make_plan(mode="tie")``, Bures metric,
   global ranking) and each tie set takes the mean of its weights; no training;
-- retrained: ``lfgraph.retrain.iterative_compress`` in 3 compression steps on the paper's
+- retrained: ``lfgraph_study.loops.iterative_compress`` in 3 compression steps on the paper's
   exponential curriculum, the retraining budget split exponentially over the steps
   (more later), under each retraining mode; the task loss on the training images;
 - reference: the uncompressed model trained for the same extra steps (so that a gain from
@@ -36,10 +36,10 @@ from lfgraph.fileio import write_text_atomic
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan, unique_parameter_count
-from lfgraph.retrain import iterative_compress
+from lfgraph_study.loops import iterative_compress
 from lfgraph.retrain.schedule import retraining_steps
-from lfgraph.study import synthetic_images
-from lfgraph.zoo import ResNetCNN, train_classifier, wide_resnet
+from lfgraph_study.study import synthetic_images
+from lfgraph_study.zoo import ResNetCNN, train_classifier, wide_resnet
 
 MODELS = {
     "resnet": ("ResNet-style: 2 stages x 8 basic blocks, 16/32 channels", lambda: ResNetCNN(stages=((16, 8), (32, 8)))),

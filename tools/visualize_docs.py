@@ -7,7 +7,7 @@
   ``remove`` (lfgraph.pipeline's load/trace/plan_model/rewrite), angular and BI scores.
 - ``smollm2-calibrated``: the same plan with fuse ``calibrated`` (kept blocks refitted on
   4 x 128 calibration tokens).
-- ``cnn``: lfgraph.zoo.ResNetCNN (random weights, stages (16, 3), (32, 3)), Block Influence
+- ``cnn``: lfgraph_study.zoo.ResNetCNN (random weights, stages (16, 3), (32, 3)), Block Influence
   on random images, fuse ``mean``, then healed: 80 steps of distillation from the original
   (the loss curve on the page).
 - ``resnet50``: the onnx package's light ResNet-50 (weights are placeholders, so the
@@ -58,10 +58,10 @@ def cnn(out: Path) -> Path:
     from lfgraph.passes.analysis import analyze
     from lfgraph.passes.rewrite_torch import apply_plan
     from lfgraph.passes.selection import runs_to_plan, select_runs
-    from lfgraph.retrain.loop import retrain
+    from lfgraph_study.loops.loop import retrain
     from lfgraph.retrain.objectives import OBJECTIVES
     from lfgraph.visualize.scores import selection_scores
-    from lfgraph.zoo import ResNetCNN, randomize_batchnorm
+    from lfgraph_study.zoo import ResNetCNN, randomize_batchnorm
 
     torch.manual_seed(0)
     model = randomize_batchnorm(ResNetCNN(stages=((16, 3), (32, 3)), num_classes=10)).eval()
@@ -83,7 +83,7 @@ def cnn(out: Path) -> Path:
             lr=2e-3, progress=False)
     path = out / "cnn.html"
     write_report(path, graph, plan, result.log, analysis=analyze(graph, "bures"), scores=selection_scores(model, graph, x),
-                 loss_curve=curve, title="ResNetCNN (lfgraph.zoo): 2 blocks merged (Block Influence, aligned mean), healed by distillation")
+                 loss_curve=curve, title="ResNetCNN (lfgraph_study.zoo): 2 blocks merged (Block Influence, aligned mean), healed by distillation")
     return path
 
 

@@ -16,13 +16,13 @@ import onnx
 import pytest
 import torch
 
-from lfgraph import zoo
 from lfgraph.errors import LfgraphError, NoCompatibleGroupsError, UnsupportedModelError
 from lfgraph.frontends import torch_fx
 from lfgraph.frontends.onnx_graph import analyze_onnx, build_layer_graph, check_fusable, load_onnx, node_keys
 from lfgraph.models import CausalLMLogits, EncoderHidden
 
 # tests/ is on sys.path through its conftest.py (pytest's default "prepend" import mode)
+import tiny_models as zoo
 from onnx_builders import export_torch, NEWEST_OPSET, ORT_OPSET, failing_checker, plain_mlp, residual_cnn, residual_mlp, single_layer, with_custom_op
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

@@ -19,7 +19,7 @@ from lfgraph.models import CausalLMLogits
 from lfgraph.passes.block_stack import remove_blocks
 from lfgraph.passes.calibrated_fusion import RidgeStats, calibrated_merge, calibrated_merge_plan, ridge_solve
 from lfgraph.passes.selection import Run, runs_to_plan
-from lfgraph.zoo import ResNetCNN, randomize_batchnorm, tiny_llama
+from tiny_models import ResNetCNN, randomize_batchnorm, tiny_llama
 
 torch.set_num_threads(2)
 
@@ -155,7 +155,7 @@ def test_conv_fit_improves_on_removal() -> None:
 
 def test_post_layernorm_blocks_are_refused() -> None:
     from lfgraph.models import EncoderHidden
-    from lfgraph.zoo import tiny_bert
+    from tiny_models import tiny_bert
 
     model = EncoderHidden(tiny_bert(layers=3)).eval()
     ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfgraph import zoo
 from lfgraph.errors import LfgraphError, NoCompatibleGroupsError
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import CausalLMLogits
 from lfgraph.passes.planner import make_plan
 from lfgraph.plan import FusionPlan
+
+import tiny_models as zoo
 
 IDS = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
 

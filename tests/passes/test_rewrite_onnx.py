@@ -18,7 +18,6 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from lfgraph import zoo
 from lfgraph.errors import LfgraphError
 from lfgraph.frontends.onnx_graph import analyze_onnx, build_layer_graph, load_onnx
 from lfgraph.models import CausalLMLogits, EncoderHidden
@@ -29,6 +28,7 @@ from lfgraph.verify import verify_against_onnx
 from lfgraph.plan import Fusion, FusionPlan
 
 # tests/ is on sys.path through its conftest.py (pytest's default "prepend" import mode)
+import tiny_models as zoo
 from onnx_builders import export_torch, NEWEST_OPSET, ORT_OPSET, residual_cnn, residual_mlp
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

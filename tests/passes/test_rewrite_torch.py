@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from lfgraph import zoo
 from lfgraph.errors import LfgraphError
 from lfgraph.frontends.torch_fx import build_layer_graph
 from lfgraph.models import CausalLMLogits, EncoderHidden
@@ -16,6 +15,8 @@ from lfgraph.passes.block_stack import remove_blocks
 from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan, permute_block_in_place, unique_parameter_count
 from lfgraph.plan import Fusion, FusionPlan
+
+import tiny_models as zoo
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 IMG = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ from lfgraph.passes.selection import (
     SELECTORS, Run, angular, angular_distances, block_influence, block_influence_scores, runs_from_dropped, runs_to_plan,
     select_runs, sleb,
 )
-from lfgraph.zoo import ResNetCNN, randomize_batchnorm
+from tiny_models import ResNetCNN, randomize_batchnorm
 
 torch.set_num_threads(2)
 

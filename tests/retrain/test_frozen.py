@@ -17,7 +17,7 @@ from lfgraph.passes.calibrated_fusion import calibrated_merge
 from lfgraph.passes.map_distillation import DistillSettings
 from lfgraph.retrain.frozen import FrozenPrefix, TeacherCache, first_trained_block
 from lfgraph.retrain.objectives import masked_distillation_loss
-from lfgraph.zoo import tiny_llama
+from tiny_models import tiny_llama
 
 #: float reassociation only: the cached tensors come from batches of another size
 RTOL = 1e-5

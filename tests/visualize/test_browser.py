@@ -19,7 +19,7 @@ from lfgraph.passes.planner import make_plan
 from lfgraph.passes.rewrite_torch import apply_plan
 from lfgraph.visualize import read_page_data, write_report
 from lfgraph.visualize.browser import console_errors, find_chromium, headless, open_page, screenshot
-from lfgraph.zoo import tiny_llama
+from tiny_models import tiny_llama
 
 pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no chromium + chromedriver on PATH (apt-get install chromium chromium-driver)")

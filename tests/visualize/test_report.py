@@ -23,7 +23,7 @@ from lfgraph.plan import FusionPlan
 from lfgraph.visualize import read_page_data, report_data, write_report
 from lfgraph.visualize.command import add_subcommand, run
 from lfgraph.visualize.scores import selection_scores
-from lfgraph.zoo import tiny_llama
+from tiny_models import tiny_llama
 
 # tests/ is on sys.path through its conftest.py (pytest's default "prepend" import mode)
 from onnx_builders import residual_mlp

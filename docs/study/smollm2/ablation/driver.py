@@ -1,6 +1,6 @@
 import sys, json, torch
 from pathlib import Path
-from lfgraph.study import lm_track, sweep, write_outputs
+from lfgraph_study.study import lm_track, sweep, write_outputs
 torch.set_num_threads(1)
 labels = sys.argv[2].split(",")
 targets = [float(t) for t in sys.argv[3].split(",")]

@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from lfgraph.study import merge_studies
+from lfgraph_study.study import merge_studies
 
 HERE = Path(__file__).parent
 S = HERE.parent

@@ -2,8 +2,8 @@
 (24 train, 8 held out for the best state), logit KL T=1: does more capacity on the same
 calibration budget generalise to the held-out texts?"""
 import sys, json, time, torch
-from lfgraph.study import lm_track
-from lfgraph.baselines.interface import run_method
+from lfgraph_study.study import lm_track
+from lfgraph_study.baselines.interface import run_method
 from lfgraph.retrain.heal import HealConfig, heal
 torch.set_num_threads(1)
 out, target, steps, lr = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lfgraph.passes.map_distillation import DistillSettings
-from lfgraph.study import lm_track, sweep
+from lfgraph_study.study import lm_track, sweep
 
 torch.set_num_threads(1)
 out, target, sampled, steps, trainable = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]

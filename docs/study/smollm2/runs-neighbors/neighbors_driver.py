@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lfgraph.passes.map_distillation import DistillSettings
-from lfgraph.study import lm_track, sweep
+from lfgraph_study.study import lm_track, sweep
 
 torch.set_num_threads(1)
 out, target, sampled, steps, lr, neigh = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6] == "1"

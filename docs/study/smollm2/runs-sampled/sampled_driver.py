@@ -1,6 +1,6 @@
 import sys, json, torch
 from pathlib import Path
-from lfgraph.study import lm_track, sweep
+from lfgraph_study.study import lm_track, sweep
 from lfgraph.passes.map_distillation import DistillSettings
 torch.set_num_threads(1)
 out, target, sampled, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
