@@ -19,7 +19,7 @@ from .base import Architecture
 ARCHITECTURES: dict[str, Architecture] = {}
 
 #: Where a new family goes (quoted in the refusal).
-WHERE_TO_ADD = "lfgraph/architectures/families.py (see docs/architectures.md, 'Adding a family')"
+WHERE_TO_ADD = "a new module in lfgraph/architectures/families/ (see docs/architectures.md, 'Adding a family')"
 
 
 def register(cls: type[Architecture]) -> type[Architecture]:

@@ -1,6 +1,9 @@
 """Every family in the architecture registry, on a tiny random model saved as a Hugging Face
 folder (tests/architectures/tiny_families.py).
 
+The checks themselves are in family_checks.py; a family added in its own module has its own
+test file, test_family_NAME.py, that runs them on its tiny model.
+
 Fast, per family: the registry finds the family and its stack; calibrated fusion of two
 blocks runs (refit into the family's projection: dense, through the post-MLP norm, or into
 every MoE expert) and lowers the fit error; the compressed checkpoint reloads in
@@ -13,58 +16,47 @@ ORT and onnxruntime-genai), checked again here from the files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from lfgraph import architectures
 from lfgraph.cli import main
-from lfgraph.deploy.checkpoint import save_hf_checkpoint
 from lfgraph.errors import LfgraphError
 from lfgraph.models import CausalLMLogits
 from lfgraph.passes.calibrated_fusion import calibrated_merge
 
 from cli_checks import one_line
+from family_checks import calibration as _calibration, check_calibrated_fusion_and_checkpoint, check_compress_cli
 from tiny_families import FAMILIES, tiny_family_model
 
 CAUSAL = sorted(FAMILIES)
-#: families whose compression works (fast test) but whose ONNX export with a KV cache fails
-#: in torch.onnx (MoE expert loops, Falcon's cache): compress to a folder ends in one line
-ONNX_EXPORT_FAILS = {"falcon", "mixtral", "qwen3_moe"}
-
-
-def _calibration(vocab: int, n: int = 4, seq: int = 24) -> torch.Tensor:
-    return torch.randint(2, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+#: families added later, each in its own module with its own test file (test_family_NAME.py)
+OWN_TEST_FILES = {p.stem.removeprefix("test_family_") for p in Path(__file__).parent.glob("test_family_*.py")}
 
 
 def test_every_family_is_registered_and_tested():
-    assert set(CAUSAL) <= set(architectures.ARCHITECTURES)
-    assert set(architectures.ARCHITECTURES) - set(CAUSAL) == {"bert"}  # the encoder, tested in tests/test_pipeline.py
+    assert set(CAUSAL) <= set(architectures.ARCHITECTURES) and not set(CAUSAL) & OWN_TEST_FILES
+    # the encoder is tested in tests/test_pipeline.py; every other family here or in its own file
+    assert set(architectures.ARCHITECTURES) - set(CAUSAL) - OWN_TEST_FILES == {"bert"}
+    assert OWN_TEST_FILES <= set(architectures.ARCHITECTURES)
+
+
+def test_every_module_in_the_families_folder_is_imported_and_registers():
+    """A family is a file in lfgraph/architectures/families/: the package imports each one
+    (no list to edit), and each registers at least one family."""
+    from lfgraph.architectures import families
+
+    folder = Path(families.__file__).parent
+    assert set(families.MODULES) == {p.stem for p in folder.glob("*.py") if not p.name.startswith("_")}
+    assert {type(a).__module__ for a in architectures.ARCHITECTURES.values()} == {f"{families.__name__}.{m}" for m in families.MODULES}
 
 
 @pytest.mark.parametrize("family", CAUSAL)
 def test_calibrated_fusion_and_checkpoint(family, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     hf = tiny_family_model(family, tmp_path / "in")
-    arch = architectures.of_model(hf)
-    assert arch is architectures.lookup(family) and arch.name == family
-    cpath = arch.stack_path(CausalLMLogits(hf))
-    assert len(arch.blocks(hf)) == 4
-
-    wrapper = CausalLMLogits(hf).eval()
-    result = calibrated_merge(wrapper, [[f"{cpath}.1", f"{cpath}.2"]], _calibration(hf.config.vocab_size), keep="first")
-    refits = [r for r in result.log.records if r.action == "refit"]
-    assert refits and all(r.detail["relative_error_after"] <= r.detail["relative_error_before"] + 1e-9 for r in refits)
-    compressed = result.model.model
-    assert compressed.config.num_hidden_layers == 3 and hf.config.num_hidden_layers == 4
-
-    save_hf_checkpoint(compressed, tmp_path / "out", tokenizer_source=tmp_path / "in", kept_layers=[0, 1, 3])
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ids = _calibration(hf.config.vocab_size, 1, 12)
-    with torch.no_grad():
-        want, got = compressed.eval()(ids).logits, loaded.eval()(ids).logits
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    check_calibrated_fusion_and_checkpoint(family, hf, tmp_path / "in", tmp_path / "out")
 
 
 def test_post_norm_refit_fits_through_the_norm(tmp_path):
@@ -119,27 +111,5 @@ def test_unknown_family_is_refused_in_one_line(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", CAUSAL)
 def test_compress_cli_writes_a_deploy_folder(family, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
-
-    from lfgraph.deploy.generation import OrtDecoder
-
     tiny_family_model(family, tmp_path / "in")
-    out = tmp_path / "out"
-    code = main(["compress", str(tmp_path / "in"), "--target", "0.25", "--fuse", "calibrated", "-o", str(out),
-                 "--eval-windows", "0", "--calibration-windows", "4", "--calibration-seq-len", "64"])
-    assert code == 0, capsys.readouterr().err
-    names = {p.name for p in out.iterdir()}
-    loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert loaded.config.num_hidden_layers == 3
-    if family in ONNX_EXPORT_FAILS:  # the checkpoint, checked by reloading it, and why there is no ONNX
-        assert "model.onnx" not in names and {"config.json", "plan.json", "tokenizer.json"} <= names
-        assert "no ONNX" in capsys.readouterr().out
-        return
-    assert {"config.json", "model.onnx", "genai_config.json", "tokenizer.json"} <= names
-    ids = _calibration(loaded.config.vocab_size, 1, 12)
-    head_dim = getattr(loaded.config, "head_dim", None) or loaded.config.hidden_size // loaded.config.num_attention_heads
-    ort_logits, _ = OrtDecoder(out / "model.onnx").prefill(ids.numpy(), head_dim=head_dim)
-    with torch.no_grad():
-        want = loaded.eval()(ids).logits.numpy()
-    assert abs(ort_logits - want).max() <= 1e-4 * abs(want).max()
+    check_compress_cli(family, tmp_path / "in", tmp_path / "out", capsys)

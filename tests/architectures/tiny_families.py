@@ -15,7 +15,8 @@ from tiny_text import tiny_tokenizer  # tests/ is on sys.path through its confte
 _ATTN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
 
-#: family -> (transformers config class name, config kwargs)
+#: family -> (transformers config class name, config kwargs); families added later keep
+#: theirs in their own test file (tests/architectures/test_family_NAME.py)
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(_ATTN)),
     "qwen2": ("Qwen2Config", dict(_ATTN)),
@@ -45,10 +46,19 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 
 
 def tiny_family_model(family: str, folder: Path, seed: int = 0, spread: float = 0.2):
-    """Save a random ``family`` causal LM with the tiny tokenizer in ``folder``; return the model."""
+    """Save a random ``family`` causal LM (an entry of :data:`FAMILIES`) with the tiny tokenizer
+    in ``folder``; return the model."""
+    cls_name, kwargs = FAMILIES[family]
+    return tiny_model(cls_name, kwargs, folder, seed, spread)
+
+
+def tiny_model(cls_name: str, kwargs: dict, folder: Path, seed: int = 0, spread: float = 0.2):
+    """Save a random causal LM of the transformers config class ``cls_name`` (made with
+    ``kwargs``, plus the tiny tokenizer's vocabulary and special tokens) in ``folder``, with
+    the tokenizer; return the model. A family added in its own test file calls this."""
     import transformers
 
-    cls_name, kwargs = FAMILIES[family]
+    kwargs = dict(kwargs)
     tok = tiny_tokenizer(folder)
     cfg = getattr(transformers, cls_name)(
         vocab_size=len(tok), initializer_range=spread, bos_token_id=None, eos_token_id=tok.eos_token_id,

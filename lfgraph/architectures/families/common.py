@@ -1,8 +1,9 @@
-"""One class per model family lfgraph compresses (see docs/architectures.md).
+"""The first model families lfgraph compressed, one class each (see docs/architectures.md).
 
 Each class overrides only what differs from :class:`~lfgraph.architectures.base.Architecture`
-(Llama). Adding a family: one class here, decorated with ``@register``, and one entry in
-``tests/architectures/tiny_families.py``.
+(Llama). Their tiny test models are in ``tests/architectures/tiny_families.py``. A new
+family does not go here: it is a new module beside this one (the package imports every
+module in its folder), with its own test file.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .base import Architecture
-from .registry import register
+from ..base import Architecture
+from ..registry import register
 
 
 @register
