@@ -27,6 +27,7 @@ from ..passes.base import RewriteLog
 from ..passes.selection import Run, runs_to_plan
 from ..plan import FusionPlan
 from ..recipes import FUSION_RULES, refit_provenance, split_fusion_rule
+from ..registry import FUSION_RULE_REGISTRY
 from .calibrate import calibration_ids, stack_input
 from .checkpoint import Checkpoint
 from .estimate import Estimate, check_fits, estimate
@@ -37,7 +38,7 @@ from .write import write_checkpoint
 
 #: Fusion rules the streaming path applies (closed form; the distilling rules train the
 #: whole model and need it in memory).
-STREAM_FUSION_RULES = ("remove", "calibrated", "calibrated-map")
+STREAM_FUSION_RULES = tuple(r.name for r in FUSION_RULE_REGISTRY.values() if r.streams)
 
 
 @dataclass
