@@ -36,7 +36,7 @@ from .plan import FusionPlan
 from .planning import (  # the stages usable one by one, from here as before
     Recipe, check_inputs, check_recipe, plan_model, resolve_recipe, rewrite, weight_warnings,
 )
-from .registry import SLEB_BUDGET
+from .registry import SLEB_BUDGET, fusion_rule
 from .report import CompressReport
 from .sources import Source, TorchSource, open_source
 from .stages import CompressState, build_stages, write_report_page
@@ -171,7 +171,7 @@ def verify(onnx_file: str | Path, spec: str | LoadedModel, rtol: float = 1e-4) -
     if not onnx_file.is_file():
         raise LfgraphError(f"ONNX file {onnx_file} does not exist")
     plan = metadata_plan(onnx_file)
-    if plan.fuse == "calibrated":
+    if fusion_rule(plan.fuse).needs_calibration:
         raise LfgraphError("verify re-runs the rewrite; a calibrated plan depends on calibration data: verify right after compress instead")
     source, graph = graph_of(spec)
     compressed = rewrite(source, graph, plan, progress=False).model

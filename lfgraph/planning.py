@@ -127,9 +127,11 @@ def resolve_recipe(source: Source, mode: str, select: str | None, fuse: str | No
     if not has_data and recipe.is_default and mode == "merge" and source.kind == "pytorch":
         recipe.notes.append("no calibration data (no tokenizer files, no --calibration-tokens): the weights-only recipe, "
                             f"select {d_select} + fuse {d_fuse}; give calibration data for the activation-based default")
-    ignored = [o for o, v in (("--metric", metric), ("--scope", scope)) if v is not None]
-    if recipe.select != "similarity" and ignored:
-        recipe.notes.append(f"{' and '.join(ignored)} ignored: they apply to --select similarity, not {recipe.select}")
+    takes = selection(recipe.select).parameters
+    ignored = [o for o, v in (("metric", metric), ("scope", scope)) if v is not None and o not in takes]
+    if ignored:
+        users = " or ".join(s.name for s in SELECTION_REGISTRY.values() if all(o in s.parameters for o in ignored))
+        recipe.notes.append(f"{' and '.join('--' + o for o in ignored)} ignored: they apply to --select {users}, not {recipe.select}")
     return recipe
 
 

@@ -108,7 +108,8 @@ def split_fusion_rule(rule: str) -> tuple[str, bool]:
 def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_default: bool, family: str) -> str:
     """One line naming the recipe, as the report prints it."""
     text = f"mode {mode}, select {select}"
-    if select == "similarity":
+    entry = SELECTION_REGISTRY.get(select)
+    if entry is not None and entry.parameters:  # the options it takes (similarity's metric and scope)
         text += f" ({metric}, {scope})"
     text += f", fuse {fuse}"
     if is_default:

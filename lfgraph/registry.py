@@ -59,6 +59,8 @@ class Selection:
     target_kinds: tuple[str, ...] = ("blocks",)
     plan: Callable[..., Any] | None = None
     budget: Budget | None = None
+    #: the options it takes (``--metric``, ``--scope``); the others ignore them
+    parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ _ACTIVATIONS = dict(needs_calibration=True, needs_activations=True, source_kinds
 SELECTION_REGISTRY: dict[str, Selection] = {s.name: s for s in (
     Selection("similarity", "fuse the blocks (or layers) whose weights are most alike (no data needed)",
               _selection.similarity, needs_calibration=False, needs_activations=False, source_kinds=(PYTORCH, ONNX),
-              modes=("merge", "tie"), target_kinds=("blocks", "params"), plan=make_plan),
+              modes=("merge", "tie"), target_kinds=("blocks", "params"), plan=make_plan,
+              parameters=("metric", "scope")),
     Selection("block_influence", "drop the blocks that change their input least (ShortGPT's Block Influence)",
               _selection.block_influence, **_ACTIVATIONS),
     Selection("angular", "drop the contiguous run whose input and output are closest in angle (Gromov et al.)",

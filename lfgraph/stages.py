@@ -41,6 +41,7 @@ from .passes.manager import Stage
 from .passes.map_distillation import TRAINED_WITH_THE_MAPS
 from .planning import check_inputs, check_recipe, plan_model, resolve_recipe, rewrite, weight_warnings
 from .recipes import describe, refit_provenance
+from .registry import fusion_rule
 from .report import CompressReport
 from .sources import is_onnx_spec, open_source
 
@@ -263,7 +264,7 @@ class Plan(Stage):
             plan = s.plan = s.given_plan
             plan.check_applies_to(graph.fingerprint())
             s.recipe = f"plan from file: mode {plan.mode}, fuse {plan.fuse}"
-            if plan.fuse == "calibrated":
+            if fusion_rule(plan.fuse).needs_calibration:
                 s.calibration = source.calibration(opts)
         else:
             chosen = resolve_recipe(source, s.mode, s.select, s.fuse, s.target, s.target_kind, opts, s.metric, s.scope)

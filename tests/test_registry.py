@@ -45,6 +45,10 @@ def test_every_selection_declares_its_needs():
         assert not s.needs_activations or s.needs_calibration
         # a selection that reads no activations plans the whole graph (tie and ONNX too)
         assert (s.plan is None) == s.needs_activations
+        # --metric/--scope are the weight planner's options; the report names them where they applied
+        assert s.parameters == (("metric", "scope") if s.plan is not None else ())
+        line = recipes.describe("merge", name, "remove", "bures", "adjacent", False, "vision")
+        assert ("(bures, adjacent)" in line) == bool(s.parameters)
     assert set(SELECTION_REGISTRY) == set(selection_pass.SELECTORS)
 
 

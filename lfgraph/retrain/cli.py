@@ -25,6 +25,7 @@ from ..errors import LfgraphError
 from ..fileio import check_outputs, commit_folder, signals_as_interrupts, staging_folder
 from ..options import COUNT, EVERY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, SEQ_LEN, STEPS, WARMUP, Parser, add_overwrite_option
 from ..plan import FusionPlan
+from ..registry import fusion_rule
 from .stage import HEAL_DEFAULTS, heal_compressed, max_positions, training_windows
 from .distributed import STRATEGIES
 from .heal import HEAL_OBJECTIVES
@@ -160,7 +161,7 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
     if args.plan:
         plan = FusionPlan.load(args.plan)
         plan.check_applies_to(graph.fingerprint())
-        if plan.fuse == "calibrated":
+        if fusion_rule(plan.fuse).needs_calibration:
             calibration = pipeline.calibration_tokens(model)
     else:
         from ..model_types import CalibrationOptions
