@@ -311,7 +311,7 @@ class Heal(Stage):
 
     name = "heal"
     requires = ("source", "compressed", "plan")
-    provides = ("compressed", "heal_curve")
+    provides = ("compressed",)
 
     def message(self, s: CompressState) -> str:
         return f"healing: {s.heal_steps} steps of distillation from the original"
