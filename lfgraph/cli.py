@@ -31,13 +31,15 @@ def _metric_names() -> list[str]:
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    from .recipes import FUSION_RULES, SELECTIONS
+    from .registry import FUSION_RULE_REGISTRY, SELECTION_REGISTRY, choices_help
 
     p.add_argument("--target", type=FRACTION, default=0.25, help="fraction to remove: of blocks (default) or of parameters (default 0.25)")
     p.add_argument("--target-kind", choices=["blocks", "params"], default="blocks", help="what --target counts (default blocks)")
     p.add_argument("--mode", choices=["merge", "tie"], default="merge", help="merge: remove blocks (shallower); tie: share weights (default merge)")
-    p.add_argument("--select", choices=SELECTIONS, default=None, help="selection: which blocks to fuse (default: best measured for the model family)")
-    p.add_argument("--fuse", choices=FUSION_RULES, default=None, help="fusion rule: how a fused run becomes one block (default: best measured for the model family)")
+    p.add_argument("--select", choices=list(SELECTION_REGISTRY), default=None,
+                   help=choices_help("selection: which blocks to fuse (default: best measured for the model family)", SELECTION_REGISTRY))
+    p.add_argument("--fuse", choices=list(FUSION_RULE_REGISTRY), default=None,
+                   help=choices_help("fusion rule: how a fused run becomes one block (default: best measured for the model family)", FUSION_RULE_REGISTRY))
     p.add_argument("--metric", choices=_metric_names(), default=None, help="weight-similarity measure, for --select similarity (default bures)")
     p.add_argument("--scope", choices=["adjacent", "global"], default=None, help="fuse neighbours only, or any compatible pair, for --select similarity (default adjacent)")
     p.add_argument("--distill-trainable", choices=["maps", "neighbors", "blocks"], default=None,

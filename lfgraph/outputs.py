@@ -201,6 +201,38 @@ class CheckpointFolderOutput(DeployFolderOutput):
         write_text_atomic(staged / "lfgraph.json", json.dumps({**meta, "lfgraph.check": verdict}, indent=1) + "\n")
 
 
+class OnnxDecoderOutput:
+    """A with-past ONNX decoder made shallower straight from its graph (``.onnx`` file or
+    folder with ``genai_config.json``): staged and put in place by the same rule as the
+    other outputs; what is written and how it is checked are the decoder stages' own
+    (:mod:`lfgraph.stages`)."""
+
+    kind = "onnx-decoder"
+    size_name = "ONNX file"
+
+    def __init__(self, src: Path, out: Path) -> None:
+        self.src, self.out = src, out
+
+    def staged_path(self, folder: Path) -> Path:
+        return folder / self.out.name
+
+    def model_file(self, staged: Path) -> Path:
+        return staged if staged.suffix == ".onnx" else staged / "model.onnx"
+
+    def mark_failed(self, staged: Path, verdict: str) -> None:
+        mark_onnx_failed(self.model_file(staged), verdict)
+
+    def finish(self, staged: Path, dest: Path) -> None:
+        """A staged ``.onnx`` file (its ``.data`` first) or folder to ``dest``."""
+        if staged.is_dir():
+            commit_folder(staged, dest)
+            return
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():
+            os.replace(data, dest.with_name(dest.name + ".data"))
+        os.replace(staged, dest)
+
+
 def decode_latency(original: Path, compressed: Path, vocab_size: int, prompt_len: int = 64, new_tokens: int = 32) -> tuple[str, float, float]:
     """Milliseconds per generated token of two with-past decoders (greedy, batch 1, after a
     ``prompt_len``-token prompt), run alternately, median of 3 rounds."""

@@ -26,14 +26,19 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Selection criteria: weight similarity (the paper) and activation-based ones.
-SELECTIONS = ("similarity", "block_influence", "angular", "sleb")
+from .errors import LfgraphError
+from .passes.map_distillation import DEFAULT_SAMPLED_WINDOWS, DEFAULT_STEPS, DISTILL_TRAINABLE
+from .registry import FUSION_RULE_REGISTRY, SELECTION_REGISTRY, fusion_rule
+
+#: Selection criteria: weight similarity (the paper) and activation-based ones
+#: (:data:`lfgraph.registry.SELECTION_REGISTRY` says what each needs).
+SELECTIONS = tuple(SELECTION_REGISTRY)
 #: Fusion rules as the CLI names them (``aligned-mean`` is ``mean`` with neuron alignment).
-FUSION_RULES = ("remove", "mean", "aligned-mean", "calibrated", "calibrated-map", "calibrated-distill", "calibrated-map-distill")
+FUSION_RULES = tuple(FUSION_RULE_REGISTRY)
 #: Fusion rules that are the ``calibrated`` rule with a limited or distilled refit.
-CALIBRATED_VARIANTS = ("calibrated-map", "calibrated-distill", "calibrated-map-distill")
+CALIBRATED_VARIANTS = tuple(r.name for r in FUSION_RULE_REGISTRY.values() if r.is_calibrated_variant)
 #: Selections that need calibration data (activations).
-ACTIVATION_SELECTIONS = ("block_influence", "angular", "sleb")
+ACTIVATION_SELECTIONS = tuple(s.name for s in SELECTION_REGISTRY.values() if s.needs_activations)
 
 #: The default (selection, fusion rule) per model family, from the measurements in README
 #: ("Depth reduction") and docs/study: the ResNet-style CNN does best with Block Influence
@@ -96,15 +101,15 @@ def split_fusion_rule(rule: str) -> tuple[str, bool]:
     """The plan's (``fuse``, ``align``) for a CLI fusion rule (``calibrated-map`` and
     ``calibrated-distill`` are ``calibrated`` with ``refit``/``distill_steps`` in the plan's
     provenance, see :func:`refit_provenance`)."""
-    if rule == "aligned-mean":
-        return "mean", True
-    return ("calibrated", False) if rule in CALIBRATED_VARIANTS else (rule, False)
+    entry = FUSION_RULE_REGISTRY.get(rule)
+    return (entry.plan_fuse, entry.align) if entry is not None else (rule, False)
 
 
 def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_default: bool, family: str) -> str:
     """One line naming the recipe, as the report prints it."""
     text = f"mode {mode}, select {select}"
-    if select == "similarity":
+    entry = SELECTION_REGISTRY.get(select)
+    if entry is not None and entry.parameters:  # the options it takes (similarity's metric and scope)
         text += f" ({metric}, {scope})"
     text += f", fuse {fuse}"
     if is_default:
@@ -115,19 +120,20 @@ def describe(mode: str, select: str, fuse: str, metric: str, scope: str, is_defa
 def refit_provenance(rule: str, distill_trainable: str | None = None) -> dict[str, object]:
     """What a plan's provenance records for a calibrated variant (empty for other rules).
     ``distill_trainable`` replaces the rule's own trainable set (``-distill`` rules only)."""
-    from .errors import LfgraphError
-    from .passes.map_distillation import DEFAULT_SAMPLED_WINDOWS, DEFAULT_STEPS, DEFAULT_TRAINABLE, DISTILL_TRAINABLE
-
-    if distill_trainable is not None and not rule.endswith("-distill"):
-        raise LfgraphError(f"--distill-trainable applies to the distilling rules (calibrated-distill, calibrated-map-distill), not --fuse {rule}")
+    entry = FUSION_RULE_REGISTRY.get(rule)
+    if entry is None:  # a plan file's own fuse (remove, mean, calibrated): nothing to add
+        entry = fusion_rule("remove")
+    if distill_trainable is not None and not entry.distill:
+        distilling = ", ".join(r.name for r in FUSION_RULE_REGISTRY.values() if r.distill)
+        raise LfgraphError(f"--distill-trainable applies to the distilling rules ({distilling}), not --fuse {rule}")
     if distill_trainable is not None and distill_trainable not in DISTILL_TRAINABLE:
         raise LfgraphError(f"--distill-trainable must be one of {list(DISTILL_TRAINABLE)}, got {distill_trainable!r}")
     out: dict[str, object] = {}
-    if rule in ("calibrated-map", "calibrated-map-distill"):
-        out["refit"] = "map"
-    if rule.endswith("-distill"):
+    if entry.refit is not None:
+        out["refit"] = entry.refit
+    if entry.distill:
         out["distill_steps"] = DEFAULT_STEPS
         out["distill_sampled_windows"] = DEFAULT_SAMPLED_WINDOWS
         # the map-only rule keeps ReplaceMe's capacity in its second stage too
-        out["distill_trainable"] = distill_trainable or ("maps" if rule == "calibrated-map-distill" else DEFAULT_TRAINABLE)
+        out["distill_trainable"] = distill_trainable or entry.distill_trainable
     return out

@@ -67,6 +67,8 @@ class CompressReport:
     heal_curve: dict[str, Any] | None = None
     seconds: float = 0.0
     log_records: int = 0
+    #: wall seconds of each stage that ran, by stage name, in order (as ``StreamReport.seconds``)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     # in-memory results for the stages after compress (healing, deploy outputs, the visualizer)
     compressed: Any = field(default=None, repr=False)
     graph: Any = field(default=None, repr=False)
@@ -129,4 +131,5 @@ class CompressReport:
             "parity": {"ok": self.parity.ok, "provider": getattr(self.parity, "provider", ""), "max_rel": self.parity.max_rel},
             "heal": self.heal_curve,
             "quality": self.quality.to_dict() if self.quality is not None else None, "seconds": self.seconds,
+            "stage_seconds": dict(self.stage_seconds),
         }

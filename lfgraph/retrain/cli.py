@@ -25,6 +25,7 @@ from ..errors import LfgraphError
 from ..fileio import check_outputs, commit_folder, signals_as_interrupts, staging_folder
 from ..options import COUNT, EVERY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, SEQ_LEN, STEPS, WARMUP, Parser, add_overwrite_option
 from ..plan import FusionPlan
+from ..registry import fusion_rule
 from .stage import HEAL_DEFAULTS, heal_compressed, max_positions, training_windows
 from .distributed import STRATEGIES
 from .heal import HEAL_OBJECTIVES
@@ -91,7 +92,7 @@ def compress_heal_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_subcommand(subparsers: Any) -> None:
     """Register ``heal`` with the main CLI's subparsers."""
-    from ..recipes import FUSION_RULES as FUSIONS, SELECTIONS
+    from ..registry import FUSION_RULE_REGISTRY, SELECTION_REGISTRY, choices_help
 
     p = subparsers.add_parser("heal", help="rewrite a model and fine-tune it to recover what the rewrite lost",
                               description="Rewrite MODEL as compress would (or take an already rewritten model with "
@@ -103,8 +104,10 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--plan", default=None, help="apply this plan (JSON) instead of planning")
     p.add_argument("--target", type=FRACTION, default=0.25, help="share of blocks to remove (default 0.25)")
     p.add_argument("--mode", choices=["merge", "tie"], default="merge")
-    p.add_argument("--select", choices=SELECTIONS, default=None, help="default: the model family's recipe")
-    p.add_argument("--fuse", choices=FUSIONS, default=None, help="default: the model family's recipe")
+    p.add_argument("--select", choices=list(SELECTION_REGISTRY), default=None,
+                   help=choices_help("selection (default: the model family's recipe)", SELECTION_REGISTRY))
+    p.add_argument("--fuse", choices=list(FUSION_RULE_REGISTRY), default=None,
+                   help=choices_help("fusion rule (default: the model family's recipe)", FUSION_RULE_REGISTRY))
     p.add_argument("--quiet", action="store_true")
     add_overwrite_option(p)
     add_arguments(p)
@@ -158,7 +161,7 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
     if args.plan:
         plan = FusionPlan.load(args.plan)
         plan.check_applies_to(graph.fingerprint())
-        if plan.fuse == "calibrated":
+        if fusion_rule(plan.fuse).needs_calibration:
             calibration = pipeline.calibration_tokens(model)
     else:
         from ..model_types import CalibrationOptions

@@ -27,7 +27,8 @@ from ..options import COUNT, FRACTION, SEQ_LEN, check
 from ..passes.base import RewriteLog
 from ..passes.selection import Run, runs_to_plan
 from ..plan import FusionPlan
-from ..recipes import FUSION_RULES, refit_provenance, split_fusion_rule
+from ..recipes import refit_provenance, split_fusion_rule
+from ..registry import FUSION_RULE_REGISTRY
 from .calibrate import calibration_ids, stack_input
 from .checkpoint import Checkpoint
 from .estimate import Estimate, check_fits, estimate
@@ -39,7 +40,7 @@ from .write import write_checkpoint
 
 #: Fusion rules the streaming path applies (closed form; the distilling rules train the
 #: whole model and need it in memory).
-STREAM_FUSION_RULES = ("remove", "calibrated", "calibrated-map")
+STREAM_FUSION_RULES = tuple(r.name for r in FUSION_RULE_REGISTRY.values() if r.streams)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def check_stream_options(src: Path, out: Path, target: float, select: str, fuse:
         raise LfgraphError(f"the streaming path selects by {' or '.join(STREAM_SELECTIONS)}, not {select!r}: "
                            "choose one of them, or use the in-memory path (without --stream)")
     if fuse not in STREAM_FUSION_RULES:
-        if fuse in FUSION_RULES and fuse.endswith("-distill"):
+        if fuse in FUSION_RULE_REGISTRY and FUSION_RULE_REGISTRY[fuse].distill:
             raise LfgraphError(f"--fuse {fuse} trains the whole model and needs it in memory: use --fuse calibrated on the streaming path, "
                                "or the in-memory path (without --stream)")
         raise LfgraphError(f"the streaming path fuses by {', '.join(STREAM_FUSION_RULES)}, not {fuse!r}: use the in-memory path (without --stream)")

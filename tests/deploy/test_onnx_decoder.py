@@ -146,3 +146,18 @@ def test_block_influence_on_onnx_matches_pytorch(sources, gqa_loaded, layout):
     assert np.allclose(got, [want[i] for i in range(4)], atol=1e-4), (got, want)
     ranked = sorted(range(4), key=lambda i: (want[i], i))
     assert sorted(int(b.rsplit(".", 1)[1]) for b in plan.absorbed) == sorted(ranked[:2])
+
+
+def test_compress_runs_the_decoder_stages_through_the_one_manager(sources, tmp_path):
+    from lfgraph import stages
+
+    src = sources["lfgraph"] / "model.onnx"
+    out = tmp_path / "cut.onnx"
+    built = stages.build_stages(stages.CompressState(spec=str(src), out=out))
+    names = ["options", "load", "plan", "staging", "write", "verify", "quality", "time", "finish", "report"]
+    assert [s.name for s in built] == names
+    assert type(built[2]) is stages.PlanDecoder and type(built[4]) is stages.WriteDecoder
+    report = pipeline.compress(str(src), out, target=0.25, quiet=True)
+    assert report.exit_code == 0 and report.out == out and out.is_file()
+    assert report.source_kind == "onnx decoder" and report.blocks == (4, 3)
+    assert list(report.stage_seconds) == names
