@@ -155,7 +155,8 @@ def test_a_file_that_is_not_a_decoder_gets_the_source_list(tmp_path):
 def test_compress_reports_the_time_of_every_stage_it_ran(tmp_path):
     import torch
 
-    from lfgraph import pipeline, zoo
+    import tiny_models as zoo
+    from lfgraph import pipeline
     from lfgraph.models import wrap_module
 
     torch.manual_seed(0)
