@@ -65,6 +65,7 @@ def test_compress_with_calibrated_default_recipe(tiny_llama_folder, tmp_path, ca
     assert "✓ the file computes what the rewritten model computes" in table and "quality vs the original" in table
 
 
+@pytest.mark.slow
 def test_tie_mode_on_an_encoder(tiny_bert_folder, tmp_path, capsys):
     out = tmp_path / "bert.onnx"
     assert main(["compress", str(tiny_bert_folder), "--mode", "tie", "--target", "0.2", "--target-kind", "params",
@@ -111,6 +112,7 @@ def test_plan_for_another_model_is_refused(tiny_llama_folder, tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_compress_leaves_no_output(tiny_llama_folder, tmp_path, monkeypatch, capsys):
     import lfgraph.export as export
 

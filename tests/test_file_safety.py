@@ -103,9 +103,13 @@ def test_foreign_output_files_need_overwrite(tiny_llama_folder, tmp_path, capsys
     _one_line(capsys, main(args + ["--log", str(tmp_path / "log.json")]), "--log")
     _one_line(capsys, main(args + ["--report", str(tmp_path / "page.html")]), "--report")
     assert (tmp_path / "log.json").read_text() == (tmp_path / "page.html").read_text() == "the user's file"
-    # lfgraph's own outputs are recognised and replaced on the next run without --overwrite
-    (tmp_path / "log.json").unlink()
-    (tmp_path / "page.html").unlink()
+
+
+@pytest.mark.slow
+def test_lfgraphs_own_outputs_are_replaced_without_overwrite(tiny_llama_folder, tmp_path):
+    """lfgraph's own outputs (ONNX, log, page) are recognised and replaced on the next run
+    without --overwrite."""
+    args = ["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST]
     full = args + ["--log", str(tmp_path / "log.json"), "--report", str(tmp_path / "page.html")]
     assert main(full) == 0
     assert all(fileio.written_by_lfgraph(tmp_path / n) for n in ("o.onnx", "log.json", "page.html"))
@@ -132,7 +136,8 @@ def test_output_folders_that_cannot_be_written_are_refused_before_loading(tiny_l
 
 
 @pytest.mark.parametrize("target", ["lfgraph.sources.TorchSource.graph", "lfgraph.sources.TorchSource.rewrite",
-                                    "lfgraph.sources.TorchSource.write", "lfgraph.outputs.alternating_latency"])
+                                    "lfgraph.sources.TorchSource.write",
+                                    pytest.param("lfgraph.outputs.alternating_latency", marks=pytest.mark.slow)])
 def test_sigterm_at_each_stage_leaves_nothing(tiny_llama_folder, tmp_path, capsys, monkeypatch, target):
     def terminate(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -147,6 +152,7 @@ def test_sigterm_at_each_stage_leaves_nothing(tiny_llama_folder, tmp_path, capsy
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the CLI's only while it runs
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_real_process_while_it_writes(tiny_llama_folder, tmp_path):
     out = tmp_path / "deploy"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -162,6 +168,7 @@ def test_sigterm_to_a_real_process_while_it_writes(tiny_llama_folder, tmp_path):
     assert "Traceback" not in err and list(tmp_path.iterdir()) == [], (err, list(tmp_path.iterdir()))
 
 
+@pytest.mark.slow
 def test_stale_staging_of_a_killed_run_is_removed_next_time(tiny_llama_folder, tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
@@ -179,6 +186,7 @@ def test_stale_staging_of_a_killed_run_is_removed_next_time(tiny_llama_folder, t
 # --------------------------------------------------------------------------- failed checks
 
 
+@pytest.mark.slow
 def test_failed_export_check_leaves_the_requested_path_alone(tiny_llama_folder, tmp_path, capsys, monkeypatch):
     from lfgraph import outputs
     from lfgraph.onnx_io import read_metadata
@@ -327,6 +335,7 @@ def test_the_same_idea_has_the_same_rule_in_the_api(tiny_llama_folder, tmp_path)
 # --------------------------------------------------------------------------- the README's promises
 
 
+@pytest.mark.slow
 def test_model_without_tokenizer_gets_the_weights_only_recipe(tiny_llama_folder, tmp_path, capsys):
     folder = tmp_path / "no-tokenizer"
     folder.mkdir()

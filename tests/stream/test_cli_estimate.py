@@ -69,6 +69,7 @@ def test_estimate_grows_with_the_calibration_and_the_refit(folder):
     assert "peak memory" in small.summary()
 
 
+@pytest.mark.slow
 def test_stream_onnx_matches_the_checkpoint_and_a_failed_check_goes_aside(folder, tmp_path, monkeypatch):
     """The builder's ONNX computes the written checkpoint's prefill (rel <= 1e-4, measured
     against a block-by-block forward of the checkpoint and against transformers); a check

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from stream_helpers import save_folder
@@ -42,6 +43,7 @@ def _max_rss(*args: str) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 def test_peak_memory_is_a_few_blocks(tmp_path):
     folder = save_folder(tmp_path / "model", "llama", layers=LAYERS, sharded=True, hidden=HIDDEN, intermediate=INTERMEDIATE)
     model_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
