@@ -1,7 +1,7 @@
 """Small models built in code for the study, the tools and the examples: the project's
 ResNet-style CNN, a plain MLP, tiny Hugging Face configurations (Llama, GPT-2, BERT), and
-:func:`train_classifier` (the vision track's training). The product's tests use their own copy
-of the builders (``tests/tiny_models.py``).
+:func:`train_classifier` (the vision track's training). The tests take the builders from here
+(``tests/tiny_models.py``).
 
 Nothing here downloads anything: weights are random (seeded) unless a caller trains them.
 """

@@ -412,88 +412,58 @@ def _ridge_problem(d: int = 120, o: int = 16, n: int = 90, nv: int = 40, seed: i
     return W0, (Z, Y, w), (Zv, Yv, wv)
 
 
-def test_ridge_solve_and_heldout_rows_equal_the_gram_formula() -> None:
-    """The in-place solve, the held-out set kept as rows, the in-place sum of the statistics
-    and the golden-section strength search give what the textbook formulas give:
-    ``W = (C + lam W0)(G + lam I)^-1`` with explicit Gram matrices, every strength tried."""
+def _textbook(G: torch.Tensor, C: torch.Tensor, W0: torch.Tensor, s: float) -> torch.Tensor:
+    """``W = (C + lam W0)(G + lam I)^-1`` with ``lam = s * trace(G) / dim``, solved plainly."""
+    lam = s * float(G.diagonal().mean())
+    return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), (C + lam * W0).T).T
+
+
+@pytest.mark.parametrize("fit_rows", [False, True], ids=["primal", "dual"])
+def test_ridge_solve_and_strength_search_equal_the_textbook_formula(fit_rows: bool) -> None:
+    """The in-place primal solve (fit as a Gram matrix) and the dual solve (fewer fitting
+    tokens than inputs: fit as rows, n x n kernels, no in x in matrix), the held-out set kept
+    as rows, the in-place sum of the statistics and the golden-section strength search give
+    what the textbook formulas give: ``W = (C + lam W0)(G + lam I)^-1`` with explicit Gram
+    matrices, every strength tried."""
     from lfgraph.passes.calibrated_fusion import DEFAULT_LAMBDAS, _solution_loss, choose_strength
 
-    W0, (Z, Y, w), (Zv, Yv, wv) = _ridge_problem()
-    fit, val = RidgeStats.zeros(Z.shape[1], Y.shape[1], ref=W0), RidgeStats.zeros(Z.shape[1], Y.shape[1], rows=True, ref=W0)
+    W0, (Z, Y, w), (Zv, Yv, wv) = _ridge_problem(d=120, n=90, nv=25) if fit_rows else _ridge_problem()
+    d, o = Z.shape[1], Y.shape[1]
+    fit, val = RidgeStats.zeros(d, o, rows=fit_rows, ref=W0), RidgeStats.zeros(d, o, rows=True, ref=W0)
     fit.add(Z, Y, w)
     val.add(Zv, Yv, wv)
-    assert val.is_rows and not fit.is_rows
+    assert val.is_rows and fit.is_rows == fit_rows
     G, C = (Z * w[:, None]).T @ Z, Y.T @ (Z * w[:, None])
     Gv, Cv, Sv = (Zv * wv[:, None]).T @ Zv, Yv.T @ (Zv * wv[:, None]), float(((Yv * Yv).sum(1) * wv).sum())
-    scale = float(G.diagonal().mean())
-
-    def textbook(G: torch.Tensor, C: torch.Tensor, s: float) -> torch.Tensor:
-        lam = s * scale if G is not None else s
-        return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), (C + lam * W0).T).T
-
+    rtol = 1e-8 if fit_rows else 1e-10
     losses = {}
     for s in DEFAULT_LAMBDAS:
-        W = textbook(G, C, s)
-        torch.testing.assert_close(ridge_solve(fit, W0, s), W, rtol=1e-10, atol=1e-12)
+        W = _textbook(G, C, W0, s)
+        torch.testing.assert_close(ridge_solve(fit, W0, s), W, rtol=rtol, atol=1e-10)
         losses[s] = float((W @ Gv * W).sum() - 2 * (W * Cv).sum() + Sv)
     best = min(losses, key=lambda s: (losses[s], -s))
     for search in ("grid", "golden"):
         s, seen = choose_strength(fit, val, W0, DEFAULT_LAMBDAS, search=search)
         assert s == best
         for k, v in seen.items():
-            assert v == pytest.approx(losses[k], rel=1e-10)
+            assert v == pytest.approx(losses[k], rel=rtol)
     assert len(choose_strength(fit, val, W0, DEFAULT_LAMBDAS)[1]) < len(DEFAULT_LAMBDAS)
-    # the final fit on everything: held-out rows added into the fit's Gram matrix in place
+    # the final fit on everything: held-out statistics added into the fit's in place
     G_all, C_all = G + Gv, C + Cv
     everything = fit.absorb(val)
-    assert everything.G.data_ptr() == fit.G.data_ptr()
-    torch.testing.assert_close(everything.G, G_all, rtol=1e-12, atol=1e-12)
-    scale = float(G_all.diagonal().mean())
+    if fit_rows:  # 115 tokens, still fewer than the 120 inputs: still rows, no Gram matrix
+        assert everything.is_rows and everything.G is None
+    else:
+        assert everything.G.data_ptr() == fit.G.data_ptr()
+        torch.testing.assert_close(everything.G, G_all, rtol=1e-12, atol=1e-12)
     W = ridge_solve(everything, W0, best)
-    torch.testing.assert_close(W, textbook(G_all, C_all, best), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(W, _textbook(G_all, C_all, W0, best), rtol=rtol, atol=1e-10)
     S_all = float(((Y * Y).sum(1) * w).sum()) + Sv
     full_loss = float((W @ G_all * W).sum() - 2 * (W * C_all).sum() + S_all)
-    assert _solution_loss(everything, W0, W, best) == pytest.approx(full_loss, rel=1e-9)
+    assert _solution_loss(everything, W0, W, best) == pytest.approx(full_loss, rel=1e-8)
     assert everything.ref_loss == pytest.approx(float((W0 @ G_all * W0).sum() - 2 * (W0 * C_all).sum() + S_all), rel=1e-10)
-
-
-def test_fewer_tokens_than_inputs_are_solved_in_the_dual_form_with_the_primal_answer() -> None:
-    """Fit statistics kept as rows (90 tokens, 120 inputs) are solved through the n x n
-    kernel: the same solutions, held-out losses and chosen strength as the textbook primal
-    formula, and no in x in matrix is ever made (the statistics stay rows)."""
-    from lfgraph.passes.calibrated_fusion import DEFAULT_LAMBDAS, _solution_loss, choose_strength
-
-    W0, (Z, Y, w), (Zv, Yv, wv) = _ridge_problem(d=120, n=90, nv=25)
-    fit, val = RidgeStats.zeros(120, 16, rows=True, ref=W0), RidgeStats.zeros(120, 16, rows=True, ref=W0)
-    fit.add(Z, Y, w)
-    val.add(Zv, Yv, wv)
-    assert fit.is_rows and val.is_rows
-    G, C = (Z * w[:, None]).T @ Z, Y.T @ (Z * w[:, None])
-    Gv, Cv, Sv = (Zv * wv[:, None]).T @ Zv, Yv.T @ (Zv * wv[:, None]), float(((Yv * Yv).sum(1) * wv).sum())
-    scale = float(G.diagonal().mean())
-    losses = {}
-    for s in DEFAULT_LAMBDAS:
-        W = torch.linalg.solve(G + s * scale * torch.eye(120, dtype=torch.float64), (C + s * scale * W0).T).T
-        torch.testing.assert_close(ridge_solve(fit, W0, s), W, rtol=1e-8, atol=1e-10)
-        losses[s] = float((W @ Gv * W).sum() - 2 * (W * Cv).sum() + Sv)
-    best = min(losses, key=lambda s: (losses[s], -s))
-    for search in ("grid", "golden"):
-        s, seen = choose_strength(fit, val, W0, DEFAULT_LAMBDAS, search=search)
-        assert s == best
-        for k, v in seen.items():
-            assert v == pytest.approx(losses[k], rel=1e-8)
-    everything = fit.absorb(val)  # 115 tokens, still fewer than the 120 inputs
-    assert everything.is_rows and everything.G is None
-    G_all, C_all = G + Gv, C + Cv
-    scale = float(G_all.diagonal().mean())
-    W = ridge_solve(everything, W0, best)
-    torch.testing.assert_close(W, torch.linalg.solve(G_all + best * scale * torch.eye(120, dtype=torch.float64), (C_all + best * scale * W0).T).T,
-                               rtol=1e-8, atol=1e-10)
-    S_all = float(((Y * Y).sum(1) * w).sum()) + Sv
-    assert _solution_loss(everything, W0, W, best) == pytest.approx(float((W @ G_all * W).sum() - 2 * (W * C_all).sum() + S_all), rel=1e-8)
-    # strength 0 with fewer tokens than inputs: the minimum-norm change that fits exactly
-    W_exact = ridge_solve(everything, W0, 0.0)
-    torch.testing.assert_close(everything.Z @ W_exact.T, everything.Y, rtol=1e-6, atol=1e-6)
+    if fit_rows:  # strength 0 with fewer tokens than inputs: the minimum-norm change that fits exactly
+        torch.testing.assert_close(everything.Z @ ridge_solve(everything, W0, 0.0).T, everything.Y, rtol=1e-6, atol=1e-6)
 
 
 def test_golden_search_falls_back_to_the_grid_when_not_unimodal() -> None:

@@ -21,27 +21,14 @@ from lfgraph.retrain.objectives import masked_distillation_loss, masked_next_tok
 from lfgraph.retrain.trainable import lora_targets
 
 import tiny_models as zoo
-
-V = 64
-
-
-def chain(n_windows: int, seed: int, perm: torch.Tensor, length: int = 32) -> torch.Tensor:
-    """Token windows of a learnable chain: x[t+1] = perm[x[t]], a random restart every 8 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    x = [0]
-    for t in range(n_windows * length - 1):
-        x.append(int(torch.randint(0, V, (1,), generator=g)) if t % 8 == 7 else int(perm[x[-1]]))
-    return torch.tensor(x).view(n_windows, length)
+from chain_data import V, trained_chain_llama
 
 
 @pytest.fixture(scope="module")
 def trained() -> dict:
     """A tiny Llama trained on the chain (the 'original'), and its 50 % merge (one-shot)."""
-    torch.set_num_threads(1)
-    perm = torch.randperm(V, generator=torch.Generator().manual_seed(0))
-    train, held = chain(64, 1, perm), chain(16, 2, perm)
-    model = CausalLMLogits(zoo.tiny_llama(layers=4, hidden=64, vocab_size=V))
-    teacher = heal(model, None, train, HealConfig(steps=120, lr=3e-3, batch_size=8, progress=False)).model.eval()
+    got = trained_chain_llama()
+    teacher, train, held = got["teacher"], got["train"], got["held"]
     lm = LoadedModel(module=teacher, example_inputs=(held[:1],), name="tiny", family="causal-lm")
     graph = pipeline.trace(lm)
     plan = pipeline.plan_model(lm, graph, 0.5, mode="merge", select="block_influence", fuse="remove",

@@ -7,32 +7,17 @@ import pytest
 import torch
 
 from lfgraph.calibration import mean_nll
-from lfgraph.models import CausalLMLogits, LoadedModel
-from lfgraph.retrain import HealConfig, heal
+from lfgraph.models import LoadedModel
+from lfgraph.retrain import HealConfig
 from lfgraph_study.loops.iterative import HealStep, inflection, iterative_heal
-from lfgraph_study.zoo import tiny_llama
 
-V = 64
-
-
-def chain(n_windows: int, seed: int, perm: torch.Tensor, length: int = 32) -> torch.Tensor:
-    """Token windows of a learnable chain: x[t+1] = perm[x[t]], a random restart every 8 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    x = [0]
-    for t in range(n_windows * length - 1):
-        x.append(int(torch.randint(0, V, (1,), generator=g)) if t % 8 == 7 else int(perm[x[-1]]))
-    return torch.tensor(x).view(n_windows, length)
+from chain_data import trained_chain_llama
 
 
 @pytest.fixture(scope="module")
 def trained() -> dict:
     """A tiny Llama trained on the chain (the 'original') and its data."""
-    torch.set_num_threads(1)
-    perm = torch.randperm(V, generator=torch.Generator().manual_seed(0))
-    train, held = chain(64, 1, perm), chain(16, 2, perm)
-    model = CausalLMLogits(tiny_llama(layers=4, hidden=64, vocab_size=V))
-    teacher = heal(model, None, train, HealConfig(steps=120, lr=3e-3, batch_size=8, progress=False)).model.eval()
-    return {"teacher": teacher, "train": train, "held": held}
+    return trained_chain_llama()
 
 
 def test_iterative_heal_merges_on_a_curriculum(trained: dict) -> None:
