@@ -117,6 +117,9 @@ class CompressReport:
                 if self.max_quality_loss is not None:
                     gate = "✓ within" if self.quality_ok else "✗ FAILED: above"
                     lines.append(f"  quality gate: {gate} --max-quality-loss {self.max_quality_loss:g}")
+        if self.stage_seconds:
+            slow = [f"{k} {v:.0f} s" for k, v in self.stage_seconds.items() if v >= 0.5]
+            lines.append("  time by stage: " + ", ".join(slow))
         if self.ok:
             lines.append(f"  written: {self.out}  ({self.seconds:.0f} s)")
         else:

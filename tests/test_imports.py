@@ -94,3 +94,26 @@ def test_the_command_layer_is_imported_from_above_only():
     # the pipeline is the commands' (the research loops that drive whole runs are lfgraph_study's)
     users = {a for a, b in g.edges if b == "lfgraph.pipeline"}
     assert users <= COMMANDS, users
+
+
+#: The layers the README draws, top to bottom: the commands, the public API, compress's
+#: stages, what the stages share (planning, sources, outputs), and below them everything else
+#: (the registries, frontends, passes, graph, plan, models, architectures, export, deploy…).
+LAYERS = (
+    COMMANDS,
+    {"lfgraph.pipeline"},
+    {"lfgraph.stages"},
+    {"lfgraph.planning", "lfgraph.sources", "lfgraph.outputs"},
+)
+
+
+def _layer(module: str) -> int:
+    return next((i for i, members in enumerate(LAYERS) if module in members), len(LAYERS))
+
+
+def test_no_upward_import_between_the_layers():
+    """A module imports only from its own layer or below (imports inside functions included)."""
+    g = import_graph(module_level_only=False)
+    wrong = sorted((a, b) for a, b in g.edges if a.startswith("lfgraph.") or a == "lfgraph"
+                   if _layer(b) < _layer(a))
+    assert wrong == [], wrong
