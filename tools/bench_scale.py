@@ -50,10 +50,10 @@ _CHILD = r"""
 import json, resource, sys, time
 import torch
 from lfgraph.stream import compress_checkpoint
-src, out, select, fuse, windows, seq_len, tokens = sys.argv[1:8]
+src, out, select, fuse, windows, seq_len, tokens, onnx = sys.argv[1:9]
 t0 = time.perf_counter()
 r = compress_checkpoint(src, out, target=0.25, select=select, fuse=fuse, calibration_tokens=tokens,
-                        calibration_windows=int(windows), calibration_seq_len=int(seq_len), progress=False)
+                        calibration_windows=int(windows), calibration_seq_len=int(seq_len), progress=False, onnx=onnx)
 status = open("/proc/self/status").read()
 hwm = int(status.split("VmHWM:")[1].split()[0]) * 1024
 ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -61,7 +61,9 @@ io = dict(l.split(": ") for l in open("/proc/self/io").read().split("\n") if l)
 print(json.dumps({"seconds": r.seconds, "wall_in_child": time.perf_counter() - t0, "bytes_read": r.bytes_read,
                   "bytes_written": r.bytes_written, "peak_rss": hwm, "cpu_s": ru.ru_utime + ru.ru_stime, "disk_read": int(io["read_bytes"]),
                   "estimate_peak": r.estimate.peak_bytes, "estimate_seconds": r.estimate.seconds,
-                  "blocks": r.blocks, "params": r.params, "plan": [[f.keep, f.absorb] for f in r.plan.fusions]}))
+                  "blocks": r.blocks, "params": r.params, "plan": [[f.keep, f.absorb] for f in r.plan.fusions],
+                  "onnx": None if r.onnx is None else {"builder_peak": r.onnx.builder_peak_bytes, "check_rel": r.onnx.check_rel},
+                  "onnx_reason": r.onnx_reason, "exit_code": r.exit_code}))
 """
 
 
@@ -185,6 +187,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--onnx", default="none", choices=["auto", "fp32", "none"],
+                    help="also write the deploy folder's ONNX with onnxruntime-genai's builder (default: the checkpoint alone)")
     ap.add_argument("--delete", action="store_true", help="delete the synthetic checkpoints when done")
     args = ap.parse_args()
     root = cache_root()
@@ -206,7 +210,7 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(out), args.select, args.fuse, str(args.windows),
-                               str(args.seq_len), str(tokens_file)], capture_output=True, text=True)
+                               str(args.seq_len), str(tokens_file), args.onnx], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         load = os.getloadavg()[1]
         if proc.returncode != 0:
@@ -220,7 +224,8 @@ def main() -> int:
         row = dict(size=name, params=r["params"][0], checkpoint_gb=ckpt_bytes / 1e9, made_s=made, wall_s=wall, cpu_s=r["cpu_s"], load5=load, peak_rss_gb=r["peak_rss"] / 1e9,
                    estimate_peak_gb=r["estimate_peak"] / 1e9, read_gb=r["bytes_read"] / 1e9, disk_read_gb=r["disk_read"] / 1e9,
                    written_gb=r["bytes_written"] / 1e9, compute_floor_s=compute_floor, io_floor_s=io_floor,
-                   ratio=wall / max(compute_floor, io_floor), stages=r["seconds"], blocks=r["blocks"], plan=r["plan"])
+                   ratio=wall / max(compute_floor, io_floor), stages=r["seconds"], blocks=r["blocks"], plan=r["plan"],
+                   onnx=r["onnx"], onnx_reason=r["onnx_reason"], exit_code=r["exit_code"])
         rows.append(row)
         print(json.dumps(row))
         shutil.rmtree(out, ignore_errors=True)
@@ -234,6 +239,12 @@ def main() -> int:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if k != "total")
         print(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_gb']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gb']:.2f} ({r['estimate_peak_gb']:.2f}) | "
               f"{r['read_gb']:.2f} ({r['disk_read_gb']:.2f}) | {r['written_gb']:.2f} | {r['compute_floor_s']:.1f} | {r['io_floor_s']:.1f} | {r['ratio']:.1f} | {stages} |")
+    for r in rows:
+        if r["onnx"]:
+            print(f"{r['size']}: ONNX by onnxruntime-genai's builder: {r['stages'].get('onnx', 0):.0f} s, builder peak {r['onnx']['builder_peak'] / 1e9:.2f} GB, "
+                  f"check {r['stages'].get('onnx check', 0):.0f} s, prefill max rel {r['onnx']['check_rel']:.1e}")
+        elif args.onnx != "none":
+            print(f"{r['size']}: no ONNX: {r['onnx_reason']}")
     if len(rows) >= 2:
         x = np.log([r["params"] for r in rows])
         y = np.log([r["wall_s"] for r in rows])
