@@ -91,9 +91,11 @@ class DistillSettings:
     prompt_tokens: int = 16
     top_p: float = 0.95
     #: keep the sampled windows under ``$LFGRAPH_CACHE/samples/`` (default
-    #: ``~/.cache/lfgraph``), keyed by a hash of the original's weights, the prompts and the
-    #: sampling settings: they are a function of those alone (seeded), and sampling is the
-    #: slowest part of the default rule on a CPU.
+    #: ``~/.cache/lfgraph``), and the teacher's outputs on the training and held-out windows
+    #: (its logits or its head's input, :class:`~lfgraph.retrain.frozen.TeacherCache`) under
+    #: ``$LFGRAPH_CACHE/teacher/``, keyed by a hash of the original's weights, the windows
+    #: and the settings: they are a function of those alone (sampling is seeded), and are
+    #: the slowest parts of the default rule on a CPU after the training loop.
     cache_samples: bool = True
     #: compute what does not train once (:mod:`lfgraph.retrain.frozen`): the teacher's
     #: logits, and the student's blocks below the lowest trained one. Off: heal runs both
@@ -157,23 +159,23 @@ def _generator(model: nn.Module) -> nn.Module | None:
     return inner if inner is not None and callable(getattr(inner, "generate", None)) else None
 
 
-def _samples_path(gen: nn.Module, windows: torch.Tensor, settings: tuple) -> Path:
-    """Where the windows sampled from ``gen`` with these prompts and settings are cached: a
-    hash of every weight's bytes, the prompt windows, the settings and torch's version (a
-    sampler's stream of random numbers may change between versions)."""
+def _cache_path(model: nn.Module, windows: torch.Tensor, settings: tuple, kind: str) -> Path:
+    """Where what ``model`` computes on ``windows`` with ``settings`` is cached (``kind``:
+    ``samples``, ``teacher``): a hash of every weight's bytes, the windows, the settings
+    and torch's version (a sampler's stream of random numbers may change between versions)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((settings, torch.__version__, type(gen).__name__)).encode())
-    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
-    for name, t in gen.state_dict().items():
+    h.update(repr((kind, settings, torch.__version__, type(model).__name__)).encode())
+    h.update(windows.to(torch.int64).cpu().contiguous().numpy().tobytes())
+    for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return cache_dir() / "samples" / f"{h.hexdigest()}.pt"
+    return cache_dir() / kind / f"{h.hexdigest()}.pt"
 
 
 def _load_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
     try:
         got = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
+    except Exception:  # a cache: whatever is wrong with the file, it is sampled again
         return None
     return got if isinstance(got, torch.Tensor) and tuple(got.shape) == shape else None
 
@@ -196,7 +198,7 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
     """``count`` windows as long as ``windows``' rows, each the first ``prompt_tokens`` of a
     row of ``windows`` (cycling) continued by nucleus sampling from ``teacher`` (KV cache,
     temperature 1, no early stop). Seeded: the same arguments give the same tokens. With
-    ``cache``, read from / written to ``$LFGRAPH_CACHE/samples/`` (:func:`_samples_path`)."""
+    ``cache``, read from / written to ``$LFGRAPH_CACHE/samples/`` (:func:`_cache_path`)."""
     n, length = int(windows.shape[0]), int(windows.shape[1])
     if not 0 < prompt_tokens < length:
         raise LfgraphError(f"prompt_tokens must be between 1 and the window length - 1 ({length - 1}), got {prompt_tokens}")
@@ -205,7 +207,7 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
     gen = _generator(teacher)
     if gen is None:
         raise LfgraphError(f"sampling windows from the original needs a Hugging Face causal LM with generate(); {type(teacher).__name__} has none: set sampled_windows=0")
-    path = _samples_path(gen, windows, (count, prompt_tokens, top_p, seed, batch_size)) if cache else None
+    path = _cache_path(gen, windows, (count, prompt_tokens, top_p, seed, batch_size), "samples") if cache else None
     if path is not None and path.is_file():
         cached = _load_cached(path, (count, length))
         if cached is not None:
@@ -332,7 +334,8 @@ def _heal_cached(student: nn.Module, teacher: nn.Module, train: torch.Tensor, va
     windows = torch.cat([train, val]).to(device)
     # the cached passes run in batches of the calibration's size: more rows per matmul
     build_batch = max(4, s.batch_size)
-    cached_teacher = TeacherCache.build(teacher, windows, build_batch)
+    saved = _cache_path(teacher, windows, (build_batch,), "teacher") if s.cache_samples else None
+    cached_teacher = TeacherCache.build(teacher, windows, build_batch, saved=saved)
     found = first_trained_block(student)
     prefix = FrozenPrefix.build(student, found[0], found[1], windows, build_batch) if found is not None else None
     info.update(teacher_cache=cached_teacher.stores if cached_teacher is not None else "none",

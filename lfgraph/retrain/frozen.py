@@ -27,6 +27,8 @@ the plain model.
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -125,7 +127,7 @@ class TeacherCache(nn.Module):
     @classmethod
     @torch.no_grad()
     def build(cls, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-              max_logit_bytes: int = TEACHER_LOGITS_MAX_BYTES) -> "TeacherCache | None":
+              max_logit_bytes: int = TEACHER_LOGITS_MAX_BYTES, saved: Path | None = None) -> "TeacherCache | None":
         """Run ``teacher`` (``teacher(ids)`` -> logits) once over ``windows`` ``(N, T)``.
 
         Stores the logits when all of them fit in ``max_logit_bytes``, else the input of the
@@ -133,7 +135,25 @@ class TeacherCache(nn.Module):
         the head applied to it gives the logits. Returns ``None`` when neither is possible
         (no head found, or logits that are not ``head(input)``: soft-capped, scaled...).
         ``teacher`` is only run; its training flag is left as it was.
+
+        ``saved``: a file for this teacher's weights and these windows (the caller names it
+        by their hash): read instead of running the teacher when it holds a table of the
+        right shape, written (whole, then renamed; skipped when it cannot be) otherwise.
         """
+        if saved is not None:
+            got = _read_table(saved, windows)
+            if got is not None:
+                values, is_logits = got
+                head = None if is_logits else output_head(teacher)
+                if is_logits or head is not None:
+                    return cls(WindowTable(windows, values), head)
+        built = cls._run(teacher, windows, batch_size, max_logit_bytes)
+        if built is not None and saved is not None:
+            _write_table(saved, built.table.values, built.head is None, windows)
+        return built
+
+    @classmethod
+    def _run(cls, teacher: nn.Module, windows: torch.Tensor, batch_size: int, max_logit_bytes: int) -> "TeacherCache | None":
         was = teacher.training
         teacher.eval()
         head = output_head(teacher)
@@ -155,6 +175,30 @@ class TeacherCache(nn.Module):
                 hook.remove()
             teacher.train(was)
         return cls(WindowTable(windows, torch.cat(kept)), None if keep_logits else head)
+
+
+def _read_table(path: Path, windows: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """(values, whether they are logits) from a saved table built on ``windows``, or ``None``
+    (absent, unreadable, or built on other windows)."""
+    try:
+        got = torch.load(path, weights_only=True)
+        values, is_logits, keys = got["values"], bool(got["logits"]), got["windows"]
+    except Exception:  # a cache: whatever is wrong with the file, it is rebuilt
+        return None
+    if not isinstance(values, torch.Tensor) or not torch.equal(keys, windows.cpu()) or values.shape[0] != windows.shape[0]:
+        return None
+    return values, is_logits
+
+
+def _write_table(path: Path, values: torch.Tensor, is_logits: bool, windows: torch.Tensor) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"values": values.cpu(), "logits": is_logits, "windows": windows.cpu()}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 class _Skip(nn.Module):

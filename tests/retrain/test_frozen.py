@@ -56,6 +56,32 @@ def test_cached_teacher_logits_equal_a_fresh_teacher_forward(max_logit_bytes: in
         cache(_windows(seed=1)[:1])
 
 
+@pytest.mark.parametrize("max_logit_bytes", [2**30, 0], ids=["logits", "head-input"])
+def test_a_saved_teacher_table_is_read_back_without_running_the_teacher(max_logit_bytes: int, tmp_path) -> None:
+    """``saved``: the first build writes the table, the second reads it (the teacher is not
+    run: its forward raises) and gives the same outputs; a table saved for other windows, or
+    a damaged file, is not used."""
+    teacher = CausalLMLogits(tiny_llama(layers=3)).eval()
+    windows, path = _windows(), tmp_path / "t.pt"
+    first = TeacherCache.build(teacher, windows, batch_size=4, max_logit_bytes=max_logit_bytes, saved=path)
+    assert path.is_file()
+    inner = teacher.model
+    real_forward = inner.forward
+    inner.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the teacher ran"))
+    try:
+        again = TeacherCache.build(teacher, windows, batch_size=4, max_logit_bytes=max_logit_bytes, saved=path)
+    finally:
+        inner.forward = real_forward
+    assert again.stores == first.stores
+    assert torch.equal(again(windows[[2, 4]]), first(windows[[2, 4]]))
+    other = _windows(seed=3)
+    fresh = TeacherCache.build(teacher, other, batch_size=4, max_logit_bytes=max_logit_bytes, saved=path)  # other windows: rebuilt
+    with torch.no_grad():
+        assert _rel(fresh(other[:2]), teacher(other[:2])) < RTOL
+    path.write_bytes(b"damaged")
+    assert TeacherCache.build(teacher, windows, batch_size=4, max_logit_bytes=max_logit_bytes, saved=path) is not None
+
+
 def test_teacher_whose_logits_are_not_its_head_is_not_cached_by_head_input() -> None:
     teacher = _Scaled(CausalLMLogits(tiny_llama(layers=2)).eval())
     assert TeacherCache.build(teacher, _windows(), max_logit_bytes=0) is None
