@@ -480,6 +480,7 @@ def test_an_output_reached_through_a_link_into_the_input_is_refused(model_copy, 
     assert _digest(model_copy) == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_folder_resumed_from_is_an_input(tiny_llama_folder, tmp_path, capsys):
     """A run killed right after its first checkpoint (before any marker, in older versions)
     is resumed, never refused as a folder lfgraph did not write."""

@@ -177,6 +177,7 @@ def test_folder_without_tokenizer_compresses_where_no_text_is_needed(folder_with
     assert "select similarity" in capsys.readouterr().out  # no text: the weights select
 
 
+@pytest.mark.slow
 def test_folder_without_tokenizer_says_what_to_add_where_text_is_needed(folder_without_tokenizer, tmp_path, capsys):
     code = main(["compress", str(folder_without_tokenizer), "--select", "block_influence", "-o", str(tmp_path / "m.onnx")])
     _one_line(capsys, code, "tokenizer")
