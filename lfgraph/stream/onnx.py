@@ -3,10 +3,12 @@ builder, and its export check.
 
 The in-memory exporter (:mod:`lfgraph.deploy`) traces the whole model with torch.export,
 which is what the streaming path exists to avoid. onnxruntime-genai's builder
-(``python -m onnxruntime_genai.models.builder``) writes the same deploy layout
+(``python -m onnxruntime_genai.models.builder``; the in-memory path offers it as
+``write_deploy_folder(engine="genai-builder")``) writes onnxruntime-genai's layout
 (``model.onnx`` + ``model.onnx.data``, ``genai_config.json``, inputs ``input_ids``,
-``attention_mask``, ``past_key_values.N.key|value``, outputs ``logits``, ``present.N.*``)
-for the families the streaming path reads (Llama, Qwen2, Qwen3, Mistral), op by op from the
+``attention_mask``, ``past_key_values.N.key|value``, outputs ``logits``, ``present.N.*``;
+no ``position_ids``, fused ``GroupQueryAttention`` contrib ops: ONNX Runtime only) for the
+families the streaming path reads (Llama, Qwen2, Qwen3, Mistral), op by op from the
 checkpoint's tensors. It runs in a child process, so that its memory (the checkpoint in its
 stored dtype while the float32 graph is written) goes back to the system when it ends.
 
