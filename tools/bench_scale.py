@@ -204,6 +204,12 @@ def main() -> int:
         t0 = time.perf_counter()
         write_synthetic(name, folder)
         made = time.perf_counter() - t0
+        if args.onnx != "none":
+            # the builder reads a tokenizer: SmolLM2's (the bundled model's, from lfgraph's cache)
+            tok = Path(os.environ.get("LFGRAPH_CACHE", Path.home() / ".cache" / "lfgraph")) / "smollm2-135m-instruct-fp32"
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                if (tok / f).is_file():
+                    shutil.copy(tok / f, folder / f)
         tokens_file = root / f"tokens-{name}.npy"
         np.save(tokens_file, np.random.default_rng(0).integers(0, SIZES[name]["vocab_size"], args.windows * args.seq_len * 2))
         out = root / f"llama-{name}-lf"

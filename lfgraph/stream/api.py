@@ -32,7 +32,7 @@ from ..registry import FUSION_RULE_REGISTRY
 from .calibrate import calibration_ids, stack_input
 from .checkpoint import Checkpoint
 from .estimate import Estimate, check_fits, estimate
-from .onnx import CHECK_RTOL, ONNX_CHOICES, OnnxResult, wants_onnx, write_onnx
+from .onnx import CHECK_RTOL, ONNX_CHOICES, TOKENIZER_FILES, OnnxResult, has_tokenizer, wants_onnx, write_onnx
 from .refit import IN_MEMORY_CONTAINER, refit_runs
 from .select import STREAM_SELECTIONS, score_blocks, select_runs
 from .skeleton import LAYERS_PATH, Skeleton
@@ -135,6 +135,9 @@ def check_stream_options(src: Path, out: Path, target: float, select: str, fuse:
     check("--target", target, FRACTION)
     if onnx not in ONNX_CHOICES:
         raise LfgraphError(f"onnx must be one of {', '.join(ONNX_CHOICES)}, got {onnx!r}")
+    if onnx == "fp32" and src.is_dir() and not has_tokenizer(src):
+        raise LfgraphError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): onnxruntime-genai's builder needs them "
+                           "to write ONNX; add them, or write the checkpoint alone (onnx='none' / --no-onnx)")
     if out.suffix.lower() == ".onnx":
         raise LfgraphError("the streaming path writes a deploy folder (checkpoint, and model.onnx when it fits), not a lone .onnx file: "
                            "give a folder for -o")
@@ -268,7 +271,7 @@ def compress_checkpoint(
             written = write_checkpoint(ckpt, folder, kept, changed, bar)
         plan.save(folder / "plan.json")
         seconds["write"] = time.perf_counter() - t0
-        write, why = wants_onnx(onnx, params_after, written.bytes_written)
+        write, why = wants_onnx(onnx, params_after, written.bytes_written, tokenizer=has_tokenizer(src))
         _say(f"ONNX: {'writing float32 ONNX with onnxruntime-genai' if write else 'not written'} ({why})", progress)
         if write:
             onnx_result = write_onnx(folder, ids)

@@ -70,12 +70,26 @@ def onnx_peak_bytes(params: int, stored_bytes: int) -> int:
     return RUNTIME_BYTES + max(stored_bytes, 4 * params)
 
 
-def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | None = None) -> tuple[bool, str]:
-    """(write ONNX?, the reason in words) for ``--onnx choice``."""
+#: Tokenizer files onnxruntime-genai's builder can read without a slow-tokenizer conversion
+#: (it reads the tokenizer before it writes anything, and copies it for generation).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds tokenizer files the builder can read."""
+    return any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | None = None, tokenizer: bool = True) -> tuple[bool, str]:
+    """(write ONNX?, the reason in words) for ``--onnx choice``; ``tokenizer``: whether the
+    checkpoint has tokenizer files (:func:`has_tokenizer`; the builder needs them)."""
     if choice not in ONNX_CHOICES:
         raise LfgraphError(f"--onnx must be one of {', '.join(ONNX_CHOICES)}, got {choice!r}")
     if choice == "none":
         return False, "--onnx none"
+    if not tokenizer:
+        return False, (f"the checkpoint has no tokenizer files ({', '.join(TOKENIZER_FILES)}): onnxruntime-genai's builder "
+                       "reads them, and generation needs them; checkpoint only")
     need = onnx_peak_bytes(params, stored_bytes)
     avail = available_memory() if available is None else available
     if choice == "fp32" or need <= avail:

@@ -110,3 +110,28 @@ def test_auto_writes_onnx_only_when_onnx_runtime_can_hold_it():
     assert not write and "checkpoint only" in why and "20.0 GB is available" in why
     assert not wants_onnx("none", 1000, 1000, available=20 * GB)[0]
     assert wants_onnx("fp32", 8_000_000_000, 16 * GB, available=1 * GB)[0]
+
+
+def test_a_checkpoint_without_tokenizer_files_gets_no_onnx_and_says_why(tmp_path):
+    """The builder reads the tokenizer before writing anything: without tokenizer files
+    ``auto`` writes the checkpoint alone and says why (it does not fail after the work), and
+    ``fp32`` is refused before any weight is read."""
+    import numpy as np
+
+    from lfgraph.errors import LfgraphError
+    from lfgraph.stream import compress_checkpoint
+
+    src = save_folder(tmp_path / "model", "llama", layers=4, sharded=False)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            f.unlink()
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 100, 4 * 32))
+    report = compress_checkpoint(src, tmp_path / "out", fuse="remove", calibration_tokens=str(ids), calibration_windows=4,
+                                 calibration_seq_len=32, progress=False)
+    assert report.exit_code == 0 and report.onnx is None and "no tokenizer files" in report.onnx_reason
+    assert not (tmp_path / "out" / "model.onnx").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(LfgraphError, match="no tokenizer files"):
+        compress_checkpoint(src, tmp_path / "out2", fuse="remove", calibration_tokens=str(ids), calibration_windows=4,
+                            calibration_seq_len=32, progress=False, onnx="fp32")
+    assert not (tmp_path / "out2").exists()
