@@ -15,7 +15,7 @@ stored dtype while the float32 graph is written) goes back to the system when it
 The export check runs the written ONNX file with ONNX Runtime on a short prompt and
 compares its prefill logits with the written checkpoint's, computed block by block
 (:func:`streamed_logits`): the checkpoint is never held whole, but ONNX Runtime holds the
-float32 model (4 bytes a parameter), which is what decides whether ONNX is written at all
+float32 model, which with the builder's own peak decides whether ONNX is written at all
 (:func:`onnx_peak_bytes`, ``--onnx auto``).
 """
 
@@ -63,11 +63,19 @@ class OnnxResult:
         return self.check_rel <= CHECK_RTOL
 
 
+#: Resident bytes per parameter of writing and checking float32 ONNX, measured
+#: (tools/bench_scale.py --onnx auto, docs/scale.md): the builder's child peaked at 4.8 bytes
+#: a parameter (transformers loads the checkpoint in float32), the check's process at 6.6
+#: (ONNX Runtime's float32 weights while its session loads, the streamed reference, the
+#: runtime) on a 1B model with 0.99B parameters after compression.
+ONNX_BYTES_PER_PARAM = 6
+
+
 def onnx_peak_bytes(params: int, stored_bytes: int) -> int:
     """Peak resident bytes of writing and checking float32 ONNX for a model of ``params``
-    parameters stored in ``stored_bytes``: the larger of the builder (the checkpoint as
-    stored, loaded by transformers) and the check (ONNX Runtime's float32 weights)."""
-    return RUNTIME_BYTES + max(stored_bytes, 4 * params)
+    parameters (``stored_bytes`` on disk): :data:`ONNX_BYTES_PER_PARAM` a parameter plus the
+    runtime, or the stored bytes if larger."""
+    return RUNTIME_BYTES + max(stored_bytes, ONNX_BYTES_PER_PARAM * params)
 
 
 #: Tokenizer files onnxruntime-genai's builder can read without a slow-tokenizer conversion
@@ -95,7 +103,7 @@ def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | Non
     if choice == "fp32" or need <= avail:
         return True, f"float32 ONNX of {params / 1e9:.2f}B parameters needs about {need / (1 << 30):.1f} GB, {avail / (1 << 30):.1f} GB available"
     return False, (f"float32 ONNX of {params / 1e9:.2f}B parameters needs about {need / (1 << 30):.1f} GB "
-                   f"(ONNX Runtime holds it whole to run it) but {avail / (1 << 30):.1f} GB is available: checkpoint only "
+                   f"(the builder and ONNX Runtime hold it whole in float32) but {avail / (1 << 30):.1f} GB is available: checkpoint only "
                    "(the Python API's onnx='fp32' writes it anyway)")
 
 
