@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import LfgraphError
+from .fileio import atomic_path
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +94,26 @@ class EncoderHidden(nn.Module):
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LFGRAPH_CACHE", Path.home() / ".cache" / "lfgraph"))
+
+
+def read_cached(path: Path) -> Any | None:
+    """What :func:`write_cached` saved at ``path`` (tensors, dicts of them), or ``None`` when
+    the file is absent or unreadable: a cache entry is rebuilt whatever is wrong with it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:
+        return None
+
+
+def write_cached(path: Path, obj: Any) -> None:
+    """Save ``obj`` at ``path`` whole or not at all (:func:`lfgraph.fileio.atomic_path`); best
+    effort: a cache that cannot be written (read-only home, full disk) is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except OSError:
+        pass
 
 
 def _package_folder(package: str, install_hint: str) -> Path:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import LfgraphError
-from ..models import cache_dir, inner_hf_model
+from ..models import cache_dir, inner_hf_model, read_cached, write_cached
 
 #: Defaults of the ``calibrated-distill`` fusion rule (docs/study): on the calibration
 #: windows alone the held-out KL is lowest near step 60 (the map overfits ~6k tokens); with
@@ -172,27 +171,6 @@ def _cache_path(model: nn.Module, windows: torch.Tensor, settings: tuple, kind: 
     return cache_dir() / kind / f"{h.hexdigest()}.pt"
 
 
-def _load_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
-    try:
-        got = torch.load(path, weights_only=True)
-    except Exception:  # a cache: whatever is wrong with the file, it is sampled again
-        return None
-    return got if isinstance(got, torch.Tensor) and tuple(got.shape) == shape else None
-
-
-def _store_cached(path: Path, samples: torch.Tensor) -> None:
-    """Best effort (a cache): written whole under a temporary name, then renamed; a cache
-    that cannot be written is skipped."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(samples, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
 def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt_tokens: int, top_p: float = 0.95,
                    seed: int = 0, batch_size: int = 24, progress: bool = False, cache: bool = False) -> torch.Tensor:
     """``count`` windows as long as ``windows``' rows, each the first ``prompt_tokens`` of a
@@ -208,9 +186,9 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
     if gen is None:
         raise LfgraphError(f"sampling windows from the original needs a Hugging Face causal LM with generate(); {type(teacher).__name__} has none: set sampled_windows=0")
     path = _cache_path(gen, windows, (count, prompt_tokens, top_p, seed, batch_size), "samples") if cache else None
-    if path is not None and path.is_file():
-        cached = _load_cached(path, (count, length))
-        if cached is not None:
+    if path is not None:
+        cached = read_cached(path)
+        if isinstance(cached, torch.Tensor) and tuple(cached.shape) == (count, length):
             return cached.to(windows.dtype)
     device = _device_of(gen)
     out = []
@@ -225,7 +203,7 @@ def sample_windows(teacher: nn.Module, windows: torch.Tensor, count: int, prompt
             out.append(seq[:, :length].cpu())
     samples = torch.cat(out).to(windows.dtype)
     if path is not None:
-        _store_cached(path, samples)
+        write_cached(path, samples)
     return samples
 
 

@@ -27,7 +27,6 @@ the plain model.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,6 +35,7 @@ from torch import nn
 
 from ..calibration import batches, block_output, capture_block_input
 from ..errors import LfgraphError
+from ..models import read_cached, write_cached
 from .objectives import logits_of
 
 #: Teacher logits are stored whole up to this many bytes; above it, the output head's input
@@ -149,7 +149,7 @@ class TeacherCache(nn.Module):
                     return cls(WindowTable(windows, values), head)
         built = cls._run(teacher, windows, batch_size, max_logit_bytes)
         if built is not None and saved is not None:
-            _write_table(saved, built.table.values, built.head is None, windows)
+            write_cached(saved, {"values": built.table.values.cpu(), "logits": built.head is None, "windows": windows.cpu()})
         return built
 
     @classmethod
@@ -180,25 +180,14 @@ class TeacherCache(nn.Module):
 def _read_table(path: Path, windows: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """(values, whether they are logits) from a saved table built on ``windows``, or ``None``
     (absent, unreadable, or built on other windows)."""
+    got = read_cached(path)
     try:
-        got = torch.load(path, weights_only=True)
-        values, is_logits, keys = got["values"], bool(got["logits"]), got["windows"]
-    except Exception:  # a cache: whatever is wrong with the file, it is rebuilt
+        values, is_logits, keys = got["values"], bool(got["logits"]), got["windows"]  # type: ignore[index]
+    except (TypeError, KeyError):
         return None
     if not isinstance(values, torch.Tensor) or not torch.equal(keys, windows.cpu()) or values.shape[0] != windows.shape[0]:
         return None
     return values, is_logits
-
-
-def _write_table(path: Path, values: torch.Tensor, is_logits: bool, windows: torch.Tensor) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"values": values.cpu(), "logits": is_logits, "windows": windows.cpu()}, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 class _Skip(nn.Module):
