@@ -167,7 +167,9 @@ def _prepare(args: argparse.Namespace, text: str | None) -> tuple[Any, nn.Module
         from ..model_types import CalibrationOptions
         from ..sources import TorchSource
 
-        options = CalibrationOptions(windows=16, seq_len=min(256, max_positions(model.module) or 256))
+        # compress's calibration defaults, the window no longer than the model's positions
+        default = CalibrationOptions()
+        options = CalibrationOptions(windows=default.windows, seq_len=min(default.seq_len, max_positions(model.module) or default.seq_len))
         recipe = pipeline.resolve_recipe(TorchSource(model), args.mode, args.select, args.fuse, args.target, "blocks", options)
         select, fuse = recipe.select, recipe.fuse
         if recipe.needs_calibration:
