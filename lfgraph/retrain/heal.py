@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..allocator import keep_freed_memory
 from ..errors import LfgraphError
 from ..plan import FusionPlan
 from . import checkpoint as ckpt
@@ -326,7 +327,8 @@ def heal(student: nn.Module, teacher: nn.Module | None, data: Any, config: HealC
     _check(config, teacher)
     par = D.setup(config.strategy)
     try:
-        return _heal(student, teacher, data, config, par)
+        with keep_freed_memory():  # the same tensors come and go at every step
+            return _heal(student, teacher, data, config, par)
     finally:
         D.teardown(par)
 
