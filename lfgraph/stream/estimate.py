@@ -165,7 +165,10 @@ def estimate(
     est.bytes_written = int(other + layer_bytes * kept_fraction)
     est.bytes_read = int(layer_bytes * (1 + (1 if calibrated else 0)) + (embed.nbytes if embed else 0) * (2 if calibrated else 1) + est.bytes_written)
     if fingerprint:
-        est.bytes_read += ckpt.total_bytes
+        # the blocks are hashed as the selection pass reads them: only the head (or the
+        # embedding it is tied to) is read for the fingerprint
+        head = ckpt.tensors.get("lm_head.weight", embed)
+        est.bytes_read += head.nbytes if head is not None else 0
     return est
 
 

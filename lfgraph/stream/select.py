@@ -28,6 +28,7 @@ from ..calibration import block_output
 from ..errors import LfgraphError
 from ..passes.selection import Run, _check_n, _cosine, _tokens, runs_from_angular, runs_from_order
 from .calibrate import StackInput
+from .fingerprint import BlockHasher
 from .skeleton import Skeleton
 
 #: Selections the streaming path computes (the others need the whole model or its weights graph).
@@ -42,13 +43,20 @@ class Scores:
     angular: dict[int, float] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
+    #: block index -> the hidden state entering it (one tensor per batch), for the blocks asked for
+    states: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 @torch.no_grad()
-def score_blocks(skeleton: Skeleton, inputs: StackInput, select: str, n_drop: int, progress: Any = None) -> Scores:
+def score_blocks(skeleton: Skeleton, inputs: StackInput, select: str, n_drop: int, progress: Any = None, *,
+                 keep_states: int = 0, hasher: BlockHasher | None = None) -> Scores:
     """Run every block on ``inputs`` (block by block) and accumulate the scores ``select``
     needs (``n_drop`` is the angular run length). ``inputs.hidden`` is not modified;
-    ``progress`` (a tqdm bar or None) is advanced once per block."""
+    ``progress`` (a tqdm bar or None) is advanced once per block.
+
+    ``keep_states``: keep the hidden states entering blocks ``0 .. keep_states - 1`` in
+    ``Scores.states`` (references to the pass's own tensors: no copy). ``hasher``: each
+    block's linear layers are hashed for the fingerprint while the block computes."""
     import time
 
     if select not in STREAM_SELECTIONS:
@@ -62,26 +70,43 @@ def score_blocks(skeleton: Skeleton, inputs: StackInput, select: str, n_drop: in
     x = list(inputs.hidden)
     # angular compares x_l with x_{l+n}: keep the last n + 1 states (history[0] is x_l for l = i + 1 - n)
     history: deque[list[torch.Tensor]] = deque([x], maxlen=n_drop + 1 if select == "angular" else 1)
-    for i in range(L):
-        block = skeleton.materialize(i)
-        try:
-            y = [block_output(block(h, **kw[i])) for h, kw in zip(x, inputs.kwargs)]
-        finally:
-            skeleton.release(i)
-        for h, out in zip(x, y):
-            if h.shape != out.shape:
-                raise LfgraphError(f"block {i} changes the shape of its input: it cannot be dropped")
-            bi[i] += float((1.0 - _cosine(h, out)).sum())
-        history.append(y)
-        l = i + 1 - n_drop
-        if select == "angular" and l >= 0:
-            for start, out in zip(history[0], y):
-                cos = _cosine(start, out).clamp(-1.0, 1.0)
-                ang[l] += float((torch.arccos(cos) / math.pi).sum())
-        x = y
-        if progress is not None:
-            progress.update(1)
-    return Scores({i: s / count for i, s in bi.items()}, {l: s / count for l, s in ang.items()}, count, time.perf_counter() - t0)
+    states: dict[int, list[torch.Tensor]] = {}
+    try:
+        for i in range(L):
+            if i < keep_states:
+                states[i] = x
+            if hasher is not None:
+                hasher.wait()  # the previous block's tensors are let go before this one is read
+            block = skeleton.materialize(i)
+            try:
+                if hasher is not None:
+                    hasher.submit(i, block)
+                y = [block_output(block(h, **kw[i])) for h, kw in zip(x, inputs.kwargs)]
+            finally:
+                skeleton.release(i)
+            x = _scores_step(i, x, y, bi, ang, history, select, n_drop)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if hasher is not None:
+            hasher.wait()
+    return Scores({i: s / count for i, s in bi.items()}, {l: s / count for l, s in ang.items()}, count, time.perf_counter() - t0, states)
+
+
+def _scores_step(i: int, x: list[torch.Tensor], y: list[torch.Tensor], bi: dict[int, float], ang: dict[int, float],
+                 history: deque, select: str, n_drop: int) -> list[torch.Tensor]:
+    """Add block ``i``'s contributions (input ``x``, output ``y``) to the scores; returns ``y``."""
+    for h, out in zip(x, y):
+        if h.shape != out.shape:
+            raise LfgraphError(f"block {i} changes the shape of its input: it cannot be dropped")
+        bi[i] += float((1.0 - _cosine(h, out)).sum())
+    history.append(y)
+    l = i + 1 - n_drop
+    if select == "angular" and l >= 0:
+        for start, out in zip(history[0], y):
+            cos = _cosine(start, out).clamp(-1.0, 1.0)
+            ang[l] += float((torch.arccos(cos) / math.pi).sum())
+    return y
 
 
 def select_runs(scores: Scores, select: str, num_layers: int, n_drop: int) -> list[Run]:
