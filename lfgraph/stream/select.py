@@ -13,6 +13,13 @@ Both use the in-memory module's cosine (:func:`lfgraph.passes.selection._cosine`
 on the same batches in the same order, so the scores, and the runs that
 :func:`lfgraph.passes.selection.runs_from_order` / :func:`~lfgraph.passes.selection.runs_from_angular`
 make from them, are the in-memory path's.
+
+The pass also does the work that would otherwise need the blocks again: with a
+:class:`~lfgraph.stream.fingerprint.BlockHasher` each block's linear layers are hashed for
+the model fingerprint (in a background thread while the block computes), and when a
+calibrated refit follows the hidden states entering the blocks a run can start at are kept
+(``keep_states``; references to the states the pass computes, not copies), for the refit to
+start from (:func:`lfgraph.stream.refit.refit_runs`).
 """
 
 from __future__ import annotations
