@@ -2,8 +2,9 @@
 checkpoint's headers, its config and the recipe.
 
 Memory is the largest of two phases plus the Python runtime: reading the embedding rows of
-the calibration tokens and the fingerprint's pieces of tensors; and the block passes: one block in
-float32 (two while a run is refitted), the block's stored bytes (mapped while it is read),
+the calibration tokens and the fingerprint's pieces of tensors; and the block passes: two blocks in
+float32 (the selection reads the next block while one computes; the refit holds the kept
+block beside the one it runs), the block's stored bytes (mapped while it is read),
 the hidden states of every calibration token (two copies for Block Influence, ``n + 2``
 for angular runs of ``n``; for ``calibrated`` also the states entering the blocks a run can
 start at, ``L - n`` of them, kept by the selection pass for the refit, and three while
@@ -127,7 +128,8 @@ def estimate(
         states = max((L - n_drop + (n_drop + 1 if select == "angular" else 2)) * act, 3 * act)
     parts = {
         "runtime": RUNTIME_BYTES,
-        "blocks (float32)": numel * 4 * (2 if calibrated else 1),
+        # selection: the block computing and the next one read meanwhile; refit: the block run and the kept one
+        "blocks (float32)": numel * 4 * 2,
         "block as stored (mapped while read)": stored,
         "hidden states": states,
         "one batch's activations": batch_tokens * (3 * inter + heads * seq_len + 4 * h) * 4 + (batch_tokens * inter * 16 if calibrated else 0),
@@ -190,7 +192,7 @@ def check_fits(est: Estimate, available: int | None = None, *, windows: int, seq
     if est.parts.get("hidden states", 0) > 0.2 * est.peak_bytes:
         hints.append(f"fewer or shorter calibration windows (now {windows} x {seq_len}: --calibration-windows / --calibration-seq-len)")
     if fuse == "calibrated":
-        hints.append("--fuse remove (no refit: no Gram matrices, one block in memory)")
+        hints.append("--fuse remove (no refit: no Gram matrices)")
     if not hints:
         hints.append("a machine with more memory")
     raise LfgraphError(

@@ -1,7 +1,7 @@
 """Selection scores accumulated while the calibration windows pass the stack block by block.
 
-One pass over the blocks, one block in memory: each block's output for every batch is
-computed from its input, then the block is released. On the way:
+One pass over the blocks, one block computing at a time: each block's output for every
+batch is computed from its input, then the block is released. On the way:
 
 - Block Influence (ShortGPT) of block ``i``: ``1 - cos(input_i, output_i)`` summed per
   batch, divided by the token count, as :func:`lfgraph.passes.selection.block_influence_scores`;
@@ -19,13 +19,15 @@ The pass also does the work that would otherwise need the blocks again: with a
 the model fingerprint (in a background thread while the block computes), and when a
 calibrated refit follows the hidden states entering the blocks a run can start at are kept
 (``keep_states``; references to the states the pass computes, not copies), for the refit to
-start from (:func:`lfgraph.stream.refit.refit_runs`).
+start from (:func:`lfgraph.stream.refit.refit_runs`). The next block is read in a
+background thread while one computes (two blocks in memory, as while a run is refitted).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,14 +58,16 @@ class Scores:
 
 @torch.no_grad()
 def score_blocks(skeleton: Skeleton, inputs: StackInput, select: str, n_drop: int, progress: Any = None, *,
-                 keep_states: int = 0, hasher: BlockHasher | None = None) -> Scores:
+                 keep_states: int = 0, hasher: BlockHasher | None = None, prefetch: bool = True) -> Scores:
     """Run every block on ``inputs`` (block by block) and accumulate the scores ``select``
     needs (``n_drop`` is the angular run length). ``inputs.hidden`` is not modified;
     ``progress`` (a tqdm bar or None) is advanced once per block.
 
     ``keep_states``: keep the hidden states entering blocks ``0 .. keep_states - 1`` in
     ``Scores.states`` (references to the pass's own tensors: no copy). ``hasher``: each
-    block's linear layers are hashed for the fingerprint while the block computes."""
+    block's linear layers are hashed for the fingerprint while the block computes.
+    ``prefetch``: block ``i + 1`` is read from the checkpoint (and cast to float32) in a
+    background thread while block ``i`` computes: one block more in memory."""
     import time
 
     if select not in STREAM_SELECTIONS:
@@ -78,13 +82,17 @@ def score_blocks(skeleton: Skeleton, inputs: StackInput, select: str, n_drop: in
     # angular compares x_l with x_{l+n}: keep the last n + 1 states (history[0] is x_l for l = i + 1 - n)
     history: deque[list[torch.Tensor]] = deque([x], maxlen=n_drop + 1 if select == "angular" else 1)
     states: dict[int, list[torch.Tensor]] = {}
+    # the next block is read (and cast to float32) in a background thread while this one computes
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfgraph-read") if prefetch else None
+    following: Future | None = reader.submit(skeleton.read_block, 0) if reader is not None else None
     try:
         for i in range(L):
             if i < keep_states:
                 states[i] = x
             if hasher is not None:
-                hasher.wait()  # the previous block's tensors are let go before this one is read
-            block = skeleton.materialize(i)
+                hasher.wait()  # the previous block's tensors are let go before the next read starts
+            block = skeleton.materialize(i, state=following.result() if following is not None else None)
+            following = reader.submit(skeleton.read_block, i + 1) if reader is not None and i + 1 < L else None
             try:
                 if hasher is not None:
                     hasher.submit(i, block)
@@ -95,6 +103,8 @@ def score_blocks(skeleton: Skeleton, inputs: StackInput, select: str, n_drop: in
             if progress is not None:
                 progress.update(1)
     finally:
+        if reader is not None:
+            reader.shutdown(wait=True, cancel_futures=True)
         if hasher is not None:
             hasher.wait()
     return Scores({i: s / count for i, s in bi.items()}, {l: s / count for l, s in ang.items()}, count, time.perf_counter() - t0, states)

@@ -143,6 +143,8 @@ def test_refit_from_the_selection_states_skips_the_blocks_below(tmp_path):
     ids = torch.randint(0, 100, (WINDOWS, SEQ), generator=torch.Generator().manual_seed(0))
     scores = score_blocks(skeleton, stack_input(skeleton, [ids]), "angular", 2, keep_states=4)
     assert sorted(scores.states) == [0, 1, 2, 3]
+    unread = score_blocks(skeleton, stack_input(skeleton, [ids]), "angular", 2, prefetch=False)  # each block read when needed
+    assert (unread.angular, unread.block_influence, unread.states) == (scores.angular, scores.block_influence, {})
     runs = [Run([2, 3, 4], keep=2)]
     new = refit_runs(skeleton, runs, ids, states=scores.states)
     assert not scores.states  # handed over and freed
