@@ -18,8 +18,12 @@ from lfgraph.stream import compress_checkpoint
 from stream_helpers import save_folder
 
 WINDOWS, SEQ = 8, 32
-#: Agreement of the calibrated rules' refitted weights and logits with the in-memory path's,
-#: as max abs difference over max abs value (see ``_rel``).
+#: What is promised for the calibrated rules' refitted weights and logits against the
+#: in-memory path's, as max abs difference over max abs value (see ``_rel``): their refit
+#: starts from the selection pass's states, computed in other batches, and float32 products
+#: may round differently. Measured here (tiny models and SmolLM2): still bit for bit, so the
+#: tests assert that, the tightest thing true in every case; were a BLAS to round
+#: differently by batch, these would be the bounds to fall back to.
 WEIGHT_RTOL = LOGIT_RTOL = 1e-5
 
 
@@ -65,15 +69,9 @@ def test_streamed_equals_in_memory(tmp_path, monkeypatch, arch, sharded, select,
     unequal = sorted(k for k in ref if not torch.equal(ref[k], got[k]))
     print(f"{arch} {select} {fuse}: unequal tensors {unequal}, max rel: weights {max([_rel(got[k], ref[k]) for k in unequal], default=0.0):.1e}, "
           f"logits {_rel(got_logits, want_logits):.1e}")
-    # `remove` copies tensors: bit for bit by construction. The calibrated refit starts from
-    # the selection pass's states, computed in other batches than the in-memory pass's; what
-    # is promised is agreement to rounding (WEIGHT_RTOL, LOGIT_RTOL; SmolLM2 below), but on
-    # these models every case is still bit for bit here, and that is what is asserted.
+    # `remove` copies tensors: bit for bit by construction; the calibrated rules: see WEIGHT_RTOL
     assert not unequal
     assert torch.equal(want_logits, got_logits)
-    for k in ref:
-        assert _rel(got[k], ref[k]) <= WEIGHT_RTOL, k
-    assert _rel(got_logits, want_logits) <= LOGIT_RTOL
     if fuse != "remove":
         # the refit starts at the first run: it runs the runs' blocks (and any between them) only
         (runs, res), = refits
@@ -108,8 +106,8 @@ def _record_refits(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_streamed_equals_in_memory(tmp_path):
-    """The issue's target on the real model: same plan, refitted weights and logits within
-    rel 1e-5 (Block Influence + calibrated at 25%, the streaming path's default)."""
+    """The issue's target on the real model: same plan, same weights and logits (promised to
+    rel 1e-5, measured bit for bit; Block Influence + calibrated at 25%, the streaming path's default)."""
     from lfgraph.models import smollm2_folder
 
     folder = smollm2_folder()
@@ -123,14 +121,15 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
         want, got = model(cal[:2]).logits, streamed(cal[:2]).logits
     ref, new = model.state_dict(), streamed.state_dict()
     print(f"SmolLM2: max rel: weights {max(_rel(new[k], ref[k]) for k in ref):.1e}, logits {_rel(got, want):.1e}")
-    for k in ref:
-        assert _rel(new[k], ref[k]) <= WEIGHT_RTOL, k
-    assert _rel(got, want) <= LOGIT_RTOL
+    for k in ref:  # promised: WEIGHT_RTOL, LOGIT_RTOL; measured: bit for bit
+        assert torch.equal(new[k], ref[k]), k
+    assert torch.equal(got, want)
 
 
 def test_refit_from_the_selection_states_skips_the_blocks_below(tmp_path):
     """``refit_runs`` given the selection pass's states runs the run's blocks only; without
-    them it runs the stack from block 0; the refitted tensors agree (here: bit for bit)."""
+    them it runs the stack from block 0; the refitted tensors agree (promised to WEIGHT_RTOL;
+    measured bit for bit)."""
     from lfgraph.passes.selection import Run
     from lfgraph.stream.calibrate import stack_input
     from lfgraph.stream.checkpoint import Checkpoint
@@ -152,4 +151,4 @@ def test_refit_from_the_selection_states_skips_the_blocks_below(tmp_path):
     assert (new.blocks_run, old.blocks_run) == (3, 5)
     assert set(new.changed) == set(old.changed) and new.changed
     for k in new.changed:
-        assert _rel(new.changed[k], old.changed[k]) <= WEIGHT_RTOL, k
+        assert torch.equal(new.changed[k], old.changed[k]), k
