@@ -16,12 +16,13 @@ sees a 2-D matrix whose rows are output neurons.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .fingerprint import combine, layer_digest
 
 LINEAR = "linear"
 CONV = "conv"
@@ -161,19 +162,18 @@ class LayerGraph:
         return [b for b in self.blocks if b.skip == "identity"]
 
     def fingerprint(self) -> str:
-        """SHA-256 over every layer's name, shape and weight bytes (hex, 16 chars).
+        """The model fingerprint (hex, 16 chars): SHA-256 over each layer's digest (its
+        name, weight shape, float32 weight and bias bytes) in name order, by the rule of
+        :mod:`lfgraph.fingerprint`.
 
         Two graphs with the same fingerprint have identical weighted layers, so a plan made
         for one applies to the other.
         """
-        h = hashlib.sha256()
-        for n in sorted(self.nodes, key=lambda n: n.name):
-            h.update(n.name.encode())
-            h.update(str(n.weight.shape).encode())
-            h.update(np.ascontiguousarray(n.weight, dtype=np.float32).tobytes())
-            if n.bias is not None:
-                h.update(np.ascontiguousarray(n.bias, dtype=np.float32).tobytes())
-        return h.hexdigest()[:16]
+        return combine({
+            n.name: layer_digest(n.name, n.weight.shape, [np.ascontiguousarray(n.weight, dtype=np.float32)],
+                                 None if n.bias is None else [np.ascontiguousarray(n.bias, dtype=np.float32)])
+            for n in self.nodes
+        })
 
     def summary(self) -> str:
         """A few lines for people: counts of layers, groups and blocks."""

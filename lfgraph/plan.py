@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import LfgraphError
 from .fileio import write_text_atomic
+from .fingerprint import FINGERPRINT_SINCE, version_before
 
 SCHEMA_VERSION = 1
 
@@ -128,9 +129,17 @@ class FusionPlan:
         return cls.from_json(p.read_text(encoding="utf-8"))
 
     def check_applies_to(self, fingerprint: str) -> None:
-        """Refuse a plan made for a model with different weights."""
+        """Refuse a plan made for a model with different weights (or whose fingerprint an
+        older lfgraph computed by a rule that differs: then the message says to re-plan)."""
         want = self.provenance.get("model_fingerprint")
         if want and want != fingerprint:
+            made_by = self.provenance.get("lfgraph_version")
+            if made_by is not None and version_before(made_by):
+                raise LfgraphError(
+                    f"plan was made by lfgraph {made_by}, whose model fingerprint ({want}) is computed differently from this "
+                    f"lfgraph's (since {FINGERPRINT_SINCE}; this model is {fingerprint}): the weights may well be the same, "
+                    "but the plan cannot be checked against them: make the plan again with this lfgraph (`lfgraph plan`)"
+                )
             raise LfgraphError(
                 f"plan was made for model fingerprint {want}, this model is {fingerprint}: "
                 "make a new plan for this model with `lfgraph plan`"

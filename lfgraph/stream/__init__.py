@@ -6,8 +6,9 @@ shards (:mod:`.checkpoint`), the calibration windows passed through the stack bl
 while the selection scores (:mod:`.select`) and the calibrated refit's statistics
 (:mod:`.refit`) accumulate, and the output written shard by shard (:mod:`.write`) into a
 staging folder moved into place when complete (:mod:`.staging`). Peak memory and time are
-estimated before any weight is read (:mod:`.estimate`). Plans and weights are the in-memory
-path's for the same inputs. The output is a Hugging Face checkpoint, plus float32 ONNX from
+estimated before any weight is read (:mod:`.estimate`). Plans are the in-memory path's for
+the same inputs, and so are the weights (to rounding for the calibrated refit, which starts
+from the selection pass's hidden states). The output is a Hugging Face checkpoint, plus float32 ONNX from
 onnxruntime-genai's builder, checked against it, when ONNX Runtime can hold the model
 (:mod:`lfgraph.stream.onnx`).
 

@@ -1,11 +1,15 @@
 """``compress_checkpoint``: the streaming compress of a safetensors checkpoint folder.
 
     check options → open headers → calibration windows → estimate (refuse if it cannot fit)
-      → meta skeleton → fingerprint → selection pass (block by block) → plan
-      → [calibrated: refit pass, block by block] → write shards (staged) → report
+      → meta skeleton → fingerprint of the head → selection pass (block by block; each
+      block's layers hashed for the fingerprint) → plan
+      → [calibrated: refit from the selection's states entering the first run, block by block
+         over the runs] → write shards (staged) → report
 
-Same plan and same weights as the in-memory path (``lfgraph.pipeline``) on the same folder
-and options; the output is a Hugging Face checkpoint folder, plus float32 ONNX written by
+Same plan as the in-memory path (``lfgraph.pipeline``) on the same folder and options, and
+the same weights: bit for bit with ``remove``, to rounding with the calibrated rules (the
+refit starts from the hidden states the selection pass computed, batched differently from
+the in-memory refit's); the output is a Hugging Face checkpoint folder, plus float32 ONNX written by
 onnxruntime-genai's builder and checked against it when ONNX Runtime can hold the model
 (:mod:`lfgraph.stream.onnx`; the in-memory exporter would need the whole model traced).
 """
@@ -95,7 +99,7 @@ def _say(msg: str, progress: bool) -> None:
         print(f"lfgraph: {msg}", file=sys.stderr, flush=True)
 
 
-def _bar(total: int, desc: str, progress: bool, unit: str = "block") -> Any:
+def _bar(total: int | None, desc: str, progress: bool, unit: str = "block") -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress,
@@ -190,11 +194,17 @@ def compress_checkpoint(
     or ``angular``; ``fuse``: ``remove``, ``calibrated`` or ``calibrated-map``. Calibration
     options as :func:`lfgraph.pipeline.compress`'s.
 
-    Guarantees: the plan and the weights are those the in-memory path computes for the same
-    folder and options (float32 compute; refitted tensors written in the stored dtype); the
-    input is only read; ``out_folder`` is checked and appears only complete by the rules of
-    :mod:`lfgraph.fileio` (``overwrite`` as ``--overwrite``); ``fingerprint=False`` skips reading the weights once more to record
-    the model fingerprint in the plan. Before any weight is read the peak memory is
+    Guarantees: the plan is the one the in-memory path makes for the same folder and options,
+    and so is the model fingerprint it records; the weights are the in-memory path's, bit
+    for bit with ``remove``, and to rounding with ``calibrated`` / ``calibrated-map`` (float32
+    compute; the refit starts from the hidden states the selection pass computed in its own
+    batches, which float32 products may round differently from the in-memory refit's
+    batches: promised to 1e-5 of the largest magnitude, measured bit for bit on the models
+    of ``tests/stream/test_equivalence.py``;
+    refitted tensors written in the stored dtype); the input is only read; ``out_folder`` is checked and appears only complete by the rules of
+    :mod:`lfgraph.fileio` (``overwrite`` as ``--overwrite``); ``fingerprint=False`` skips the model fingerprint (the blocks' layers
+    hashed as the selection pass reads them, the head read once more) and the plan then has
+    no ``model_fingerprint``. Before any weight is read the peak memory is
     estimated and, with ``check_memory``, a run that cannot fit raises ``LfgraphError``
     naming the options that would make it fit. ``onnx`` (:data:`~lfgraph.stream.onnx.ONNX_CHOICES`):
     whether the folder also gets float32 ``model.onnx`` and ``genai_config.json`` from
@@ -224,20 +234,32 @@ def compress_checkpoint(
     seconds["prepare"] = time.perf_counter() - t_start
 
     skeleton = Skeleton(ckpt)
-    fp = None
+    fp, hasher, outside = None, None, {}
     if fingerprint:
+        # the layers outside the blocks (lm_head) are read here; the blocks' layers are hashed
+        # by the selection pass from the blocks it reads anyway
         t0 = time.perf_counter()
-        from .fingerprint import checkpoint_fingerprint, linear_layers
+        from .fingerprint import BlockHasher, outside_block_digests
 
-        with _bar(len(linear_layers(skeleton)), "fingerprint", progress, unit="layer") as bar:
-            fp = checkpoint_fingerprint(skeleton, bar)
+        with _bar(None, "fingerprint", progress, unit="layer") as bar:
+            outside = outside_block_digests(skeleton, bar)
+        hasher = BlockHasher()
         seconds["fingerprint"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     inputs = stack_input(skeleton, [ids])
     with _bar(L, f"selection ({select})", progress) as bar:
-        scores = score_blocks(skeleton, inputs, select, n_drop, bar)
+        try:
+            # a refit follows: keep the states entering the blocks a run can start at (a run
+            # starts at most at block L - n_drop - 1), for the refit to start from
+            scores = score_blocks(skeleton, inputs, select, n_drop, bar, hasher=hasher,
+                                  keep_states=L - n_drop if rule == "calibrated" else 0)
+        finally:
+            if hasher is not None:
+                hasher.close()
     del inputs
+    if hasher is not None:
+        fp = hasher.fingerprint(skeleton, outside)
     runs = select_runs(scores, select, L, n_drop)
     plan = build_plan(skeleton, runs, select=select, fuse=fuse, target=target, fingerprint=fp)
     seconds["selection"] = time.perf_counter() - t0
@@ -247,9 +269,9 @@ def compress_checkpoint(
     log = RewriteLog()
     if rule == "calibrated":
         t0 = time.perf_counter()
-        last = max(r.blocks[-1] for r in runs)
-        with _bar(last + 1, "calibrated refit", progress) as bar:
-            res = refit_runs(skeleton, runs, ids, refit=str(plan.provenance.get("refit", "full")), progress=bar)
+        first, last = min(r.blocks[0] for r in runs), max(r.blocks[-1] for r in runs)
+        with _bar(last + 1 - first, "calibrated refit", progress) as bar:
+            res = refit_runs(skeleton, runs, ids, refit=str(plan.provenance.get("refit", "full")), progress=bar, states=scores.states)
         changed, log = res.changed, res.log
         seconds["refit"] = time.perf_counter() - t0
     else:

@@ -5,6 +5,8 @@ the same functions of :mod:`lfgraph.calibration` on the same tokenizer (the fold
 same text or token file, the same count and length. The hidden states are kept as a list
 of float32 batches (``batch_size`` windows each), the batching the in-memory passes use,
 so that every block call sees the same tensors and the statistics add up in the same order.
+:func:`regroup` gathers hidden states computed in one batching (the selection pass's) into
+another (the refit's fitting and held-out groups).
 """
 
 from __future__ import annotations
@@ -73,4 +75,29 @@ def stack_input(skeleton: Skeleton, groups: Sequence[torch.Tensor], batch_size: 
             out.kwargs.append(skeleton.layer_kwargs(x))
             out.group.append(g)
         offset += ids.shape[0]
+    return out
+
+
+@torch.no_grad()
+def regroup(skeleton: Skeleton, ids: torch.Tensor, groups: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
+            batch_size: int = 4) -> StackInput:
+    """The stack's input as :func:`stack_input` would give it for the windows ``ids[g]`` of
+    each group ``g`` of window indices of ``groups`` (each cut into consecutive batches of
+    ``batch_size``, groups in order), but holding ``states`` instead of the embeddings:
+    hidden states of every window of ``ids`` in order, in consecutive batches (as the
+    selection pass holds the state entering a block). Each window's rows are copied into
+    its new batch; ``states`` is not modified."""
+    where = [(b, r) for b, s in enumerate(states) for r in range(s.shape[0])]  # window -> (batch, row)
+    if len(where) != ids.shape[0]:
+        raise ValueError(f"{len(where)} hidden states for {ids.shape[0]} windows")
+    out = StackInput([], [], [], [])
+    for g, index in enumerate(groups):
+        index = [int(k) for k in index]
+        for start in range(0, len(index), batch_size):
+            windows = index[start : start + batch_size]
+            x = torch.stack([states[where[k][0]][where[k][1]] for k in windows])
+            out.ids.append(ids[windows])
+            out.hidden.append(x)
+            out.kwargs.append(skeleton.layer_kwargs(x))
+            out.group.append(g)
     return out

@@ -2,10 +2,13 @@
 checkpoint's headers, its config and the recipe.
 
 Memory is the largest of two phases plus the Python runtime: reading the embedding rows of
-the calibration tokens and the fingerprint's pieces of tensors; and the block passes: one block in
-float32 (two while a run is refitted), the block's stored bytes (mapped while it is read),
+the calibration tokens and the fingerprint's pieces of tensors; and the block passes: two blocks in
+float32 (the selection reads the next block while one computes; the refit holds the kept
+block beside the one it runs), the block's stored bytes (mapped while it is read),
 the hidden states of every calibration token (two copies for Block Influence, ``n + 2``
-for angular runs of ``n``, three while refitting), one batch's transient activations, and
+for angular runs of ``n``; for ``calibrated`` also the states entering the blocks a run can
+start at, ``L - n`` of them, kept by the selection pass for the refit, and three while
+refitting), one batch's transient activations, and
 for the ``calibrated`` rule the float64 statistics of the refit (with fewer calibration tokens
 than inputs, the dual form: the tokens as rows and ``n x n`` kernels; otherwise two ``in x in``
 matrices for a down projection of ``in`` inputs: the fit's Gram matrix, into which the held-out part is
@@ -15,7 +18,7 @@ its Cholesky factor; the held-out tokens as rows, ``n_val x (in + out)``, while 
 
 Time is floating-point work divided by matrix-multiply rates measured here in a fraction of
 a second: the calibration forward passes (``2 x block parameters x tokens`` per block pass,
-plus attention), and for ``calibrated`` the refit's float64 work (Gram accumulation; per
+plus attention; the refit's from its first run's first block), and for ``calibrated`` the refit's float64 work (Gram accumulation; per
 ridge strength tried, :data:`STRENGTHS_TRIED` of the grid by the golden-section search, one
 Cholesky factorisation and a solve against the held-out rows; the final factorisation and
 solve with ``out`` right-hand sides).
@@ -119,10 +122,14 @@ def estimate(
     embed_phase = act * 2 + 3 * piece
     states = (n_drop + 2 if select == "angular" else 2) * act
     if calibrated:
-        states = max(states, 3 * act)
+        # the selection pass keeps the states entering blocks 0 .. L - n_drop - 1 (where a run
+        # can start) for the refit: at its last block, those and its own (angular: the last
+        # n + 1 states; Block Influence: the block's input and output); the refit holds three
+        states = max((L - n_drop + (n_drop + 1 if select == "angular" else 2)) * act, 3 * act)
     parts = {
         "runtime": RUNTIME_BYTES,
-        "blocks (float32)": numel * 4 * (2 if calibrated else 1),
+        # selection: the block computing and the next one read meanwhile; refit: the block run and the kept one
+        "blocks (float32)": numel * 4 * 2,
         "block as stored (mapped while read)": stored,
         "hidden states": states,
         "one batch's activations": batch_tokens * (3 * inter + heads * seq_len + 4 * h) * 4 + (batch_tokens * inter * 16 if calibrated else 0),
@@ -143,7 +150,10 @@ def estimate(
     est = Estimate(parts=parts)
     est.peak_bytes = RUNTIME_BYTES + max(embed_phase, block_phase)
     per_pass = 2 * numel * tokens + 4 * tokens * seq_len * heads * head_dim
-    passes = L + (L + 2 * n_drop if calibrated else 0)
+    # the refit runs from the first run's first block to the last run's last (angular: the
+    # one run of n_drop + 1 blocks; Block Influence: at most the stack), the kept blocks twice more
+    span = n_drop + 1 if select == "angular" else L
+    passes = L + (span + 2 * n_drop if calibrated else 0)
     est.forward_flops = float(per_pass * passes)
     if calibrated:
         d_in = inter + 1
@@ -163,9 +173,12 @@ def estimate(
     layer_bytes = sum(_block_numel(ckpt, i)[1] for i in range(L))
     other = ckpt.total_bytes - layer_bytes
     est.bytes_written = int(other + layer_bytes * kept_fraction)
-    est.bytes_read = int(layer_bytes * (1 + (1 if calibrated else 0)) + (embed.nbytes if embed else 0) * (2 if calibrated else 1) + est.bytes_written)
+    est.bytes_read = int(layer_bytes * (1 + (span / L if calibrated else 0)) + (embed.nbytes if embed else 0) + est.bytes_written)
     if fingerprint:
-        est.bytes_read += ckpt.total_bytes
+        # the blocks are hashed as the selection pass reads them: only the head (or the
+        # embedding it is tied to) is read for the fingerprint
+        head = ckpt.tensors.get("lm_head.weight", embed)
+        est.bytes_read += head.nbytes if head is not None else 0
     return est
 
 
@@ -179,7 +192,7 @@ def check_fits(est: Estimate, available: int | None = None, *, windows: int, seq
     if est.parts.get("hidden states", 0) > 0.2 * est.peak_bytes:
         hints.append(f"fewer or shorter calibration windows (now {windows} x {seq_len}: --calibration-windows / --calibration-seq-len)")
     if fuse == "calibrated":
-        hints.append("--fuse remove (no refit: no Gram matrices, one block in memory)")
+        hints.append("--fuse remove (no refit: no Gram matrices)")
     if not hints:
         hints.append("a machine with more memory")
     raise LfgraphError(

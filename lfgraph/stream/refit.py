@@ -3,12 +3,25 @@ blocks in memory.
 
 This is :func:`lfgraph.passes.calibrated_fusion.calibrated_merge` (composite target, no
 repair, no distillation) with the model's blocks read one at a time instead of held: the
-same split of the windows into fitting and held-out batches, the same hidden states (the
-blocks below the first run run with their own call arguments, then every block with the
-first run's, as the in-memory pass does), and the fit itself is the in-memory pass's
-:func:`~lfgraph.passes.calibrated_fusion._fit_transformer_run` (``RidgeStats`` in float64,
-``choose_strength``, ``ridge_solve``), given the run's outputs computed block by block.
-So the refitted projections are the in-memory path's, bit for bit on the same machine.
+same split of the windows into fitting and held-out batches, and the fit itself is the
+in-memory pass's :func:`~lfgraph.passes.calibrated_fusion._fit_transformer_run`
+(``RidgeStats`` in float64, ``choose_strength``, ``ridge_solve``), given the run's outputs
+computed block by block.
+
+The hidden states entering the first run are the selection pass's (it keeps the state
+entering each block that could start a run, :func:`lfgraph.stream.select.score_blocks`),
+regathered window by window into the refit's fitting and held-out batches
+(:func:`lfgraph.stream.calibrate.regroup`): the blocks below the first run are not run
+again. From there every block runs with the first run's call arguments, as the in-memory
+pass runs them; a later run's input comes from the compressed model (the refitted kept
+blocks and the blocks between the runs). The in-memory pass computes the first run's input
+in its fitting and held-out batches instead of the selection's batches of consecutive
+windows, and float32 matrix products may round differently with a different batch
+composition: the refitted projections are promised to agree with the in-memory path's to
+rounding (1e-5 of the largest magnitude), not bit for bit; on the models of
+``tests/stream/test_equivalence.py`` (SmolLM2 included) they are still bit for bit.
+Without the selection's states (``states=None``) the refit computes them from the
+embeddings, the blocks below the first run running with their own per-layer arguments.
 
 Memory: the hidden state of every calibration token three times (the frontier, the run's
 running output, the run's output for the fit), one block being run plus the kept block,
@@ -27,12 +40,13 @@ from typing import Any, Sequence
 import torch
 
 from ..calibration import block_output
+from ..errors import LfgraphError
 from ..passes.base import RewriteLog
 from ..passes.calibrated_fusion import (
     DEFAULT_LAMBDAS, PASS_NAME, _architecture, _Batch, _fit_transformer_run, _run_specs, _split_validation,
 )
 from ..passes.selection import Run
-from .calibrate import stack_input
+from .calibrate import regroup, stack_input
 from .checkpoint import DTYPES
 from .skeleton import LAYERS_PATH, Skeleton
 
@@ -49,6 +63,7 @@ class RefitResult:
 
     changed: dict[str, torch.Tensor] = field(default_factory=dict)
     log: RewriteLog = field(default_factory=RewriteLog)
+    #: blocks run to compute the runs' inputs and outputs (the kept blocks' refitted outputs not counted)
     blocks_run: int = 0
     seconds: float = 0.0
 
@@ -66,6 +81,7 @@ def refit_runs(
     val_fraction: float = 0.25,
     batch_size: int = 4,
     progress: Any = None,
+    states: dict[int, list[torch.Tensor]] | None = None,
 ) -> RefitResult:
     """Refit each run's kept block (``Run.keep``) so that it alone maps the run's input to
     its output, on calibration windows ``ids`` ``(N, seq)``; options as
@@ -73,6 +89,12 @@ def refit_runs(
 
     Runs must be disjoint runs of consecutive blocks. The checkpoint is only read;
     ``progress`` (a tqdm bar or None) advances once per block run.
+
+    ``states``: the selection pass's hidden states entering blocks (``Scores.states``: block
+    index -> one tensor per batch of ``batch_size`` consecutive windows of ``ids``); the
+    refit takes the one entering its first run and empties the dict, so that the others are
+    freed before the refit's own states are made. ``None``: computed from the embeddings,
+    running the blocks below the first run.
     """
     t0 = time.perf_counter()
     result = RefitResult()
@@ -81,8 +103,16 @@ def refit_runs(
     names = [[f"{IN_MEMORY_CONTAINER}.{i}" for i in r.blocks] for r in runs]
     specs = _run_specs(names, [f"{IN_MEMORY_CONTAINER}.{r.keep}" for r in runs])
     val_mask = _split_validation(ids.shape[0], val_fraction)
-    inputs = stack_input(skeleton, [ids[val_mask == v] for v in (False, True)], batch_size)
     first = specs[0].index[0]
+    if states is not None:
+        if first not in states:
+            raise LfgraphError(f"internal error: the selection pass did not keep the hidden state entering block {first}, where the first run starts")
+        start = states.pop(first)
+        states.clear()
+        inputs = regroup(skeleton, ids, [torch.nonzero(val_mask == v).flatten() for v in (False, True)], start, batch_size)
+        del start
+    else:
+        inputs = stack_input(skeleton, [ids[val_mask == v] for v in (False, True)], batch_size)
     state = [_Batch(i, kw[first], x, None, g == 1) for i, kw, x, g in zip(inputs.ids, inputs.kwargs, inputs.hidden, inputs.group)]
 
     def run_block(i: int, xs: list[torch.Tensor], per_layer: bool, keep: bool = False) -> list[torch.Tensor]:
@@ -97,12 +127,13 @@ def refit_runs(
             progress.update(1)
         return out
 
-    # below the first run the in-memory model runs whole: each layer gets its own arguments
-    xs = [b.x for b in state]
-    for i in range(first):
-        xs = run_block(i, xs, per_layer=True)
-    for b, x in zip(state, xs):
-        b.x = x
+    if states is None:
+        # below the first run the in-memory model runs whole: each layer gets its own arguments
+        xs = [b.x for b in state]
+        for i in range(first):
+            xs = run_block(i, xs, per_layer=True)
+        for b, x in zip(state, xs):
+            b.x = x
     pos = first
     stack = list(skeleton.layers)
     arch, form = _architecture(skeleton.model)  # the family's refit target and block form, as in memory

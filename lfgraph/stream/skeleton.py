@@ -126,11 +126,11 @@ class Skeleton:
     # ---------------------------------------------------------------------------------
     # blocks
 
-    def materialize(self, i: int, check_finite: bool = True) -> nn.Module:
-        """Decoder block ``i`` with its float32 weights read from the checkpoint.
+    def read_block(self, i: int, check_finite: bool = True) -> dict[str, torch.Tensor]:
+        """Decoder block ``i``'s float32 weights read from the checkpoint, by parameter name
+        inside the block (what :meth:`materialize` assigns; safe to call from another thread).
 
-        Raises ``LfgraphError`` when a weight holds NaN or Inf. Call :meth:`release` when done.
-        """
+        Raises ``LfgraphError`` when a weight holds NaN or Inf."""
         names = self.block_tensor_names(i)
         tensors = self.ckpt.load(names.values(), torch.float32)
         state = {k: tensors[v] for k, v in names.items()}
@@ -138,6 +138,16 @@ class Skeleton:
             for k, t in state.items():
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise LfgraphError(f"{self.ckpt.folder.name}: weight {names[k]} contains NaN or Inf values: the checkpoint is damaged; re-save or re-train it")
+        return state
+
+    def materialize(self, i: int, check_finite: bool = True, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Decoder block ``i`` with its float32 weights read from the checkpoint (or ``state``,
+        what :meth:`read_block` returned for it).
+
+        Raises ``LfgraphError`` when a weight holds NaN or Inf. Call :meth:`release` when done.
+        """
+        if state is None:
+            state = self.read_block(i, check_finite)
         block = self.layers[i]
         block.load_state_dict(state, strict=True, assign=True)
         return block

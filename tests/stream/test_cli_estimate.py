@@ -67,6 +67,12 @@ def test_estimate_grows_with_the_calibration_and_the_refit(folder):
     assert small.peak_bytes < more.peak_bytes and small.seconds < more.seconds
     assert small.peak_bytes < refit.peak_bytes and small.seconds < refit.seconds
     assert "peak memory" in small.summary()
+    # the refit starts from the selection pass's states: the states entering blocks 0 .. L - n - 1
+    # are counted, beside the pass's own two (6 blocks, 2 dropped, 64 hidden)
+    act = 4 * 32 * 64 * 4
+    assert (small.parts["hidden states"], refit.parts["hidden states"]) == (2 * act, (6 - 2 + 2) * act)
+    angular = stream_estimate.estimate(ckpt, n_drop=2, select="angular", fuse="calibrated", windows=4, seq_len=32, rates=rates)
+    assert angular.parts["hidden states"] == (6 + 1) * act
 
 
 @pytest.mark.slow

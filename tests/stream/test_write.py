@@ -83,3 +83,17 @@ def test_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
     compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none", overwrite=True)
     assert (out / "old.txt").read_text() == "previous" and (out / "config.json").is_file()  # only lfgraph's files written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+
+
+def test_a_damaged_block_read_ahead_is_refused(tmp_path):
+    """A NaN in a block read in the background (the selection pass reads the next block while
+    one computes) raises the one-line error, and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_folder(tmp_path / "model", "llama", layers=4)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LfgraphError, match=r"model.layers.2.mlp.up_proj.weight contains NaN or Inf"):
+        compress_checkpoint(folder, tmp_path / "out", target=0.25, calibration_windows=4, calibration_seq_len=16, progress=False, onnx="none")
+    assert not (tmp_path / "out").exists()
