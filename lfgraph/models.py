@@ -12,6 +12,7 @@ Hugging Face folder under ``$LFGRAPH_CACHE`` (default ``~/.cache/lfgraph``), out
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,10 +312,23 @@ def _first_shape_mismatch(auto: Any, folder: Path) -> str | None:
     return None
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether floating tensor ``t`` holds no NaN or Inf (non-floating tensors: True).
+
+    One reduction, no temporary: the smallest and largest values are finite exactly when
+    every value is (both propagate NaN). ``isfinite(t).all()`` writes a boolean tensor the
+    size of ``t`` first: 16x slower on a block of an 8B model here (0.77 s against 0.05 s,
+    more when the boolean's pages are new)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def check_finite_weights(module: nn.Module, name: str) -> None:
     """Refuse weights holding NaN or Inf: every distance, refit and check would be meaningless."""
     for pname, p in module.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+        if not all_finite(p):
             raise LfgraphError(f"{name}: weight {pname} contains NaN or Inf values: the checkpoint is damaged; re-save or re-train it")
 
 

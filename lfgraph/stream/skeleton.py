@@ -23,6 +23,7 @@ from torch import nn
 
 from ..calibration import _kwargs_without_hidden, _hidden_arg
 from ..errors import LfgraphError, UnsupportedModelError
+from ..models import all_finite
 from .checkpoint import Checkpoint
 
 #: Module paths of the decoder-layer stack, embeddings and final norm in the Hugging Face
@@ -136,7 +137,7 @@ class Skeleton:
         state = {k: tensors[v] for k, v in names.items()}
         if check_finite:
             for k, t in state.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise LfgraphError(f"{self.ckpt.folder.name}: weight {names[k]} contains NaN or Inf values: the checkpoint is damaged; re-save or re-train it")
         return state
 
@@ -172,7 +173,7 @@ class Skeleton:
             raise LfgraphError(f"calibration token id {int(ids.max())} is outside the vocabulary of {vocab}: use the model's tokenizer")
         uniq, inverse = torch.unique(ids, return_inverse=True)
         rows = self.ckpt.rows(name, uniq.tolist()).to(torch.float32)
-        if not bool(torch.isfinite(rows).all()):
+        if not all_finite(rows):
             raise LfgraphError(f"{self.ckpt.folder.name}: weight {name} contains NaN or Inf values: the checkpoint is damaged; re-save or re-train it")
         return rows[inverse]
 
