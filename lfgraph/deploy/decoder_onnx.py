@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import onnx
+import onnx_ir
 import torch
 from torch import nn
 
@@ -148,19 +149,19 @@ def export_decoder_with_past(
     outputs = ["logits", *present_names(L)]
     was_training = hf_model.training
     hf_model.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        try:
-            with torch.no_grad(), _quiet():
-                torch.onnx.export(wrapper, (ids, mask, pos, past), str(raw), dynamo=True, input_names=names,
-                                  output_names=outputs, dynamic_shapes=dynamic, external_data=True,
-                                  optimize=True, verbose=False, opset_version=opset)
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LfgraphError(f"ONNX export of {type(hf_model).__name__} with its KV cache failed: {msg[:300]}") from None
-        finally:
-            hf_model.train(was_training)
-        model = onnx.load(str(raw), load_external_data=True)
+    try:
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(wrapper, (ids, mask, pos, past), None, dynamo=True, input_names=names,
+                                        output_names=outputs, dynamic_shapes=dynamic, optimize=False, verbose=False,
+                                        opset_version=opset)
+            fold_constants(program.model)
+            model = onnx_ir.serde.serialize_model(program.model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LfgraphError(f"ONNX export of {type(hf_model).__name__} with its KV cache failed: {msg[:300]}") from None
+    finally:
+        hf_model.train(was_training)
+    del program
     deduplicate_initializers(model)
     _keep_only_scopes(model.graph)
     _name_axes(model, L)
@@ -173,6 +174,40 @@ def export_decoder_with_past(
         files.append(write_genai_config(hf_model, path.parent, filename=path.name))
     size = sum(f.stat().st_size for f in files if f.suffix in (".onnx", ".data"))
     return DecoderExport(path, files, size, time.perf_counter() - t0, shape)
+
+
+def fold_constants(model: "onnx_ir.Model") -> None:
+    """The exporter's ``optimize=True`` without its pattern rewriter, in place: functions
+    inlined, constants folded (with shape inference, twice at most), unused nodes removed,
+    constants lifted to initializers, identical initializers merged, common subexpressions
+    eliminated, and the fusions into ONNX ops that opset 23 has.
+
+    The rewriter's rules (slice collapsing, no-op and broadcast removal...) took 15 s of the
+    45 s export of the compressed SmolLM2 here, matching every rule at every node; without
+    them that model has 1764 nodes instead of 1661 (most of them Slice), computes the same
+    logits bit for bit under ONNX Runtime, and decodes as fast (26.6 vs 27.2 ms a token,
+    measured side by side): ONNX Runtime's own graph optimizations at load do that work."""
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import fold_constants_ir
+    from onnxscript.rewriter import onnx_fusions
+
+    common.InlinePass()(model)
+    for _ in range(2):
+        folded = fold_constants_ir(model, onnx_shape_inference=True)
+        for cleanup in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()):
+            cleanup(model)
+        if not folded.modified:
+            break
+    onnx_ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
+    onnx_fusions.fuse(model)
 
 
 @contextlib.contextmanager
