@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..allocator import return_freed_memory
 from ..errors import LfgraphError
 from ..fileio import check_outputs, commit_folder, failed_path, staging_folder
 from ..options import COUNT, FRACTION, SEQ_LEN, check
@@ -104,26 +105,6 @@ def _bar(total: int | None, desc: str, progress: bool, unit: str = "block") -> A
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress,
                 **({"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}))
-
-
-def return_freed_memory() -> None:
-    """Make freed tensors go back to the system at once (glibc only; elsewhere nothing).
-
-    glibc raises its mmap threshold to the size of each large block freed, after which
-    blocks of that size come from the heap and their memory, once freed, is kept by the
-    process: reading block after block would grow the resident size by several blocks. A
-    fixed threshold (128 kB, the default before any adjustment) keeps every tensor in its
-    own mapping, returned when freed. Process-wide, as any allocator setting."""
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def check_stream_options(src: Path, out: Path, target: float, select: str, fuse: str, onnx: str = "auto") -> None:
