@@ -57,8 +57,9 @@ def return_freed_memory() -> None:
 def keep_freed_memory() -> Iterator[None]:
     """While the block runs, serve large allocations from the heap and keep what is freed
     (no ``mmap``, no trimming), so that a loop reuses its memory instead of mapping and
-    zero-filling it again at every step; afterwards restore glibc's defaults and return the
-    free memory to the system (``malloc_trim``).
+    zero-filling it again at every step; afterwards allow ``mmap`` again, trim at glibc's
+    default 128 kB, and return the free memory to the system (``malloc_trim``). glibc's
+    mmap threshold stays where it had adapted to (a setting made here stops the adapting).
 
     Costs resident memory: freed blocks stay in the heap until the end, and fragmentation
     can hold more than the loop's live peak (measured on the main job below)."""
