@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..calibration import batches, block_output, capture_block_input
+from ..calibration import batches, capture_block_input
 from ..errors import LfgraphError
 from ..models import read_cached, write_cached
 from .objectives import logits_of
