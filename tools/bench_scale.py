@@ -50,10 +50,11 @@ _CHILD = r"""
 import json, resource, sys, time
 import torch
 from lfgraph.stream import compress_checkpoint
-src, out, select, fuse, windows, seq_len, tokens, onnx = sys.argv[1:9]
+src, out, select, fuse, windows, seq_len, tokens, onnx, fingerprint = sys.argv[1:10]
 t0 = time.perf_counter()
 r = compress_checkpoint(src, out, target=0.25, select=select, fuse=fuse, calibration_tokens=tokens,
-                        calibration_windows=int(windows), calibration_seq_len=int(seq_len), progress=False, onnx=onnx)
+                        calibration_windows=int(windows), calibration_seq_len=int(seq_len), progress=False, onnx=onnx,
+                        fingerprint=fingerprint == "1")
 status = open("/proc/self/status").read()
 hwm = int(status.split("VmHWM:")[1].split()[0]) * 1024
 ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -189,6 +190,8 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--onnx", default="none", choices=["auto", "fp32", "none"],
                     help="also write the deploy folder's ONNX with onnxruntime-genai's builder (default: the checkpoint alone)")
+    ap.add_argument("--no-fingerprint", action="store_true",
+                    help="skip the model fingerprint (compress_checkpoint(fingerprint=False)): what hashing costs")
     ap.add_argument("--delete", action="store_true", help="delete the synthetic checkpoints when done")
     args = ap.parse_args()
     root = cache_root()
@@ -216,7 +219,8 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(out), args.select, args.fuse, str(args.windows),
-                               str(args.seq_len), str(tokens_file), args.onnx], capture_output=True, text=True)
+                               str(args.seq_len), str(tokens_file), args.onnx, "0" if args.no_fingerprint else "1"],
+                              capture_output=True, text=True)
         wall = time.perf_counter() - t0
         load = os.getloadavg()[1]
         if proc.returncode != 0:
