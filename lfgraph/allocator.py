@@ -24,8 +24,11 @@ from typing import Any, Iterator
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-# glibc's defaults, restored after a loop
+# glibc's defaults, restored after a loop (settings made through MALLOC_*_ or GLIBC_TUNABLES
+# are not read back: the loop's end puts glibc's defaults in their place)
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# keep_freed_memory blocks open in this process (one policy, set and restored by the outermost)
+_depth = 0
 
 
 def _libc() -> Any:
@@ -63,15 +66,18 @@ def keep_freed_memory() -> Iterator[None]:
 
     Costs resident memory: freed blocks stay in the heap until the end, and fragmentation
     can hold more than the loop's live peak (measured on the main job below)."""
+    global _depth
     libc = _libc()
-    if libc is None:
+    if libc is None or _depth > 0:  # nested: the outermost block sets and restores
         yield
         return
+    _depth += 1
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     try:
         yield
     finally:
+        _depth -= 1
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)

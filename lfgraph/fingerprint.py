@@ -52,10 +52,9 @@ def combine(digests: Mapping[str, bytes]) -> str:
 def version_before(version: Any, since: str = FINGERPRINT_SINCE) -> bool:
     """Whether lfgraph version string ``version`` (``"0.1.0"``) is older than ``since``;
     ``False`` when it is not a version string."""
-    def parts(v: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in v.split("+")[0].split("."))
+    from packaging.version import InvalidVersion, Version
 
     try:
-        return parts(str(version)) < parts(since)
-    except ValueError:
+        return Version(str(version)) < Version(since)  # 0.2.0.dev1 and 0.2.0rc1 are before 0.2.0
+    except InvalidVersion:
         return False

@@ -50,3 +50,13 @@ def test_a_training_loop_reuses_its_memory_inside_and_returns_it_after():
     # measured: 370-760 thousand faults outside, 109-119 thousand inside
     assert 2 * inside < outside, (inside, outside)  # measured here: 295 thousand outside, 54 thousand inside
     assert after - base <= 32 << 20, (base, after)  # what the loop kept was handed back
+
+
+def test_nested_blocks_leave_the_policy_to_the_outermost():
+    from lfgraph import allocator
+
+    with keep_freed_memory():
+        with keep_freed_memory():
+            assert allocator._depth == 1
+        assert allocator._depth == 1  # the inner block's end did not restore glibc's defaults
+    assert allocator._depth == 0

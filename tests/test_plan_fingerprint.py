@@ -56,3 +56,11 @@ def test_a_plan_with_an_old_style_fingerprint_says_to_replan():
         plan.check_applies_to(g.fingerprint())
     plan.provenance["model_fingerprint"] = g.fingerprint()
     plan.check_applies_to(g.fingerprint())
+
+
+def test_version_before_reads_pre_releases():
+    from lfgraph.fingerprint import version_before
+
+    assert version_before("0.1.0") and version_before("0.2.0.dev3") and version_before("0.2.0rc1")
+    assert not version_before("0.2.0") and not version_before("0.3.1")
+    assert not version_before("not a version") and not version_before(None)

@@ -154,13 +154,14 @@ def export_decoder_with_past(
             program = torch.onnx.export(wrapper, (ids, mask, pos, past), None, dynamo=True, input_names=names,
                                         output_names=outputs, dynamic_shapes=dynamic, optimize=False, verbose=False,
                                         opset_version=opset)
-            fold_constants(program.model)
-            model = onnx_ir.serde.serialize_model(program.model)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LfgraphError(f"ONNX export of {type(hf_model).__name__} with its KV cache failed: {msg[:300]}") from None
     finally:
         hf_model.train(was_training)
+    with _quiet():  # outside the export's error message: a failure here is lfgraph's or onnxscript's, not the model's
+        fold_constants(program.model)
+        model = onnx_ir.serde.serialize_model(program.model)
     del program
     deduplicate_initializers(model)
     _keep_only_scopes(model.graph)

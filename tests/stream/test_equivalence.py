@@ -21,9 +21,9 @@ WINDOWS, SEQ = 8, 32
 #: What is promised for the calibrated rules' refitted weights and logits against the
 #: in-memory path's, as max abs difference over max abs value (see ``_rel``): their refit
 #: starts from the selection pass's states, computed in other batches, and float32 products
-#: may round differently. Measured here (tiny models and SmolLM2): still bit for bit, so the
-#: tests assert that, the tightest thing true in every case; were a BLAS to round
-#: differently by batch, these would be the bounds to fall back to.
+#: may round differently (another CPU's kernels may block other batch shapes otherwise).
+#: Measured here (tiny models and SmolLM2): still bit for bit, printed by the tests; asserted:
+#: these bounds, which hold on any machine. ``remove`` copies tensors: bit for bit always.
 WEIGHT_RTOL = LOGIT_RTOL = 1e-5
 
 
@@ -69,9 +69,12 @@ def test_streamed_equals_in_memory(tmp_path, monkeypatch, arch, sharded, select,
     unequal = sorted(k for k in ref if not torch.equal(ref[k], got[k]))
     print(f"{arch} {select} {fuse}: unequal tensors {unequal}, max rel: weights {max([_rel(got[k], ref[k]) for k in unequal], default=0.0):.1e}, "
           f"logits {_rel(got_logits, want_logits):.1e}")
-    # `remove` copies tensors: bit for bit by construction; the calibrated rules: see WEIGHT_RTOL
-    assert not unequal
-    assert torch.equal(want_logits, got_logits)
+    if fuse == "remove":  # tensors copied: bit for bit by construction
+        assert not unequal
+        assert torch.equal(want_logits, got_logits)
+    else:  # the refit's batches differ: see WEIGHT_RTOL
+        assert all(_rel(got[k], ref[k]) <= WEIGHT_RTOL for k in unequal), unequal
+        assert _rel(got_logits, want_logits) <= LOGIT_RTOL
     if fuse != "remove":
         # the refit starts at the first run: it runs the runs' blocks (and any between them) only
         (runs, res), = refits
@@ -121,9 +124,9 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
         want, got = model(cal[:2]).logits, streamed(cal[:2]).logits
     ref, new = model.state_dict(), streamed.state_dict()
     print(f"SmolLM2: max rel: weights {max(_rel(new[k], ref[k]) for k in ref):.1e}, logits {_rel(got, want):.1e}")
-    for k in ref:  # promised: WEIGHT_RTOL, LOGIT_RTOL; measured: bit for bit
-        assert torch.equal(new[k], ref[k]), k
-    assert torch.equal(got, want)
+    for k in ref:  # promised and asserted: WEIGHT_RTOL, LOGIT_RTOL; measured here: bit for bit
+        assert _rel(new[k], ref[k]) <= WEIGHT_RTOL, k
+    assert _rel(got, want) <= LOGIT_RTOL
 
 
 def test_refit_from_the_selection_states_skips_the_blocks_below(tmp_path):
@@ -151,4 +154,4 @@ def test_refit_from_the_selection_states_skips_the_blocks_below(tmp_path):
     assert (new.blocks_run, old.blocks_run) == (3, 5)
     assert set(new.changed) == set(old.changed) and new.changed
     for k in new.changed:
-        assert torch.equal(new.changed[k], old.changed[k]), k
+        assert _rel(new.changed[k].float(), old.changed[k].float()) <= WEIGHT_RTOL, k
