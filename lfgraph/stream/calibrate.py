@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..calibration import batches, calibration_windows, load_calibration_text, load_token_file, windows_from_tokens
+from ..calibration import calibration_windows, load_calibration_text, load_token_file, windows_from_tokens
 from ..errors import LfgraphError
 from .skeleton import Skeleton
 
@@ -64,29 +64,24 @@ def stack_input(skeleton: Skeleton, groups: Sequence[torch.Tensor], batch_size: 
     """The stack's input for each group of windows ``(n, seq)`` of ``groups``, each cut into
     consecutive batches of ``batch_size`` windows (as :func:`lfgraph.calibration.batches`
     cuts them), groups in order. The embedding matrix is read once."""
-    emb = skeleton.embeddings(torch.cat(list(groups)))
-    out = StackInput([], [], [], [])
-    offset = 0
-    for g, ids in enumerate(groups):
-        for start, batch in zip(range(0, ids.shape[0], batch_size), batches(ids, batch_size)):
-            x = emb[offset + start : offset + start + batch.shape[0]].clone()
-            out.ids.append(batch)
-            out.hidden.append(x)
-            out.kwargs.append(skeleton.layer_kwargs(x))
-            out.group.append(g)
-        offset += ids.shape[0]
-    return out
+    ids = torch.cat(list(groups))
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + int(g.shape[0]))
+    index = [torch.arange(a, b) for a, b in zip(starts, starts[1:])]
+    return regroup(skeleton, ids, index, [skeleton.embeddings(ids)], batch_size)
 
 
 @torch.no_grad()
 def regroup(skeleton: Skeleton, ids: torch.Tensor, groups: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
             batch_size: int = 4) -> StackInput:
-    """The stack's input as :func:`stack_input` would give it for the windows ``ids[g]`` of
-    each group ``g`` of window indices of ``groups`` (each cut into consecutive batches of
-    ``batch_size``, groups in order), but holding ``states`` instead of the embeddings:
-    hidden states of every window of ``ids`` in order, in consecutive batches (as the
-    selection pass holds the state entering a block). Each window's rows are copied into
-    its new batch; ``states`` is not modified."""
+    """The stack's input for the windows ``ids[g]`` of each group ``g`` of window indices of
+    ``groups``, each group cut into consecutive batches of ``batch_size`` windows (as
+    :func:`lfgraph.calibration.batches` cuts them), groups in order, holding the rows of
+    ``states``: hidden states of every window of ``ids`` in order, in consecutive batches
+    (the embeddings, for :func:`stack_input`; the state the selection pass holds entering a
+    block, for the refit). Each window's rows are copied into its new batch; ``states`` is
+    not modified."""
     where = [(b, r) for b, s in enumerate(states) for r in range(s.shape[0])]  # window -> (batch, row)
     if len(where) != ids.shape[0]:
         raise ValueError(f"{len(where)} hidden states for {ids.shape[0]} windows")
