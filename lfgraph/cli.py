@@ -90,11 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--no-onnx", dest="onnx", action="store_false",
                    help="for a causal LM's folder: write the Hugging Face checkpoint only (no ONNX, no genai_config.json); "
-                        "with --stream, ONNX is otherwise written when ONNX Runtime can hold the model in the memory available")
-    c.add_argument("--stream", action="store_true",
-                   help="read a safetensors checkpoint folder one block at a time and write a Hugging Face checkpoint folder "
-                        "(big models; select block_influence|angular, fuse remove|calibrated; ONNX by onnxruntime-genai's builder when it fits; "
-                        "no quality check)")
+                        "block by block, ONNX is otherwise written when ONNX Runtime can hold the model in the memory available")
+    engine = c.add_mutually_exclusive_group()
+    engine.add_argument("--stream", dest="engine", action="store_const", const="stream", default="auto",
+                        help="compress a safetensors checkpoint folder block by block, one block in memory at a time (the default when "
+                             "the in-memory estimate does not fit): the same recipes, plan and quality measure; writes the checkpoint in its "
+                             "dtype, and ONNX by onnxruntime-genai's builder when ONNX Runtime can hold it")
+    engine.add_argument("--in-memory", dest="engine", action="store_const", const="in-memory",
+                        help="hold the model in memory (the default when the estimate says it fits)")
+    c.add_argument("--device", default="cpu", help="where blocks are onloaded block by block: cpu (default) or cuda")
+    c.add_argument("--distill-objective", choices=["logit", "blockwise"], default=None,
+                   help="block by block, how the distilling rules train: logit distillation (holds the compressed model and the original), "
+                        "or block-wise (each trained block reproduces the original's hidden states; one block in training at a time); "
+                        "default: logit when it fits in memory")
     add_overwrite_option(c)
     from .retrain.cli import add_compress_options
 
@@ -219,10 +227,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    if args.stream:
-        from .stream.cli import compress_stream
-
-        return compress_stream(args)
     from .pipeline import compress
     from .retrain.cli import compress_heal_options
 
@@ -234,7 +238,8 @@ def _compress(args: argparse.Namespace) -> int:
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
         eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, max_quality_loss=args.max_quality_loss,
         log_path=args.log, report_path=args.report, heal_steps=heal.pop("steps"), heal_options=heal, rtol=args.rtol, quiet=args.quiet,
-        distill_trainable=args.distill_trainable, overwrite=args.overwrite, onnx=args.onnx,
+        distill_trainable=args.distill_trainable, overwrite=args.overwrite, onnx=args.onnx, engine=args.engine, device=args.device,
+        distill_objective=args.distill_objective,
     )
     sys.stderr.flush()  # progress bars end before the table starts
     print(report.table())

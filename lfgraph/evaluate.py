@@ -63,30 +63,51 @@ def _logits(module: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> li
 
 
 @torch.no_grad()
-def causal_lm_quality(original: nn.Module, compressed: nn.Module, windows: torch.Tensor, tokenizer: Any = None,
-                      hf_original: nn.Module | None = None, hf_compressed: nn.Module | None = None,
-                      new_tokens: int = 16) -> QualityReport:
-    """Perplexity (next-token NLL over ``windows``), top-1 agreement, greedy completions."""
-    nll_before = nll_after = 0.0
+def final_states(source: Any, windows: torch.Tensor, batch_size: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """(final hidden state per batch, the batches' token ids, seconds): ``windows`` through
+    ``source``'s stack block by block (a :class:`~lfgraph.blocks.BlockSource`)."""
+    import time
+
+    t0 = time.perf_counter()
+    inputs = source.stack_input([windows], batch_size)
+    xs = list(inputs.hidden)
+    for i, block in source.blocks():
+        xs = [calls[i](block, x) for x, calls in zip(xs, inputs.calls)]
+    return xs, inputs.ids, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def blockwise_lm_quality(original: Any, compressed: Any, windows: torch.Tensor, batch_size: int = 4) -> tuple[QualityReport, tuple[float, float]]:
+    """Held-out perplexity of both models, next-token top-1 agreement and the mean KL
+    divergence of the compressed model's next-token distribution from the original's
+    (nats per token), on ``windows`` ``(n, seq)``; both models are block sources, run block
+    by block, and what follows their stacks (final norm, head) runs one window at a time.
+    Returns the report and each model's seconds for the pass over its blocks."""
+    states_o, ids, t_o = final_states(original, windows, batch_size)
+    states_c, _, t_c = final_states(compressed, windows, batch_size)
+    nll_before = nll_after = kl = 0.0
     agree = total = 0
-    for start, (ref, got) in zip(range(0, windows.shape[0], 4), zip(_logits(original, windows), _logits(compressed, windows))):
-        targets = windows[start : start + len(ref), 1:].reshape(-1)
-        # every position but the last is scored against the next token, as perplexity() does
-        nll_before += float(torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, ref.shape[-1]), targets, reduction="sum"))
-        nll_after += float(torch.nn.functional.cross_entropy(got[:, :-1].reshape(-1, got.shape[-1]), targets, reduction="sum"))
-        agree += int((ref[:, :-1].argmax(-1) == got[:, :-1].argmax(-1)).sum())
-        total += targets.numel()
+    with original.head() as head_o, compressed.head() as head_c:
+        for xo, xc, batch in zip(states_o, states_c, ids):
+            for r in range(batch.shape[0]):
+                w = batch[r : r + 1]
+                ref, got = head_o(xo[r : r + 1], w).float()[:, :-1], head_c(xc[r : r + 1], w).float()[:, :-1]
+                targets = w[:, 1:].reshape(-1).to(ref.device)
+                lp, lq = torch.log_softmax(ref.reshape(-1, ref.shape[-1]), -1), torch.log_softmax(got.reshape(-1, got.shape[-1]), -1)
+                nll_before -= float(lp.gather(1, targets[:, None]).sum())
+                nll_after -= float(lq.gather(1, targets[:, None]).sum())
+                kl += float((lp.exp() * (lp - lq)).sum())
+                agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+                total += targets.numel()
     ppl_before, ppl_after = float(np.exp(nll_before / total)), float(np.exp(nll_after / total))
-    agreement = agree / max(total, 1)
     report = QualityReport(
         kind="causal-lm", loss=ppl_after / ppl_before - 1.0, loss_name="relative perplexity increase",
         protocol=f"{windows.shape[0]} held-out windows x {windows.shape[1]} tokens",
         rows=[("held-out perplexity", f"{ppl_before:.2f}", f"{ppl_after:.2f}", _ratio(ppl_before, ppl_after)),
-              ("top-1 agreement", "1.000", f"{agreement:.3f}", "")],
+              ("top-1 agreement", "1.000", f"{agree / max(total, 1):.3f}", ""),
+              ("KL to the original (nats/token)", "0", f"{kl / max(total, 1):.4f}", "")],
     )
-    if tokenizer is not None and hf_original is not None and hf_compressed is not None:
-        report.completions = [(p, greedy(hf_original, tokenizer, p, new_tokens), greedy(hf_compressed, tokenizer, p, new_tokens)) for p in PROMPTS]
-    return report
+    return report, (t_o, t_c)
 
 
 @torch.no_grad()

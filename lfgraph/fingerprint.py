@@ -1,12 +1,12 @@
 """The model fingerprint a plan records: the one rule, used by the in-memory graph
-(:meth:`lfgraph.graph.LayerGraph.fingerprint`) and by the streaming path
-(:mod:`lfgraph.stream.fingerprint`).
+(:meth:`lfgraph.graph.LayerGraph.fingerprint`), whose checkpoint graphs hash each block
+while a pass holds it (:class:`lfgraph.frontends.checkpoint.CheckpointLayerGraph`).
 
 Two levels of SHA-256: each weighted layer's digest over its name, weight shape and float32
 weight bytes (row-major), then its bias's float32 bytes if it has one
 (:func:`layer_digest`); the fingerprint is the SHA-256 of the layers' digests taken in
 sorted layer-name order, as 16 hex characters (:func:`combine`). A layer's digest depends
-only on that layer, so the streaming path hashes each decoder block's layers while the block
+only on that layer, so a checkpoint read block by block hashes each decoder block's layers while the block
 is in memory for the selection pass, in block order, and combines the digests at the end.
 
 Plans made by lfgraph before :data:`FINGERPRINT_SINCE` recorded a one-level hash (all layers

@@ -63,13 +63,18 @@ class LayerNode:
     ref: str = ""
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape in the canonical layout (without reading a lazy weight)."""
+        return tuple(self.weight.shape)
+
+    @property
     def matrix(self) -> np.ndarray:
         """The weight as a 2-D ``(out, fan_in)`` matrix: rows are output neurons."""
         return self.weight.reshape(self.weight.shape[0], -1)
 
     @property
     def num_params(self) -> int:
-        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+        return int(np.prod(self.shape) + (0 if self.bias is None else self.bias.size))
 
     @property
     def family(self) -> str:
@@ -78,11 +83,16 @@ class LayerNode:
             return "convolutional"
         return "attention" if ATTENTION_ROLE_PATTERN.search(self.role) else "fully-connected"
 
+    def digest(self) -> bytes:
+        """This layer's digest for the model fingerprint (:func:`lfgraph.fingerprint.layer_digest`)."""
+        return layer_digest(self.name, self.shape, [np.ascontiguousarray(self.weight, dtype=np.float32)],
+                            None if self.bias is None else [np.ascontiguousarray(self.bias, dtype=np.float32)])
+
     @property
     def group_key(self) -> str:
         """Layers with equal keys are compatible: same op, role, weight shape, attributes."""
         attrs = ",".join(f"{k}={self.attrs[k]}" for k in sorted(self.attrs))
-        shape = "x".join(str(s) for s in self.weight.shape)
+        shape = "x".join(str(s) for s in self.shape)
         return f"{self.op}:{self.role}:{shape}" + (f":{attrs}" if attrs else "")
 
 
@@ -135,6 +145,7 @@ class LayerGraph:
     total_params: int = 0
 
     def __post_init__(self) -> None:
+        self._fingerprint: str | None = None
         self._by_name = {n.name: n for n in self.nodes}
         if len(self._by_name) != len(self.nodes):
             raise ValueError("LayerGraph node names must be unique")
@@ -164,16 +175,23 @@ class LayerGraph:
     def fingerprint(self) -> str:
         """The model fingerprint (hex, 16 chars): SHA-256 over each layer's digest (its
         name, weight shape, float32 weight and bias bytes) in name order, by the rule of
-        :mod:`lfgraph.fingerprint`.
+        :mod:`lfgraph.fingerprint`; computed once (passes never modify a graph's weights).
 
         Two graphs with the same fingerprint have identical weighted layers, so a plan made
         for one applies to the other.
         """
-        return combine({
-            n.name: layer_digest(n.name, n.weight.shape, [np.ascontiguousarray(n.weight, dtype=np.float32)],
-                                 None if n.bias is None else [np.ascontiguousarray(n.bias, dtype=np.float32)])
-            for n in self.nodes
-        })
+        if self._fingerprint is None:
+            self._fingerprint = combine({n.name: n.digest() for n in self.nodes})
+        return self._fingerprint
+
+    def set_fingerprint(self, digests: dict[str, bytes]) -> None:
+        """Record the fingerprint from every layer's digest, computed elsewhere (the
+        selection pass hashes a checkpoint's blocks while it reads them); ``ValueError``
+        unless the digests cover the graph's layers exactly."""
+        if set(digests) != {n.name for n in self.nodes}:
+            missing, extra = sorted({n.name for n in self.nodes} - set(digests)), sorted(set(digests) - {n.name for n in self.nodes})
+            raise ValueError(f"the digests do not cover the graph's layers (missing {missing[:3]}, unexpected {extra[:3]})")
+        self._fingerprint = combine(digests)
 
     def summary(self) -> str:
         """A few lines for people: counts of layers, groups and blocks."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import LfgraphError
-from .evaluate import QualityReport, causal_lm_quality, encoder_quality, output_quality
+from .evaluate import QualityReport, encoder_quality, output_quality
 from .models import LoadedModel
 
 #: Two sentences of different length: verification sees real text, padding and a batch.
@@ -133,7 +133,16 @@ class TextModelType(ModelType):
         windows = heldout_windows(model.tokenizer, eval_windows, min(eval_seq_len, limit))
         if model.family == "encoder":
             return encoder_quality(model.module, compressed, windows)
-        return causal_lm_quality(model.module, compressed, windows, model.tokenizer, model.hf_model, getattr(compressed, "model", None))
+        from .architectures import of_model
+        from .blocks import HeldBlocks
+        from .evaluate import PROMPTS, blockwise_lm_quality, greedy
+
+        stack = of_model(model.module).stack_path(model.module)  # type: ignore[union-attr]
+        report, _ = blockwise_lm_quality(HeldBlocks(model.module, stack), HeldBlocks(compressed, stack), windows)
+        hf_compressed = getattr(compressed, "model", None)
+        if hf_compressed is not None and model.hf_model is not None:
+            report.completions = [(p, greedy(model.hf_model, model.tokenizer, p, 16), greedy(hf_compressed, model.tokenizer, p, 16)) for p in PROMPTS]
+        return report
 
     def latency_feed(self) -> dict[str, np.ndarray]:
         """One sequence of 128 tokens."""

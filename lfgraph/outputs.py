@@ -201,6 +201,96 @@ class CheckpointFolderOutput(DeployFolderOutput):
         write_text_atomic(staged / "lfgraph.json", json.dumps({**meta, "lfgraph.check": verdict}, indent=1) + "\n")
 
 
+class StreamedCheckpointOutput:
+    """A checkpoint compressed block by block (:class:`~lfgraph.sources.CheckpointSource`):
+    the Hugging Face checkpoint written shard by shard in the input's dtype
+    (:func:`lfgraph.blocks.write.write_view`), ``plan.json``, ``lfgraph.json`` (the run's
+    metadata), and float32 ``model.onnx`` + ``genai_config.json`` by onnxruntime-genai's
+    builder when ONNX Runtime can hold the model (:mod:`lfgraph.deploy.genai_builder`).
+
+    Its export check: the written checkpoint, read back block by block, computes what the
+    rewritten model computes (logits of the verification texts), and the ONNX file's
+    prefill logits match the written checkpoint's."""
+
+    kind = "checkpoint-folder"
+    size_name = "checkpoint (safetensors)"
+    larger_is_error = True
+
+    def __init__(self, source: Any, out: Path, onnx: bool = True, progress: bool = True) -> None:
+        self.source, self.out, self.onnx, self.progress = source, out, onnx, progress
+        self.why = ""
+        self.onnx_result: Any = None
+
+    def staged_path(self, folder: Path) -> Path:
+        return folder / "out"
+
+    def write(self, compressed: Any, staged: Path, metadata: Mapping[str, str], plan: Any = None) -> None:
+        from tqdm import tqdm
+
+        from .blocks.write import write_view
+        from .deploy.genai_builder import has_tokenizer, wants_onnx
+
+        staged.mkdir()
+        with tqdm(total=sum(e.nbytes for e in compressed.ckpt.tensors.values()), desc="writing", unit="B", unit_scale=True,
+                  unit_divisor=1024, leave=False, disable=not self.progress) as bar:
+            written = write_view(compressed, staged, bar)
+        if plan is not None:
+            plan.save(staged / "plan.json")
+        write_text_atomic(staged / "lfgraph.json", json.dumps(dict(metadata), indent=1) + "\n")
+        self.bytes_written = written.bytes_written
+        write_onnx, why = wants_onnx("auto" if self.onnx else "none", compressed.parameter_count(), written.bytes_written,
+                                     tokenizer=has_tokenizer(self.source.folder))
+        self.why = "" if write_onnx else why
+        self.onnx_wanted = write_onnx
+
+    def check(self, compressed: Any, staged: Path, rtol: float | None) -> Any:
+        from .blocks import CheckpointBlocks
+        from .verify import OutputCheck, VerifyReport
+
+        rtol = rtol or 1e-4
+        feed = self.source.verification_feed()
+        want = self.source.reference_outputs(compressed, feed)
+        written = CheckpointBlocks(staged)
+        got = self.source.reference_outputs(written, feed)
+        report = VerifyReport(provider="the written checkpoint, read back block by block", reference="the rewritten model", rtol=rtol)
+        for name in want:
+            err = float(np.abs(got[name] - want[name]).max())
+            rel = err / max(float(np.abs(want[name]).max()), 1e-12)
+            report.outputs.append(OutputCheck(name, err, rel, rel <= rtol, f"max abs error {err:.3e}, max rel error {rel:.3e}"))
+        if self.onnx_wanted and report.ok:
+            from .deploy.genai_builder import write_onnx
+
+            ids = torch.from_numpy(np.asarray(feed["input_ids"][:1]))
+            self.onnx_result = o = write_onnx(staged, ids, rtol)
+            report.outputs.append(OutputCheck("model.onnx", 0.0, o.check_rel, o.passed,
+                                              f"onnxruntime-genai's builder ({o.seconds:.0f} s): prefill logits vs the written checkpoint, max rel {o.check_rel:.1e}"))
+        return report
+
+    def original(self, quiet: bool) -> Path:
+        return self.source.folder
+
+    def model_file(self, staged: Path) -> Path:
+        return staged / "lfgraph.json"
+
+    def size(self, path: Path) -> int:
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+    def latency(self, original: Path, staged: Path) -> tuple[str, float, float]:
+        """The seconds of the quality stage's pass of the held-out windows through each
+        model's blocks (read from disk one at a time): what the depth reduction saves here."""
+        seconds = getattr(self.source, "pass_seconds", None)
+        if seconds is None:
+            return "block-by-block pass (not measured: no quality stage)", float("nan"), float("nan")
+        return "block-by-block pass of the held-out windows", 1e3 * seconds[0], 1e3 * seconds[1]
+
+    def finish(self, staged: Path, dest: Path) -> None:
+        commit_folder(staged, dest)
+
+    def mark_failed(self, staged: Path, verdict: str) -> None:
+        meta = json.loads((staged / "lfgraph.json").read_text(encoding="utf-8"))
+        write_text_atomic(staged / "lfgraph.json", json.dumps({**meta, "lfgraph.check": verdict}, indent=1) + "\n")
+
+
 class OnnxDecoderOutput:
     """A with-past ONNX decoder made shallower straight from its graph (``.onnx`` file or
     folder with ``genai_config.json``): staged and put in place by the same rule as the
@@ -259,10 +349,18 @@ def mark_onnx_failed(path: Path, verdict: str) -> None:
 
 
 
-def output_for(source: Source, out: Path, onnx: bool = True) -> OnnxFileOutput:
+def output_for(source: Source, out: Path, onnx: bool = True, progress: bool = True) -> Any:
     """The output kind ``out`` asks for: a ``.onnx`` path is one file; any other path is a
     deploy folder, which only causal language models have; without ONNX (``onnx=False``, or
-    a family the export cannot take) a checkpoint folder."""
+    a family the export cannot take) a checkpoint folder. A checkpoint compressed block by
+    block writes its checkpoint (and ONNX by onnxruntime-genai's builder when it fits)."""
+    from .sources import CheckpointSource
+
+    if isinstance(source, CheckpointSource):
+        if out.suffix == ".onnx":
+            raise LfgraphError("a checkpoint compressed block by block is written as a deploy folder (checkpoint, and model.onnx when it fits), "
+                               "not a lone .onnx file: give a folder for -o")
+        return StreamedCheckpointOutput(source, out, onnx=onnx, progress=progress)
     arch = architectures.of_model(source.model.module) if isinstance(source, TorchSource) else None
     if out.suffix == ".onnx":
         if arch is not None and arch.no_onnx:

@@ -117,6 +117,9 @@ def compress(
     distill_trainable: str | None = None,
     overwrite: bool = False,
     onnx: bool = True,
+    engine: str = "auto",
+    device: str = "cpu",
+    distill_objective: str | None = None,
 ) -> CompressReport:
     """Compress a model to ``out`` (ONNX), verify the file and measure the cost.
 
@@ -151,7 +154,8 @@ def compress(
                                                                         calibration_seq_len),
         eval_windows=eval_windows, eval_seq_len=eval_seq_len, max_quality_loss=max_quality_loss, log_path=log_path,
         report_path=report_path, heal_steps=heal_steps, heal_options=heal_options, rtol=rtol, quiet=quiet,
-        distill_trainable=distill_trainable, overwrite=overwrite, onnx=onnx,
+        distill_trainable=distill_trainable, overwrite=overwrite, onnx=onnx, engine=engine, device=device,
+        distill_objective=distill_objective,
     )
     manager = StageManager(build_stages(state), progress=state.say)
     with state.staging:  # the staging folder goes whatever happens

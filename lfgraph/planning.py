@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import __version__
 from .calibration import load_calibration_text
@@ -88,7 +89,11 @@ def plan_model(
         raise LfgraphError(f"target {target} asks to remove {n_drop} of {len(graph.blocks)} blocks but only {len(blocks) - 1} can go: lower the target")
     if entry.budget is not None:
         calibration = entry.budget.trim(calibration)
-    runs = entry.runs(source.model.module, blocks, calibration, n_drop, progress=progress)
+    walker = source.block_source()
+    if getattr(walker, "memory", None) is not None and isinstance(calibration, torch.Tensor) and fusion_rule(fuse).needs_calibration:
+        # a refit after the plan starts at its first run: keep the states entering the blocks a run can start at
+        walker.memory.want(calibration, range(len(blocks) - n_drop))
+    runs = entry.runs(walker, blocks, calibration, n_drop, progress=progress)
     container = blocks[0].rpartition(".")[0]
     provenance = {
         "lfgraph_version": __version__, "model": graph.model_name, "model_fingerprint": graph.fingerprint(),

@@ -97,6 +97,11 @@ def _task_recipe(family: str, mode: str, has_data: bool, target: float | None, t
     return DEFAULT_RECIPES.get(family, DEFAULT_RECIPES["generic"])
 
 
+def distills(plan: Any) -> bool:
+    """Whether applying ``plan`` trains (a ``-distill`` rule: its provenance records steps)."""
+    return plan.fuse == "calibrated" and int(plan.provenance.get("distill_steps", 0) or 0) > 0
+
+
 def split_fusion_rule(rule: str) -> tuple[str, bool]:
     """The plan's (``fuse``, ``align``) for a CLI fusion rule (``calibrated-map`` and
     ``calibrated-distill`` are ``calibrated`` with ``refit``/``distill_steps`` in the plan's

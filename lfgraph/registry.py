@@ -20,8 +20,8 @@ from .passes import selection as _selection
 from .passes.map_distillation import DEFAULT_TRAINABLE
 from .passes.planner import make_plan
 
-#: Source kinds (``Source.kind``).
-PYTORCH, ONNX = "pytorch", "onnx"
+#: Source kinds (``Source.kind``): a model in memory, an ONNX graph, a checkpoint read block by block.
+PYTORCH, ONNX, CHECKPOINT = "pytorch", "onnx", "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,6 @@ class FusionRule:
     refit: str | None = None
     distill: bool = False
     distill_trainable: str | None = None
-    #: the streaming path (``compress --stream``) can apply it
-    streams: bool = False
 
     @property
     def is_calibrated_variant(self) -> bool:
@@ -93,11 +91,11 @@ class FusionRule:
 #: models this budget (2 windows of 64 tokens) took 80-380 s on CPU.
 SLEB_BUDGET = Budget(windows=2, tokens=64)
 
-_ACTIVATIONS = dict(needs_calibration=True, needs_activations=True, source_kinds=(PYTORCH,))
+_ACTIVATIONS = dict(needs_calibration=True, needs_activations=True, source_kinds=(PYTORCH, CHECKPOINT))
 
 SELECTION_REGISTRY: dict[str, Selection] = {s.name: s for s in (
     Selection("similarity", "fuse the blocks (or layers) whose weights are most alike (no data needed)",
-              _selection.similarity, needs_calibration=False, needs_activations=False, source_kinds=(PYTORCH, ONNX),
+              _selection.similarity, needs_calibration=False, needs_activations=False, source_kinds=(PYTORCH, ONNX, CHECKPOINT),
               modes=("merge", "tie"), target_kinds=("blocks", "params"), plan=make_plan,
               parameters=("metric", "scope")),
     Selection("block_influence", "drop the blocks that change their input least (ShortGPT's Block Influence)",
@@ -108,23 +106,24 @@ SELECTION_REGISTRY: dict[str, Selection] = {s.name: s for s in (
               _selection.sleb, budget=SLEB_BUDGET, **_ACTIVATIONS),
 )}
 
-_BOTH = (PYTORCH, ONNX)
+_ANY = (PYTORCH, ONNX, CHECKPOINT)
+_TORCH = (PYTORCH, CHECKPOINT)
 
 FUSION_RULE_REGISTRY: dict[str, FusionRule] = {r.name: r for r in (
     FusionRule("remove", "keep one block of each run, delete the rest", "remove", needs_calibration=False,
-               source_kinds=_BOTH, streams=True),
-    FusionRule("mean", "average the run's weights", "mean", needs_calibration=False, source_kinds=_BOTH),
+               source_kinds=_ANY),
+    FusionRule("mean", "average the run's weights", "mean", needs_calibration=False, source_kinds=_ANY),
     FusionRule("aligned-mean", "average the run's weights after neuron alignment", "mean", needs_calibration=False,
-               source_kinds=_BOTH, align=True),
+               source_kinds=_ANY, align=True),
     FusionRule("calibrated", "keep one block and refit its output projection on calibration data", "calibrated",
-               needs_calibration=True, source_kinds=(PYTORCH,), streams=True),
+               needs_calibration=True, source_kinds=_TORCH),
     FusionRule("calibrated-map", "the calibrated refit limited to a square map on the projection's output (ReplaceMe)",
-               "calibrated", needs_calibration=True, source_kinds=(PYTORCH,), refit="map", streams=True),
+               "calibrated", needs_calibration=True, source_kinds=_TORCH, refit="map"),
     FusionRule("calibrated-distill", "the calibrated refit, then its maps (and the blocks around each cut) trained by "
-               "logit distillation from the original", "calibrated", needs_calibration=True, source_kinds=(PYTORCH,),
+               "logit distillation from the original", "calibrated", needs_calibration=True, source_kinds=_TORCH,
                distill=True, distill_trainable=DEFAULT_TRAINABLE),
     FusionRule("calibrated-map-distill", "the square-map refit, then the maps trained by logit distillation from the original",
-               "calibrated", needs_calibration=True, source_kinds=(PYTORCH,), refit="map", distill=True, distill_trainable="maps"),
+               "calibrated", needs_calibration=True, source_kinds=_TORCH, refit="map", distill=True, distill_trainable="maps"),
 )}
 
 

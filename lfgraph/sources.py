@@ -41,6 +41,10 @@ class Source:
     def graph(self) -> LayerGraph:
         raise NotImplementedError
 
+    def block_source(self) -> Any:
+        """The model's stack as a :class:`~lfgraph.blocks.BlockSource`, for the passes that walk its blocks."""
+        raise LfgraphError(f"{self.name}: activation-based selection needs the PyTorch model; ONNX files support --select similarity")
+
     def has_calibration(self, options: CalibrationOptions) -> bool:
         return False
 
@@ -103,6 +107,16 @@ class TorchSource(Source):
 
             self._graph = build_layer_graph(self.model.module, self.model.example_inputs, model_name=self.model.name)
         return self._graph
+
+    def block_source(self) -> Any:
+        """The model's blocks in memory, for the passes that walk them
+        (:class:`~lfgraph.blocks.HeldBlocks` over the graph's block stack)."""
+        from .blocks import HeldBlocks
+
+        blocks = self.graph().removable_blocks() or self.graph().blocks
+        if not blocks:
+            raise LfgraphError(f"{self.name} has no stack of blocks")
+        return HeldBlocks(self.model.module, blocks[0].name.rpartition(".")[0], name=self.name)
 
     def has_calibration(self, options: CalibrationOptions) -> bool:
         return self.type.has_calibration(options)
@@ -275,3 +289,135 @@ def open_source(spec: str | os.PathLike | LoadedModel | Source) -> Source:
     if is_onnx_spec(spec):
         return OnnxSource(spec)
     return TorchSource(load_model(str(spec)))
+
+
+class CheckpointSource(Source):
+    """A causal LM's safetensors checkpoint folder, compressed block by block without ever
+    holding the model (:class:`~lfgraph.blocks.CheckpointBlocks`): the same stages, recipes,
+    calibration windows, plans and quality measure as a :class:`TorchSource` of the same
+    folder, and the same plan and weights (``tests/blocks/test_equivalence.py``).
+
+    What differs is what it cannot hold: the rewrite's distillation trains by the logit
+    objective only when the compressed model and the original fit in memory together, else
+    block-wise (:mod:`lfgraph.passes.blockwise_distillation`), and says which; healing
+    (which trains the whole model) is refused; the output is the checkpoint written shard by
+    shard (and ONNX by onnxruntime-genai's builder when ONNX Runtime can hold the model)."""
+
+    kind = "checkpoint"
+    family = "causal-lm"
+
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", objective: str | None = None) -> None:
+        from .allocator import return_freed_memory
+        from .blocks import CheckpointBlocks
+        from .model_types import TextModelType
+        from .models import _tokenizer_or_none
+
+        return_freed_memory()  # block after block: each one's memory goes back when it is closed
+        self.folder = Path(folder)
+        self.blocks = CheckpointBlocks(self.folder, device=device)
+        self.name = self.folder.name
+        self.architecture = self.blocks.architecture
+        vocab = int(getattr(self.blocks.config, "vocab_size", 0) or 0)
+        tok = _tokenizer_or_none(self.folder)
+        self.model = LoadedModel(module=None, example_inputs=(), name=self.name, family="causal-lm", tokenizer=tok,  # type: ignore[arg-type]
+                                 input_names=("input_ids",), output_names=("logits",), vocab_size=vocab)
+        self.type = TextModelType(self.model)
+        self.objective = objective
+        self.notes: list[str] = []
+        self._graph: LayerGraph | None = None
+        self.pass_seconds: tuple[float, float] | None = None
+
+    def graph(self) -> LayerGraph:
+        if self._graph is None:
+            from .frontends.checkpoint import build_layer_graph
+
+            self._graph = build_layer_graph(self.blocks)
+            self.blocks.observers.append(self._graph.hash_block)  # the fingerprint from the blocks as passes read them
+        return self._graph
+
+    def block_source(self) -> Any:
+        return self.blocks
+
+    def has_calibration(self, options: CalibrationOptions) -> bool:
+        return self.type.has_calibration(options)
+
+    def calibration(self, options: CalibrationOptions) -> Any:
+        return self.type.calibration(options)
+
+    def distill_objective_fits(self) -> bool:
+        """Whether the logit distillation (the compressed model and the original held in
+        memory, :func:`lfgraph.estimate.logit_distillation_peak`) fits the memory available."""
+        from .estimate import available_memory, logit_distillation_peak
+
+        return logit_distillation_peak(self.blocks.parameter_count()) <= available_memory()
+
+    def distill_objective(self, plan: FusionPlan) -> tuple[str, str]:
+        """(objective, why) of a distilling rule on this checkpoint: ``logit`` when the
+        compressed model and the original fit in memory together with the training
+        (:meth:`distill_objective_fits`), else ``blockwise``; a user's choice
+        (``objective``) wins."""
+        from .estimate import GB, available_memory, logit_distillation_peak
+
+        need = logit_distillation_peak(self.blocks.parameter_count(), plan)
+        free = available_memory()
+        if self.objective is not None:
+            return self.objective, f"{self.objective} (asked for; logit distillation would need about {need / GB:.1f} GB, {free / GB:.1f} GB available)"
+        if need <= free:
+            return "logit", f"logit distillation: the compressed model and the original fit in memory (about {need / GB:.1f} GB of {free / GB:.1f} GB)"
+        return "blockwise", (f"block-wise distillation: logit distillation would hold the model twice in memory (about {need / GB:.1f} GB, "
+                             f"{free / GB:.1f} GB available); each trained block reproduces the original's hidden states instead")
+
+    def rewrite(self, plan: FusionPlan, calibration: Any = None, progress: bool = True) -> PassResult:
+        from .passes.rewrite_blocks import apply_plan_to_blocks
+        from .recipes import distills
+
+        objective = "logit"
+        if distills(plan):
+            objective, why = self.distill_objective(plan)
+            self.notes.append(why)
+        states = self.blocks.memory.take(calibration) if self.blocks.memory is not None else None
+        return apply_plan_to_blocks(self.blocks, self.graph(), plan, calibration, objective=objective, states=states, progress=progress)
+
+    def verification_feed(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.type.verification_inputs().items()}
+
+    def reference_outputs(self, compressed: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rewritten model's logits on each row of ``feed`` (unpadded part), block by block."""
+        from .evaluate import final_states
+
+        out = {}
+        for r, (ids, mask) in enumerate(zip(feed["input_ids"], feed["attention_mask"])):
+            row = torch.from_numpy(np.asarray(ids[np.asarray(mask) > 0]))[None, :]
+            states, batches, _ = final_states(compressed, row, 1)
+            out[f"logits[{r}]"] = compressed.logits(states[0], batches[0]).numpy()
+        return out
+
+    def original_file(self, quiet: bool = True) -> Path:
+        return self.folder
+
+    def latency_feed(self) -> dict[str, np.ndarray]:
+        return self.type.latency_feed()
+
+    def parameter_count(self, compressed: Any = None) -> int:
+        return (self.blocks if compressed is None else compressed).parameter_count()
+
+    def quality(self, compressed: Any, written: Path, feed: Mapping[str, np.ndarray], eval_windows: int, eval_seq_len: int) -> QualityReport | None:
+        """The report's quality measure, block by block for both models (held-out perplexity,
+        top-1 agreement, KL to the original)."""
+        if eval_windows <= 0:
+            return None
+        if self.model.tokenizer is None:
+            return QualityReport(kind="causal-lm", loss=float("nan"), loss_name="not measured", protocol="no tokenizer",
+                                 skipped="the model folder has no tokenizer files, and held-out text needs one")
+        from .calibration import heldout_windows
+        from .evaluate import blockwise_lm_quality
+
+        limit = int(getattr(self.blocks.config, "max_position_embeddings", 0) or eval_seq_len)
+        windows = heldout_windows(self.model.tokenizer, eval_windows, min(eval_seq_len, limit))
+        report, self.pass_seconds = blockwise_lm_quality(self.blocks, compressed, windows)
+        return report
+
+    def heal(self, compressed: Any, plan: FusionPlan, options: CalibrationOptions, steps: int,
+             heal_options: dict[str, Any], progress: bool = True) -> tuple[Any, dict[str, Any]]:
+        raise LfgraphError(f"{self.name}: --heal trains the whole model, which the block-by-block path does not hold; "
+                           "use the distilling fusion rules (the default), or --in-memory where the model fits")

@@ -31,7 +31,6 @@ import numpy as np
 
 from . import __version__
 from .errors import LfgraphError
-from .estimate import check_in_memory_fits
 from .fileio import check_outputs, failed_path, staging_folder, write_text_atomic
 from .model_types import CalibrationOptions
 from .models import ALIASES
@@ -74,6 +73,12 @@ class CompressState:
     distill_trainable: str | None = None
     overwrite: bool = False
     onnx: bool = True
+    #: ``auto`` (block by block from the checkpoint when the in-memory estimate does not fit),
+    #: ``stream`` or ``in-memory`` (``--stream`` / ``--in-memory``)
+    engine: str = "auto"
+    device: str = "cpu"
+    #: the distilling rules' objective on a checkpoint: ``None`` (the cost rule), ``logit`` or ``blockwise``
+    distill_objective: str | None = None
     t0: float = field(default_factory=time.perf_counter)
 
     # -- provided by the stages
@@ -103,6 +108,7 @@ class CompressState:
     report: CompressReport | None = None  # report
     notes: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    blocks_estimate: Any = None     # budget (block by block)
     # the ONNX decoder's
     decoder_logits: tuple[np.ndarray, np.ndarray] | None = None  # verify (decoder): original's and compressed's prefill
 
@@ -211,14 +217,29 @@ class Report(Stage):
 
 
 class Estimate(Stage):
-    """Refuse a checkpoint folder that cannot fit in memory, before loading it."""
+    """Choose the engine before anything is loaded: the model held in memory, or its blocks
+    onloaded one at a time from the checkpoint (:func:`lfgraph.estimate.choose_engine`), and
+    refuse a run that cannot fit, naming the option that would."""
 
     name = "estimate"
 
     def run(self, s: CompressState) -> None:
-        estimate = check_in_memory_fits(s.spec)
-        if estimate is not None:
-            s.say(estimate.summary())
+        from .estimate import choose_engine
+
+        choice = choose_engine(s.spec, s.engine)
+        if choice is None:
+            return
+        s.engine = choice.engine
+        s.say(choice.summary())
+        if choice.engine == "stream":
+            for option, given, why in (("--heal", s.heal_steps, "healing trains the whole model in memory; the distilling fusion rules train block by block"),
+                                       ("--mode tie", s.mode == "tie", "tie shares one weight between layers, which a Hugging Face checkpoint cannot store")):
+                if given:
+                    raise LfgraphError(f"{option} is not available block by block: {why}"
+                                       + ("; force the in-memory path with --in-memory where the model fits" if choice.fits_in_memory is not False else ""))
+            if s.out.suffix == ".onnx":
+                raise LfgraphError("a checkpoint compressed block by block is written as a folder (the checkpoint, and model.onnx when it fits), "
+                                   "not a lone .onnx file: give a folder for -o")
 
 
 class Load(Stage):
@@ -229,8 +250,14 @@ class Load(Stage):
         return "loading the model"
 
     def run(self, s: CompressState) -> None:
-        s.source = open_source(s.spec)
-        s.output = output_for(s.source, s.out, onnx=s.onnx)
+        if s.engine == "stream":
+            from .models import checkpoint_folder
+            from .sources import CheckpointSource
+
+            s.source = CheckpointSource(checkpoint_folder(s.spec), device=s.device, objective=s.distill_objective)
+        else:
+            s.source = open_source(s.spec)
+        s.output = output_for(s.source, s.out, onnx=s.onnx, progress=not s.quiet)
         s.model_name, s.source_kind = s.source.name, s.source.kind
         if getattr(s.output, "why", None):
             s.notes.append(f"no ONNX in {s.out.name}: {s.output.why}; the folder holds the Hugging Face checkpoint, checked by reloading it")
@@ -249,6 +276,45 @@ class Trace(Stage):
         s.notes.extend(weight_warnings(s.graph))
         for note in s.notes:
             s.say(f"warning: {note}")
+
+
+class Budget(Stage):
+    """Block by block: the estimate of peak memory and time for the recipe the plan stage
+    will use, printed, and a run that cannot fit refused naming the option that would make
+    it fit (before any block but the first is read)."""
+
+    name = "budget"
+    label = "estimate"
+    requires = ("source", "graph")
+
+    def run(self, s: CompressState) -> None:
+        from .estimate import blocks_estimate, check_blocks_fit
+        from .registry import fusion_rule
+        from .sources import CheckpointSource
+
+        source = s.source
+        if not isinstance(source, CheckpointSource):
+            return
+        if s.given_plan is not None:
+            select, fuse = s.given_plan.provenance.get("select", "similarity"), s.given_plan.fuse
+            n_drop = sum(len(f.absorb) for f in s.given_plan.fusions)
+            if fuse == "calibrated" and s.given_plan.provenance.get("distill_steps"):
+                fuse = "calibrated-distill"
+        else:
+            chosen = resolve_recipe(source, s.mode, s.select, s.fuse, s.target, s.target_kind, s.calibration_options, s.metric, s.scope)
+            select, fuse = chosen.select, chosen.fuse
+            n_drop = max(1, round(s.target * source.blocks.num_blocks))
+        if select not in ("similarity", "block_influence", "angular", "sleb"):
+            select = "block_influence"
+        objective = None
+        if fusion_rule(fuse).distill:
+            objective = s.distill_objective or ("logit" if source.distill_objective_fits() else "blockwise")
+        opts = s.calibration_options
+        est = blocks_estimate(source.blocks, n_drop=n_drop, select=select, fuse=fuse, objective=objective, windows=opts.windows,
+                              seq_len=opts.seq_len, eval_windows=s.eval_windows, eval_seq_len=s.eval_seq_len, onnx=s.onnx)
+        s.blocks_estimate = est
+        s.say(est.summary())
+        check_blocks_fit(est, windows=opts.windows, seq_len=opts.seq_len, fuse=fuse)
 
 
 class Plan(Stage):
@@ -296,6 +362,7 @@ class Rewrite(Stage):
     def run(self, s: CompressState) -> None:
         s.result = rewrite(s.source, s.graph, s.plan, calibration=s.calibration, progress=not s.quiet)
         s.compressed = s.result.model
+        s.notes.extend(getattr(s.source, "notes", []))
         for r in s.result.log.records if s.result.log is not None else []:
             if r.action == "distill" and r.detail.get("kl_start") is not None:
                 d = r.detail
@@ -335,6 +402,8 @@ class Write(Stage):
         if isinstance(s.spec, (str, os.PathLike)):  # so that `lfgraph visualize OUT.onnx` finds the original
             s.metadata["lfgraph.source_spec"] = str(s.spec) if str(s.spec) in ALIASES else os.path.abspath(str(s.spec))
         s.output.write(s.compressed, s.staged, s.metadata, s.plan)
+        if getattr(s.output, "kind", "") == "checkpoint-folder" and getattr(s.output, "why", "") and hasattr(s.output, "onnx_wanted"):
+            s.notes.append(f"no ONNX in {s.out.name}: {s.output.why}")
 
 
 class Verify(Stage):
@@ -610,9 +679,13 @@ def build_stages(s: CompressState, decoder: bool | None = None) -> list[Stage]:
         return [CheckOptions(), LoadDecoder(), PlanDecoder(), Staging(), WriteDecoder(), VerifyDecoder(), QualityDecoder(),
                 TimeDecoder(), Finish(), Report()]
     stages: list[Stage] = [CheckOptions()]
-    if isinstance(s.spec, (str, os.PathLike)) and (Path(s.spec) / "config.json").is_file():
+    path = isinstance(s.spec, (str, os.PathLike)) and not is_onnx_spec(s.spec)
+    if path:
         stages.append(Estimate())
-    stages += [Load(), Trace(), Plan(), Rewrite()]
+    stages += [Load(), Trace()]
+    if path and s.engine != "in-memory" and (str(s.spec) in ALIASES or (Path(s.spec) / "config.json").is_file()):
+        stages.append(Budget())  # the engine may read its blocks one at a time
+    stages += [Plan(), Rewrite()]
     if isinstance(s.heal_steps, (int, float)) and s.heal_steps > 0:
         stages.append(Heal())
     stages += [Staging(), Write(), Verify(), Size(), Quality(), Time(), Finish()]

@@ -441,7 +441,9 @@ def test_a_model_that_cannot_fit_in_memory_is_refused_before_loading(tiny_llama_
         stored = sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
     assert n == stored  # the count from the config is the checkpoint's
     monkeypatch.setattr(estimate, "available_memory", lambda: estimate.in_memory_peak(n) - 1)
-    line = _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST]), "--stream")
+    # it would be compressed block by block, which writes a folder: a lone .onnx is refused before anything loads
+    _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o.onnx"), *FAST]), "give a folder for -o")
+    line = _one_line(capsys, main(["compress", str(tiny_llama_folder), "-o", str(tmp_path / "o"), "--in-memory", *FAST]), "--in-memory")
     assert "would not fit" in line and list(tmp_path.iterdir()) == []
 
 

@@ -37,11 +37,11 @@ def test_the_vocabulary_tuples_are_the_registries():
 def test_every_selection_declares_its_needs():
     for name, s in SELECTION_REGISTRY.items():
         assert s.name == name and s.description and "\n" not in s.description
-        assert s.source_kinds and set(s.source_kinds) <= {registry.PYTORCH, registry.ONNX}
+        assert s.source_kinds and set(s.source_kinds) <= {registry.PYTORCH, registry.ONNX, registry.CHECKPOINT}
         assert s.modes and set(s.modes) <= {"merge", "tie"} and set(s.target_kinds) <= {"blocks", "params"}
         assert callable(s.runs) and s.runs is selection_pass.SELECTORS[name]  # the pass that selects
         # activations are computed from the PyTorch model, and need calibration data
-        assert s.needs_activations == (s.source_kinds == (registry.PYTORCH,))
+        assert s.needs_activations == (s.source_kinds == (registry.PYTORCH, registry.CHECKPOINT))
         assert not s.needs_activations or s.needs_calibration
         # a selection that reads no activations plans the whole graph (tie and ONNX too)
         assert (s.plan is None) == s.needs_activations
@@ -70,16 +70,16 @@ def test_every_fusion_rule_declares_its_needs_and_its_plan_fields():
         assert r.name == name and r.description
         assert r.plan_fuse in FUSE_RULES
         assert recipes.split_fusion_rule(name) == (r.plan_fuse, r.align)
-        # the calibrated refit reads activations: calibration data, PyTorch only
+        # the calibrated refit reads activations: calibration data, a model in memory or a checkpoint block by block
         assert r.needs_calibration == (r.plan_fuse == "calibrated")
-        assert r.source_kinds == ((registry.PYTORCH,) if r.needs_calibration else (registry.PYTORCH, registry.ONNX))
+        torch_kinds = (registry.PYTORCH, registry.CHECKPOINT)
+        assert r.source_kinds == (torch_kinds if r.needs_calibration else (registry.PYTORCH, registry.ONNX, registry.CHECKPOINT))
         prov = recipes.refit_provenance(name)
         assert ("refit" in prov) == (r.refit is not None) and ("distill_steps" in prov) == r.distill
         if r.distill:
             assert prov["distill_trainable"] == r.distill_trainable
-    from lfgraph.stream import STREAM_FUSION_RULES
-
-    assert STREAM_FUSION_RULES == ("remove", "calibrated", "calibrated-map")
+    # every fusion rule and selection applies to a checkpoint read block by block
+    assert all(registry.CHECKPOINT in e.source_kinds for e in [*FUSION_RULE_REGISTRY.values(), *SELECTION_REGISTRY.values()])
 
 
 def test_recipe_needs_calibration_reads_the_entries():

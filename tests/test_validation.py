@@ -104,14 +104,16 @@ def test_quality_against_the_original_and_the_gate(tiny_llama_folder, tmp_path, 
     # the random tiny model may even improve when blocks go: give the gate a loss it must refuse
     from lfgraph import model_types
 
-    measured = model_types.causal_lm_quality
+    from lfgraph import evaluate
+
+    measured = evaluate.blockwise_lm_quality
 
     def worse(*a, **k):
-        q = measured(*a, **k)
+        q, seconds = measured(*a, **k)
         q.loss = 0.5
-        return q
+        return q, seconds
 
-    monkeypatch.setattr(model_types, "causal_lm_quality", worse)
+    monkeypatch.setattr(evaluate, "blockwise_lm_quality", worse)
     before = out.read_bytes()
     code = main(args + ["--max-quality-loss", "0.25"])
     table = capsys.readouterr().out
@@ -136,12 +138,22 @@ def test_perplexity_of_the_quality_check_equals_a_second_computation(tiny_llama_
     half = zoo.tiny_llama(layers=6, vocab_size=lm.vocab_size)
     from lfgraph.models import CausalLMLogits
 
+    from lfgraph.blocks import HeldBlocks
+
     other = CausalLMLogits(half).eval()
-    q = evaluate.causal_lm_quality(lm.module, other, windows)
+    stack = "model.model.layers"
+    q, _ = evaluate.blockwise_lm_quality(HeldBlocks(lm.module, stack), HeldBlocks(other, stack), windows)
     before, after = perplexity(lm.module, windows), perplexity(other, windows)
     assert q.rows[0][1] == f"{before:.2f}" and q.rows[0][2] == f"{after:.2f}"
     assert q.loss == pytest.approx(after / before - 1, rel=1e-4)
-    assert evaluate.causal_lm_quality(lm.module, lm.module, windows).rows[1][2] == "1.000"
+    # KL(original || compressed) per token, a second way: the full softmax of both models
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.module(windows)[:, :-1].float(), -1)
+        lq = torch.log_softmax(other(windows)[:, :-1].float(), -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert float(q.rows[2][2]) == pytest.approx(kl, rel=1e-3, abs=1e-4)
+    same, _ = evaluate.blockwise_lm_quality(HeldBlocks(lm.module, stack), HeldBlocks(lm.module, stack), windows)
+    assert same.rows[1][2] == "1.000" and float(same.rows[2][2]) == 0.0
 
 
 @pytest.mark.slow

@@ -148,5 +148,15 @@ class Architecture:
                     "calibrated fusion cannot refit them in closed form; use --fuse remove or mean")
         return None
 
+    # -- block by block -----------------------------------------------------------------
+
+    #: why a checkpoint of this family cannot be compressed block by block (``None``: it can)
+    no_stream: ClassVar[str | None] = None
+
+    def stream_refusal(self, cfg: Any) -> str | None:
+        """``None`` when a checkpoint of this family (config ``cfg``) can be read block by
+        block (:class:`lfgraph.blocks.CheckpointBlocks`), else the one-line reason."""
+        return self.no_stream
+
     def __repr__(self) -> str:
         return f"<architecture {self.name}>"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -98,28 +99,32 @@ def _weight_of(ep: torch.export.ExportedProgram, node: torch.fx.Node, arg_index:
     return ep.graph_signature.inputs_to_parameters.get(placeholder.name)
 
 
-def build_layer_graph(
-    model: nn.Module,
-    example_inputs: Sequence[Any],
-    example_kwargs: dict | None = None,
-    model_name: str = "",
-) -> LayerGraph:
-    """Trace ``model`` and return its :class:`LayerGraph`.
+@dataclass
+class Traced:
+    """What tracing found: the exported program, the weighted layers (nodes named by their
+    weight's module path, roles unset), each weighted FX call's (module path, out axis, in
+    axis), the model's parameters by name and the FX calls of each module path."""
 
-    Expects: ``model(*example_inputs, **example_kwargs)`` runs and returns tensors.
-    Guarantees: every ``nn.Linear``-like call (``aten.linear``) and convolution whose weight
-    is a parameter becomes one ``LayerNode`` named by its parameter's module path (so
-    ``model.get_submodule(node.ref)`` finds it); weights are copied, the model is not
-    modified. Raises ``UnsupportedModelError`` when tracing fails.
-    """
+    ep: torch.export.ExportedProgram
+    nodes: list[LayerNode]
+    weighted_fx: dict[torch.fx.Node, tuple[str, int, int]]
+    params: dict[str, torch.Tensor]
+    op_nodes: dict[str, list[torch.fx.Node]]
+
+
+def trace_layers(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict | None = None, copy_weights: bool = True) -> Traced:
+    """Trace ``model`` and find its weighted layers: every ``nn.Linear``-like call
+    (``aten.linear``, or a matmul with a parameter ``W`` or ``W.T``) and convolution whose
+    weight is a parameter (see :func:`build_layer_graph`). ``copy_weights=False`` gives
+    every node an empty weight of the right shape (the caller reads weights elsewhere).
+    Raises ``UnsupportedModelError`` when tracing fails or finds no layer."""
     ep = export_module(model, example_inputs, example_kwargs)
     params = dict(model.named_parameters(remove_duplicate=False))
     nodes: list[LayerNode] = []
     weighted_fx: dict[torch.fx.Node, tuple[str, int, int]] = {}  # fx node -> (ref, out axis, in axis) of its weight param
     seen: set[str] = set()
     op_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)  # module path -> fx nodes
-    fx_nodes = list(ep.graph.nodes)
-    for fx in fx_nodes:
+    for fx in list(ep.graph.nodes):
         path = _module_path(fx)
         if path:
             op_nodes[path].append(fx)
@@ -148,11 +153,16 @@ def build_layer_graph(
         if ref in seen:
             continue  # a shared (already tied) weight is one layer
         seen.add(ref)
-        weight = params[wname].detach().to(torch.float32).cpu().numpy().copy()
-        if transposed:
-            weight = np.ascontiguousarray(weight.T)
         bname = ref + ".bias"
-        bias = params[bname].detach().to(torch.float32).cpu().numpy().copy() if bname in params else None
+        if copy_weights:
+            weight = params[wname].detach().to(torch.float32).cpu().numpy().copy()
+            if transposed:
+                weight = np.ascontiguousarray(weight.T)
+            bias = params[bname].detach().to(torch.float32).cpu().numpy().copy() if bname in params else None
+        else:
+            shape = tuple(params[wname].shape)
+            weight = np.empty(shape[::-1] if transposed else shape, dtype=np.float32)
+            bias = np.empty(tuple(params[bname].shape), dtype=np.float32) if bname in params else None
         attrs: dict[str, Any] = {"layout": "in_out"} if transposed else {}
         if op == CONV:
             mod = model.get_submodule(ref)
@@ -163,11 +173,34 @@ def build_layer_graph(
                 "groups": int(getattr(mod, "groups", 1)),
             }
         nodes.append(LayerNode(name=ref, op=op, role="", weight=weight, bias=bias, block=None, order=len(nodes), attrs=attrs, ref=ref))
-
     if not nodes:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no fully-connected or convolution layer with a weight parameter: nothing to fuse"
         )
+    return Traced(ep, nodes, weighted_fx, params, op_nodes)
+
+
+def block_kind(members: Sequence[LayerNode], skip: str) -> str:
+    """A block's structural signature: its layers' roles and weight shapes, and its skip."""
+    return "|".join(sorted(f"{m.role}:{m.shape}" for m in members)) + f"|{skip}"
+
+
+def build_layer_graph(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: dict | None = None,
+    model_name: str = "",
+) -> LayerGraph:
+    """Trace ``model`` and return its :class:`LayerGraph`.
+
+    Expects: ``model(*example_inputs, **example_kwargs)`` runs and returns tensors.
+    Guarantees: every ``nn.Linear``-like call (``aten.linear``) and convolution whose weight
+    is a parameter becomes one ``LayerNode`` named by its parameter's module path (so
+    ``model.get_submodule(node.ref)`` finds it); weights are copied, the model is not
+    modified. Raises ``UnsupportedModelError`` when tracing fails.
+    """
+    traced = trace_layers(model, example_inputs, example_kwargs)
+    ep, nodes, weighted_fx, params, op_nodes = traced.ep, traced.nodes, traced.weighted_fx, traced.params, traced.op_nodes
 
     blocks: list[Block] = []
     candidates = _block_candidates(model)
@@ -191,7 +224,7 @@ def build_layer_graph(
         for m in b.members:
             by_name[m].block = b.index
             by_name[m].role = m[len(b.name) + 1 :]
-        b.kind = "|".join(sorted(f"{by_name[m].role}:{by_name[m].weight.shape}" for m in b.members)) + f"|{b.skip}"
+        b.kind = block_kind([by_name[m] for m in b.members], b.skip)
         b.hidden = _hidden_spaces(ep, b.name, weighted_fx, params)
     for n in nodes:
         if n.block is None:

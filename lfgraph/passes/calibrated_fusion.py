@@ -53,16 +53,17 @@ model family's (:mod:`lfgraph.architectures`); plain modules use the names in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..calibration import batches, block_output, capture_block_input
+from ..calibration import block_output
 from ..errors import LfgraphError, UnsupportedModelError
 from ..plan import FusionPlan
 from .base import PassResult, RewriteLog
@@ -541,10 +542,14 @@ def _token_weights(update: torch.Tensor, mode: str, clip: float) -> torch.Tensor
 @dataclass
 class _Batch:
     ids: torch.Tensor
-    kwargs: dict
+    calls: list[Any]  # what each layer of the stack is called with (lfgraph.blocks.LayerCall)
     x: torch.Tensor  # hidden state entering the current run, in the compressed model
     xo: torch.Tensor | None  # the same in the original model (target="original")
     val: bool
+
+    def run(self, block: nn.Module, i: int, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``block``'s output as layer ``i`` of the stack, on ``x`` (default: ``self.x``)."""
+        return self.calls[i](block, self.x if x is None else x)
 
 
 @dataclass
@@ -573,10 +578,46 @@ def _split_validation(n: int, val_fraction: float) -> torch.Tensor:
     return mask
 
 
-def _run_blocks(stack: list[nn.Module], indices: Sequence[int], x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    for i in indices:
-        x = block_output(stack[i](x, **kwargs))
-    return x
+def advance(source: Any, indices: Sequence[int], state: list[_Batch], attr: str = "x") -> None:
+    """Run every batch's state (``b.x``, or ``b.xo``) through ``source``'s blocks ``indices``
+    in order, one block in memory at a time."""
+    if not indices:
+        return
+    for i, block in source.blocks(list(indices)):
+        for b in state:
+            setattr(b, attr, b.run(block, i, getattr(b, attr)))
+
+
+def run_outputs(source: Any, indices: Sequence[int], state: list[_Batch], attr: str = "x", capture: str | None = None,
+                inspect: Callable[[nn.Module], Any] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The output of ``source``'s blocks ``indices`` (a run) for each batch, from its state
+    ``attr``; with ``capture`` (a block-relative module path), also the sum over the run of
+    that module's outputs per batch (the run's attention updates). ``inspect(block)``
+    sees each block first (and may refuse it)."""
+    outs = [getattr(b, attr) for b in state]
+    sums: list[torch.Tensor] = []
+    for i, block in source.blocks(list(indices)):
+        if inspect is not None:
+            inspect(block)
+        cap = _Capture(block.get_submodule(capture)) if capture else None
+        try:
+            outs = [b.run(block, i, x) for b, x in zip(state, outs)]
+        finally:
+            if cap is not None:
+                cap.remove()
+        if cap is not None:
+            got = [_first(o) for o in cap.outputs]
+            sums = got if not sums else [a + g for a, g in zip(sums, got)]
+    return outs, sums
+
+
+def _state_of(block: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+def _changed(block: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Names of ``block``'s tensors that differ from ``before`` (a :func:`_state_of`)."""
+    return [k for k, v in block.state_dict().items() if k in before and not torch.equal(v, before[k])]
 
 
 def blocks_to_train(stack: Sequence[nn.Module], keeps: Sequence[int], runs: Sequence[Sequence[int]], trainable: str) -> list[nn.Module]:
@@ -686,41 +727,13 @@ def calibrated_merge(
     log = RewriteLog()
     t0 = time.perf_counter()
 
-    val_mask = _split_validation(calibration.shape[0], val_fraction)
-    groups = [(calibration[val_mask == v], v) for v in (False, True)]
-    state: list[_Batch] = []
-    for data, is_val in groups:
-        for ids in batches(data, batch_size):
-            x, kwargs = capture_block_input(model, stack[specs[0].index[0]], ids)
-            state.append(_Batch(ids, kwargs, x, x if track else None, bool(is_val)))
+    from ..blocks import HeldBlocks
 
-    pos = specs[0].index[0]
-    iterator: Any = steps
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(steps, desc="calibrated fusion", leave=False)
-    for spec, use_original in iterator:
-        first = spec.index[0]
-        for b in state:  # bring the frontier up to this run through unchanged blocks
-            b.x = _run_blocks(stack, range(pos, first), b.x, b.kwargs)
-            if b.xo is not None:
-                b.xo = _run_blocks(original, range(pos, first), b.xo, b.kwargs)  # type: ignore[arg-type]
-        kind = _kind(stack[first])
-        run_source = original if use_original else stack
-        if kind == "conv":
-            _fit_conv_run(stack, run_source, spec, state, use_original, strengths, log, cpath)
-        else:
-            _fit_transformer_run(
-                stack, run_source, spec, state, use_original, strengths, log, cpath, fit_attention, token_weighting, clip,
-                mlp_proj, attn_proj, refit, arch, form,
-            )
-        kept = stack[spec.keep]  # type: ignore[index]
-        for b in state:
-            b.x = block_output(kept(b.x, **b.kwargs))
-            if b.xo is not None:
-                b.xo = _run_blocks(original, spec.index, b.xo, b.kwargs)  # type: ignore[arg-type]
-        pos = spec.index[-1] + 1
+    source = HeldBlocks(model, cpath)
+    state = calibration_state(source, calibration, val_fraction, batch_size, track)
+    fit_runs(source, specs, state, steps, original=HeldBlocks(_OriginalStack(original), "stack") if track else None, strengths=strengths,
+             log=log, cpath=cpath, fit_attention=fit_attention, token_weighting=token_weighting, clip=clip, mlp_proj=mlp_proj,
+             attn_proj=attn_proj, refit=refit, arch=arch, form=form, progress=progress)
 
     refitted = [model.get_submodule(r.target) for r in log.records if r.action == "refit" and r.detail.get("part") != "post-norm scale"]
     gone = [i for s in specs for i in s.index if i != s.keep]
@@ -750,15 +763,106 @@ def calibrated_merge(
     return PassResult(model, True, log)
 
 
+class _OriginalStack(nn.Module):
+    """The original model's blocks (a list), as a stack a :class:`~lfgraph.blocks.HeldBlocks` reads."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.stack = nn.ModuleList(blocks)
+
+
+def calibration_state(source: Any, calibration: torch.Tensor, val_fraction: float, batch_size: int, track: bool = False,
+                      start: Any = None) -> list[_Batch]:
+    """The refit's batches: the calibration windows split into fitting and held-out ones
+    (:func:`_split_validation`), each part cut into batches of ``batch_size``, with their
+    hidden states entering block 0 of ``source`` (or, with ``start``, the states a pass
+    already computed: a :class:`~lfgraph.blocks.StackInput` of the same windows in
+    consecutive batches and its ``states`` at some block, regathered window by window)."""
+    val_mask = _split_validation(calibration.shape[0], val_fraction)
+    groups = [calibration[val_mask == v] for v in (False, True)]
+    inputs = source.stack_input(groups, batch_size)
+    if start is not None:
+        from ..blocks import regroup
+
+        hidden = regroup(inputs, calibration, [torch.nonzero(val_mask == v).flatten() for v in (False, True)], start, batch_size=batch_size).hidden
+    else:
+        hidden = inputs.hidden
+    return [_Batch(ids, calls, x, x if track else None, g == 1) for ids, calls, x, g in zip(inputs.ids, inputs.calls, hidden, inputs.group)]
+
+
+@torch.no_grad()
+def fit_runs(
+    source: Any, specs: list[_RunSpec], state: list[_Batch], steps: list[tuple[_RunSpec, bool]], *, start: int = 0,
+    original: Any = None, strengths: Sequence[float] = DEFAULT_LAMBDAS, log: RewriteLog, cpath: str, fit_attention: bool = False,
+    token_weighting: str = "clip", clip: float = 4.0, mlp_proj: str | None = None, attn_proj: str | None = None,
+    refit: str = "full", arch: Any = None, form: _BlockForm | None = None, progress: Any = False,
+    after_fit: Callable[..., None] | None = None,
+) -> None:
+    """Fit every step of ``steps`` (:func:`_steps`: each run, then the repaired blocks)
+    bottom-up on ``source``'s blocks (a :class:`~lfgraph.blocks.BlockSource`: the blocks
+    below a run, the run's blocks and its kept block are opened one or two at a time).
+
+    ``state`` holds the batches' hidden states entering block ``start``; afterwards,
+    those after the last fitted block. ``original`` (needed when a step fits towards the
+    original model, or ``b.xo`` is tracked) is the uncompressed model's source. Each kept
+    block's fitted tensors are kept by ``source.keep_changes``; ``after_fit(spec, block,
+    state, run_out)`` runs on the kept block, still open, before the states move past it
+    (the block-wise distillation trains there). Blocks are not removed here."""
+    track = any(b.xo is not None for b in state)
+    pos = start
+    iterator: Any = steps
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(steps, desc="calibrated fusion", leave=False) if progress is True else steps
+    for spec, use_original in iterator:
+        first = spec.index[0]
+        advance(source, range(pos, first), state, "x")
+        if track:
+            advance(original, range(pos, first), state, "xo")
+        run_source, attr = (original, "xo") if use_original else (source, "x")
+        candidates = [spec.keep] if spec.keep is not None else list(spec.index)
+        with contextlib.ExitStack() as opened:
+            blocks = {c: opened.enter_context(source.open(c)) for c in candidates}
+            kind = _kind(blocks[candidates[0]])
+            attn_name = None
+            if fit_attention and kind == "transformer":
+                attn_name = _find(blocks[candidates[0]], ATTN_OUT_NAMES, "attention output projection", attn_proj or (arch.attn_out if arch else None))[0]
+            run_out, attn_sum = run_outputs(run_source, spec.index, state, attr, attn_name, inspect=_kind if kind == "conv" else None)
+            before = {c: _state_of(b) for c, b in blocks.items()}
+            if kind == "conv":
+                _fit_conv_run(blocks, spec, state, run_out, use_original, strengths, log, cpath)
+            else:
+                _fit_transformer_run(blocks, spec, state, run_out, attn_sum, use_original, strengths, log, cpath, token_weighting, clip,
+                                     mlp_proj, attn_proj, refit, arch, form)
+            kept = blocks[spec.keep]  # type: ignore[index]
+            source.keep_changes(spec.keep, kept, _changed(kept, before[spec.keep]))  # type: ignore[arg-type]
+            if after_fit is not None:
+                after_fit(spec, kept, state, run_out)
+            for b in state:
+                b.x = b.run(kept, spec.keep)  # type: ignore[arg-type]
+        if track:
+            if use_original:
+                for b, out in zip(state, run_out):
+                    b.xo = out
+            else:
+                for b, out in zip(state, run_outputs(original, spec.index, state, "xo")[0]):
+                    b.xo = out
+        pos = spec.index[-1] + 1
+
+
 def _architecture(model: nn.Module) -> tuple[Any, _BlockForm]:
     """The model's family (``None`` for plain modules) and how its blocks add the MLP
     output; ``UnsupportedModelError`` when the family's blocks cannot be refitted."""
     from ..architectures import hf_config, of_model
 
-    arch = of_model(model)
+    return _architecture_of(of_model(model), hf_config(model))
+
+
+def _architecture_of(arch: Any, cfg: Any) -> tuple[Any, _BlockForm]:
+    """``_architecture`` from the family's class and the model's config."""
     if arch is None:
         return None, _BlockForm()
-    cfg = hf_config(model)
     refusal = arch.refit_refusal(cfg)
     if refusal:
         raise UnsupportedModelError(refusal)
@@ -807,49 +911,31 @@ def _run_specs(runs: Sequence[Sequence[str]], keep: str | Sequence[str]) -> list
 
 
 def _fit_transformer_run(
-    stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], use_original: bool,
-    strengths: Sequence[float], log: RewriteLog, cpath: str, fit_attention: bool, token_weighting: str, clip: float, mlp_proj: str | None, attn_proj: str | None,
-    refit: str = "full", arch: Any = None, form: _BlockForm | None = None,
-    run_outputs: Sequence[torch.Tensor] | None = None,
+    blocks: dict[int, nn.Module], spec: _RunSpec, state: list[_Batch], run_out: Sequence[torch.Tensor], attn_sum: Sequence[torch.Tensor],
+    use_original: bool, strengths: Sequence[float], log: RewriteLog, cpath: str, token_weighting: str, clip: float,
+    mlp_proj: str | None, attn_proj: str | None, refit: str = "full", arch: Any = None, form: _BlockForm | None = None,
 ) -> None:
-    """Refit the kept block's attention output (optional) and MLP down projection (through
-    the post-MLP norm for post-norm families, into every expert for MoE).
-
-    ``run_outputs`` (one per batch of ``state``, without ``fit_attention``) are the run's
-    outputs computed by the caller; the streaming path computes them one block at a time,
-    so that only the blocks it needs are in memory (``run_source`` is then not read)."""
+    """Refit the kept block's attention output (when ``attn_sum``, the run's summed
+    attention updates per batch, is given) and MLP down projection (through the post-MLP
+    norm for post-norm families, into every expert for MoE) so that the kept block alone
+    maps each batch's state to ``run_out``, the run's output. ``blocks``: the candidate
+    blocks (``spec.keep``, or every block of the run for ``keep="best"``), in memory."""
     t0 = time.perf_counter()
     form = form or _BlockForm()
     candidates = [spec.keep] if spec.keep is not None else list(spec.index)
-    mlp_name, experts = _mlp_target(stack[candidates[0]], arch, mlp_proj)
+    mlp_name, experts = _mlp_target(blocks[candidates[0]], arch, mlp_proj)
     if arch is not None and not attn_proj:
         attn_proj = arch.attn_out
-
-    # run outputs (and summed attention updates) depend only on the run's input: compute once
-    run_out: list[torch.Tensor] = list(run_outputs) if run_outputs is not None else []
-    attn_sum: list[torch.Tensor] = []
-    attn_name = _find(stack[candidates[0]], ATTN_OUT_NAMES, "attention output projection", attn_proj)[0] if fit_attention else None
-    if run_outputs is not None and attn_name:
-        raise LfgraphError("run outputs computed by the caller cannot refit the attention projection (fit_attention needs each block's attention update)")
-    for b in state if run_outputs is None else ():
-        src = b.xo if use_original else b.x
-        caps = [_Capture(run_source[i].get_submodule(attn_name)) for i in spec.index] if attn_name else []
-        try:
-            run_out.append(_run_blocks(run_source, spec.index, src, b.kwargs))
-        finally:
-            for c in caps:
-                c.remove()
-        if caps:
-            attn_sum.append(sum(c.outputs[0] for c in caps))  # type: ignore[arg-type]
+    attn_name = _find(blocks[candidates[0]], ATTN_OUT_NAMES, "attention output projection", attn_proj)[0] if attn_sum else None
 
     def weights(k: int) -> torch.Tensor | None:
         return _token_weights((run_out[k] - state[k].x).reshape(-1, run_out[k].shape[-1]), token_weighting, clip)
 
     for c in candidates:
-        _check_additive(stack[c], stack[c].get_submodule(form.post or mlp_name), state[0], form.post or mlp_name, form.scale)
+        _check_additive(blocks[c], c, blocks[c].get_submodule(form.post or mlp_name), state[0], form.post or mlp_name, form.scale)
     if spec.keep is None:
-        spec.keep = _best_keep(stack, candidates, mlp_name, experts, form, state, run_out, weights, strengths)
-    block = stack[spec.keep]
+        spec.keep = _best_keep(blocks, candidates, mlp_name, experts, form, state, run_out, weights, strengths)
+    block, at = blocks[spec.keep], spec.keep
     goal = "original" if use_original else "composite"
     if attn_name:
         proj = block.get_submodule(attn_name)
@@ -858,7 +944,7 @@ def _fit_transformer_run(
         for k, b in enumerate(state):
             cap = _Capture(proj)
             try:
-                block(b.x, **b.kwargs)
+                b.run(block, at)
             finally:
                 cap.remove()
             z = _features(cap.inputs[0], W0.shape[1] != cap.inputs[0].shape[-1])
@@ -871,18 +957,18 @@ def _fit_transformer_run(
     fit, val = _new_stats(W0, state)
     state_energy = 0.0
     for k, b in enumerate(state):
-        z, y = _mlp_problem(block, mlp, W0, b, run_out[k], form)
+        z, y = _mlp_problem(block, at, mlp, W0, b, run_out[k], form)
         (val if b.val else fit).add(z, y, weights(k))
         w = weights(k)
         e = run_out[k].double().reshape(-1, run_out[k].shape[-1]).pow(2).sum(1)
         state_energy += float(e.sum() if w is None else (e * w.double()).sum())
     _apply_fit(mlp, W0, fit, val, strengths, log, cpath, spec, mlp_name, goal, seconds=time.perf_counter() - t0, state_energy=state_energy, refit=refit)
     if form.post:
-        _refit_post_norm(block, form, state, run_out, weights, log, cpath, spec, goal)
+        _refit_post_norm(block, at, form, state, run_out, weights, log, cpath, spec, goal)
 
 
 @torch.no_grad()
-def _refit_post_norm(block: nn.Module, form: _BlockForm, state: list[_Batch], run_out: list[torch.Tensor], weights: Any,
+def _refit_post_norm(block: nn.Module, at: int, form: _BlockForm, state: list[_Batch], run_out: Sequence[torch.Tensor], weights: Any,
                      log: RewriteLog, cpath: str, spec: _RunSpec, goal: str) -> None:
     """Refit the post-MLP norm's per-channel scale ``g`` (``out = rest + s * g * m``, ``m``
     the normalised MLP output) by weighted least squares with a small ridge towards the
@@ -894,7 +980,7 @@ def _refit_post_norm(block: nn.Module, form: _BlockForm, state: list[_Batch], ru
     for k, b in enumerate(state):
         cap = _Capture(norm)
         try:
-            out = block_output(block(b.x, **b.kwargs))
+            out = b.run(block, at)
         finally:
             cap.remove()
         n = _first(cap.outputs[0]).double().reshape(-1, g0.shape[0])
@@ -917,16 +1003,16 @@ def _refit_post_norm(block: nn.Module, form: _BlockForm, state: list[_Batch], ru
             keep=f"{cpath}.{spec.keep}", fit_target=goal, repair=spec.repair)
 
 
-def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str, scale: float = 1.0) -> None:
+def _check_additive(block: nn.Module, at: int, proj: nn.Module, b: _Batch, proj_name: str, scale: float = 1.0) -> None:
     """Refuse blocks whose output is not ``rest + scale * proj(z)`` (e.g. post-LayerNorm
     BERT layers), for which the closed-form fit would be wrong: shift the projection's
     output by a random amount and check that the block's output moves by ``scale`` times
     that amount."""
     delta = torch.randn(b.x.shape[-1], generator=torch.Generator().manual_seed(0))
-    base = block_output(block(b.x, **b.kwargs))
+    base = b.run(block, at)
     h = proj.register_forward_hook(lambda _m, _a, out: (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta)
     try:
-        shifted = block_output(block(b.x, **b.kwargs))
+        shifted = b.run(block, at)
     finally:
         h.remove()
     moved = (shifted - base) / scale
@@ -937,7 +1023,7 @@ def _check_additive(block: nn.Module, proj: nn.Module, b: _Batch, proj_name: str
         )
 
 
-def _mlp_problem(block: nn.Module, proj: _Projection, W0: torch.Tensor, b: _Batch, run_out: torch.Tensor,
+def _mlp_problem(block: nn.Module, at: int, proj: _Projection, W0: torch.Tensor, b: _Batch, run_out: torch.Tensor,
                  form: _BlockForm) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, y)`` for the kept block's MLP output projection on one batch: the block's output
     is ``rest + s * post(proj(z))``, so the target for ``post(proj(z))`` is
@@ -947,7 +1033,7 @@ def _mlp_problem(block: nn.Module, proj: _Projection, W0: torch.Tensor, b: _Batc
     cap = _Capture(proj.module)
     capn = _Capture(block.get_submodule(form.post)) if form.post else None
     try:
-        out = block_output(block(b.x, **b.kwargs))
+        out = b.run(block, at)
     finally:
         cap.remove()
         if capn is not None:
@@ -978,8 +1064,8 @@ def _new_stats(W0: torch.Tensor, state: list[_Batch], ref: bool = True) -> tuple
 
 
 def _best_keep(
-    stack: list[nn.Module], candidates: list[int], mlp_name: str, experts: str | None, form: _BlockForm, state: list[_Batch],
-    run_out: list[torch.Tensor], weights: Any, strengths: Sequence[float],
+    stack: dict[int, nn.Module], candidates: list[int], mlp_name: str, experts: str | None, form: _BlockForm, state: list[_Batch],
+    run_out: Sequence[torch.Tensor], weights: Any, strengths: Sequence[float],
 ) -> int:
     """The candidate whose MLP refit leaves the smallest held-out error (relative to the
     held-out target energy; training error when nothing is held out)."""
@@ -989,7 +1075,7 @@ def _best_keep(
         W0 = proj.matrix()
         fit, val = _new_stats(W0, state, ref=False)
         for k, b in enumerate(state):
-            z, y = _mlp_problem(stack[c], proj, W0, b, run_out[k], form)
+            z, y = _mlp_problem(stack[c], c, proj, W0, b, run_out[k], form)
             (val if b.val else fit).add(z, y, weights(k))
         s, _ = choose_strength(fit, val, W0, strengths)
         W = ridge_solve(fit, W0, s)
@@ -1096,7 +1182,7 @@ def _conv_forward_parts(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _fit_conv_run(
-    stack: list[nn.Module], run_source: list[nn.Module], spec: _RunSpec, state: list[_Batch], use_original: bool,
+    blocks: dict[int, nn.Module], spec: _RunSpec, state: list[_Batch], run_out: Sequence[torch.Tensor], use_original: bool,
     strengths: Sequence[float], log: RewriteLog, cpath: str, iterations: int = 4,
 ) -> None:
     """Refit the kept block's last convolution (folded with its BatchNorm) so that the kept
@@ -1111,15 +1197,11 @@ def _fit_conv_run(
     t0 = time.perf_counter()
     if spec.keep is None:
         spec.keep = spec.index[0]  # every block of a run sees the same input; the first is as good as any
-    block = stack[spec.keep]
-    for i in spec.index:
-        _kind(stack[i])
+    block = blocks[spec.keep]
     W0 = _folded_conv(block.conv2, block.bn2)
     relu_mode: bool | None = None
     cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (patch source u, goal, skip x) per batch
-    for b in state:
-        src = b.xo if use_original else b.x
-        goal = _run_blocks(run_source, spec.index, src, b.kwargs)
+    for b, goal in zip(state, run_out):
         u, pre, out = _conv_forward_parts(block, b.x)
         if relu_mode is None:
             if torch.allclose(out, torch.relu(pre), atol=1e-5, rtol=1e-4):

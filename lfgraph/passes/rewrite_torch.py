@@ -146,11 +146,16 @@ def _stack_len(model: nn.Module, block_name: str) -> int:
 
 
 def _fuse_mean(model: nn.Module, keep: Block, absorb: list[Block], align: bool, log: RewriteLog) -> None:
-    kept = model.get_submodule(keep.name)
+    fuse_mean(model.get_submodule(keep.name), [model.get_submodule(b.name) for b in absorb], keep, [b.name for b in absorb], align, log)
+
+
+def fuse_mean(kept: nn.Module, absorbed: list[nn.Module], keep: Block, absorb_names: list[str], align: bool, log: RewriteLog) -> None:
+    """Set ``kept``'s parameters and floating buffers to the mean of its own and those of
+    the ``absorbed`` blocks (after permuting each absorbed block's hidden units to match
+    ``kept``'s, by ``keep.hidden``, when ``align``); the absorbed modules are not modified."""
     kept_t = _block_tensors(kept)
     others = []
-    for b in absorb:
-        mod = model.get_submodule(b.name)
+    for name, mod in zip(absorb_names, absorbed):
         t = {k: v.detach().clone() for k, v in _block_tensors(mod).items()}
         if align:
             for space in keep.hidden:
@@ -158,13 +163,13 @@ def _fuse_mean(model: nn.Module, keep: Block, absorb: list[Block], align: bool, 
                 if not np.array_equal(perm, np.arange(len(perm))):
                     permute_hidden_units(t, space, perm)
                     moved = int((perm != np.arange(len(perm))).sum())
-                    log.add("merge", "permute", b.name, [keep.name], units=len(perm), moved=moved)
+                    log.add("merge", "permute", name, [keep.name], units=len(perm), moved=moved)
         others.append(t)
     with torch.no_grad():
         for name, tensor in kept_t.items():
             stacked = torch.stack([tensor.detach()] + [o[name] for o in others])
             tensor.copy_(stacked.mean(0))
-    log.add("merge", "fuse", keep.name, [keep.name] + [b.name for b in absorb], rule="mean", aligned=align)
+    log.add("merge", "fuse", keep.name, [keep.name] + list(absorb_names), rule="mean", aligned=align)
 
 
 def _features(tensors: dict[str, torch.Tensor], space: HiddenSpace) -> np.ndarray:

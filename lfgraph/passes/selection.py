@@ -26,13 +26,13 @@ through forward hooks, so memory holds one batch's hidden states, never the whol
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..calibration import batches, block_output, capture_block_input, run_from, stack_hidden_states
 from ..errors import LfgraphError
 from ..graph import LayerGraph
 from ..plan import Fusion, FusionPlan
@@ -143,30 +143,104 @@ def _check_n(n_drop: int, allowed: Sequence[int]) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def _as_source(model: Any, blocks: Sequence[str] | Sequence[int]) -> tuple[Any, list[int]]:
+    """(block source, indices of ``blocks`` in its stack) for a model in memory (its
+    blocks held: :class:`~lfgraph.blocks.HeldBlocks`) or a block source (blocks named as
+    its plans name them, or given as indices)."""
+    from ..blocks import BlockSource, HeldBlocks
+
+    if isinstance(model, BlockSource):
+        idx = sorted(b if isinstance(b, int) else split_block_name(b)[1] for b in blocks)
+        if not idx:
+            raise LfgraphError("no blocks to select from: the model has no removable blocks")
+        return model, idx
+    cpath, _, idx = _stack(model, blocks)  # type: ignore[arg-type]
+    return HeldBlocks(model, cpath), idx
+
+
+@dataclass
+class StackScores:
+    """What one pass of the calibration windows through the stack accumulated: Block
+    Influence per block, angular distance per run start, the positions scored, and the
+    hidden states entering the blocks asked for (block index -> one tensor per batch)."""
+
+    block_influence: dict[int, float]
+    angular: dict[int, float]
+    tokens: int
+    states: dict[int, list[torch.Tensor]]
+
+
 @torch.no_grad()
-def block_influence_scores(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
+def stack_scores(source: Any, inputs: Any, idx: Sequence[int], n: int = 0, *, angular: bool = False, keep: Sequence[int] = (),
+                 observe: Callable[[int, nn.Module], None] | None = None, progress: Any = None) -> StackScores:
+    """Run ``inputs`` (a :class:`~lfgraph.blocks.StackInput`) through ``source``'s stack block
+    by block and accumulate Block Influence of the blocks ``idx`` (``1 - cos(input,
+    output)`` summed over every token or spatial position) and, with ``angular``, Gromov et
+    al.'s distance ``arccos(cos(x_l, x_{l+n})) / pi`` of every run of ``n`` blocks of
+    ``idx``; both divided by the positions scored. Runs only the blocks the scores need.
+
+    ``keep``: the hidden states entering these blocks are kept (references, no copies);
+    ``observe(i, block)`` sees each block while it is in memory (the fingerprint hashes a
+    checkpoint's blocks there); ``progress`` (a tqdm bar) advances once per block. The
+    source is only read."""
+    allowed = set(idx)
+    starts = [l for l in idx if all(l + k in allowed for k in range(n))] if angular else []
+    bi = dict.fromkeys(idx, 0.0)
+    ang = dict.fromkeys(starts, 0.0)
+    count = sum(_tokens(h).shape[0] for h in inputs.hidden)
+    stop = max([max(idx)] + [l + n - 1 for l in starts]) + 1
+    memory = getattr(source, "memory", None)
+    remember = memory.wanted(inputs) if memory is not None else set()
+    keep = set(keep) | remember
+    x = list(inputs.hidden)
+    history: deque[list[torch.Tensor]] = deque([x], maxlen=n + 1 if angular else 1)
+    states: dict[int, list[torch.Tensor]] = {}
+    for i, block in source.blocks(range(stop)):
+        if i in keep:
+            states[i] = x
+        if observe is not None:
+            observe(i, block)
+        y = [calls[i](block, h) for h, calls in zip(x, inputs.calls)]
+        if i in allowed:
+            for h, out in zip(x, y):
+                if h.shape != out.shape:
+                    raise LfgraphError(f"block {source.block_name(i)} changes the shape of its input: it cannot be dropped")
+                bi[i] += float((1.0 - _cosine(h, out)).sum())
+        history.append(y)
+        l = i + 1 - n
+        if l in ang:
+            for start, out in zip(history[0], y):
+                ang[l] += float((torch.arccos(_cosine(start, out).clamp(-1.0, 1.0)) / math.pi).sum())
+        x = y
+        if progress is not None:
+            progress.update(1)
+    if remember:
+        memory.store(inputs, {i: states[i] for i in remember if i in states})  # type: ignore[union-attr]
+    return StackScores({i: v / count for i, v in bi.items()}, {l: v / count for l, v in ang.items()}, count, states)
+
+
+def _inputs(source: Any, calibration: Any, batch_size: int) -> Any:
+    """The stack's input for the calibration windows (``calibration``: token ids or samples,
+    or a :class:`~lfgraph.blocks.StackInput` already made)."""
+    from ..blocks import StackInput
+
+    return calibration if isinstance(calibration, StackInput) else source.stack_input([calibration], batch_size)
+
+
+def block_influence_scores(module: Any, blocks: Sequence[str], calibration: Any, batch_size: int = 4) -> dict[int, float]:
     """Block Influence of each named block: ``1 - cos(input, output)`` averaged over every
     token (every spatial position of a feature map) of ``calibration``. Keys are indices
-    into the blocks' container. The module is only run, not modified."""
-    cpath, stack, idx = _stack(module, blocks)
-    sums = dict.fromkeys(idx, 0.0)
-    count = 0
-    for batch in batches(calibration, batch_size):
-        states, _ = stack_hidden_states(module, stack, batch)
-        for i in idx:
-            if states[i].shape != states[i + 1].shape:
-                raise LfgraphError(f"block {cpath}.{i} changes the shape of its input: it cannot be dropped")
-            cos = _cosine(states[i], states[i + 1])
-            sums[i] += float((1.0 - cos).sum())
-        count += _tokens(states[0]).shape[0]
-    return {i: s / count for i, s in sums.items()}
+    into the blocks' container. ``module``: a model in memory or a block source; it is
+    only run, not modified."""
+    source, idx = _as_source(module, blocks)
+    return stack_scores(source, _inputs(source, calibration, batch_size), idx).block_influence
 
 
-def block_influence(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, **_: Any) -> list[Run]:
+def block_influence(module: Any, blocks: Sequence[str], calibration: Any, n_drop: int, *, batch_size: int = 4, **_: Any) -> list[Run]:
     """ShortGPT: drop the ``n_drop`` blocks of lowest Block Influence (ties: lower index)."""
-    _, _, idx = _stack(module, blocks)
+    source, idx = _as_source(module, blocks)
     _check_n(n_drop, idx)
-    scores = block_influence_scores(module, blocks, calibration, batch_size)
+    scores = block_influence_scores(source, idx, calibration, batch_size)
     order = sorted(idx, key=lambda i: (scores[i], i))
     return runs_from_order(order, idx, n_drop, scores)
 
@@ -186,32 +260,21 @@ def runs_from_order(order: Sequence[int], allowed: Sequence[int], n_drop: int, s
     return runs_from_dropped(dropped, allowed, scores)
 
 
-@torch.no_grad()
-def angular_distances(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n: int, batch_size: int = 4) -> dict[int, float]:
+def angular_distances(module: Any, blocks: Sequence[str], calibration: Any, n: int, batch_size: int = 4) -> dict[int, float]:
     """Gromov et al.'s distance for every start ``l`` of a run of ``n`` named blocks:
     ``arccos(cos(x_l, x_{l+n})) / pi`` averaged over tokens, where ``x_l`` is the input of
     block ``l`` (``x_{l+n}`` the output of block ``l+n-1``). Only runs made entirely of the
-    named blocks are scored."""
-    cpath, stack, idx = _stack(module, blocks)
-    allowed = set(idx)
-    starts = [l for l in idx if all(l + k in allowed for k in range(n))]
-    sums = dict.fromkeys(starts, 0.0)
-    count = 0
-    for batch in batches(calibration, batch_size):
-        states, _ = stack_hidden_states(module, stack, batch)
-        for l in starts:
-            cos = _cosine(states[l], states[l + n]).clamp(-1.0, 1.0)
-            sums[l] += float((torch.arccos(cos) / math.pi).sum())
-        count += _tokens(states[0]).shape[0]
-    return {l: s / count for l, s in sums.items()}
+    named blocks are scored. ``module``: a model in memory or a block source."""
+    source, idx = _as_source(module, blocks)
+    return stack_scores(source, _inputs(source, calibration, batch_size), idx, n, angular=True).angular
 
 
-def angular(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, **_: Any) -> list[Run]:
+def angular(module: Any, blocks: Sequence[str], calibration: Any, n_drop: int, *, batch_size: int = 4, **_: Any) -> list[Run]:
     """Gromov et al.: drop the contiguous ``n_drop`` blocks with the smallest angular
     distance between their input and output (one run, plus its keeping neighbour)."""
-    _, _, idx = _stack(module, blocks)
+    source, idx = _as_source(module, blocks)
     _check_n(n_drop, idx)
-    dist = angular_distances(module, blocks, calibration, n_drop, batch_size)
+    dist = angular_distances(source, idx, calibration, n_drop, batch_size)
     return runs_from_angular(dist, idx, n_drop)
 
 
@@ -254,62 +317,66 @@ def _loss(out: torch.Tensor, batch: torch.Tensor, reference: torch.Tensor | None
 
 @torch.no_grad()
 def sleb_order(
-    module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4,
+    module: Any, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4,
     progress: bool = False, on_step: Callable[[int, int, float], None] | None = None,
 ) -> list[tuple[int, float]]:
     """SLEB's greedy removal order: ``n_drop`` pairs ``(block index, calibration loss of the
     model without it and the blocks before it in the list)``.
 
     Greedy steps are nested, so the first ``k`` entries are SLEB's choice for ``k`` blocks.
-    Each step scores every remaining candidate; a candidate's loss needs only the blocks
-    above it (the inputs of all blocks are computed once per step and batch) plus the
-    model's head. Use a small calibration budget (a few hundred tokens). ``on_step(step,
-    block, loss)`` is called after each step. The module is not modified: candidate models
-    are evaluated by temporarily swapping the block stack.
-    """
-    cpath, stack, idx = _stack(module, blocks)
+    Each step is one pass over the blocks still in the model (one block in memory at a
+    time: ``module`` may be a block source): the current model's hidden state advances
+    block by block, and so does, from the point where it skips its candidate, the hidden
+    state of the model without each candidate; each candidate's loss is then the model's
+    head on its state. Use a small calibration budget (a few hundred tokens: the states
+    of every candidate are held). ``on_step(step, block, loss)`` is called after each step.
+    Nothing is modified."""
+    source, idx = _as_source(module, blocks)
     _check_n(n_drop, idx)
     segments = _segments(idx)
     segment_of = {i: k for k, seg in enumerate(segments) for i in seg}
     left = {k: len(seg) for k, seg in enumerate(segments)}
-    # bottom inputs and keyword arguments are the same for every pruned model: capture once
-    cached = [capture_block_input(module, stack[0], b) + (b,) for b in batches(calibration, batch_size)]
-    references = [module(b) for _, _, b in cached]
-    objective = _objective(calibration, references[0])
-    current = list(range(len(stack)))  # original indices of the blocks still in the model
-    order: list[tuple[int, float]] = []
-    steps = range(n_drop)
-    if progress:
-        from tqdm import tqdm
+    inputs = _inputs(source, calibration, batch_size)
+    with source.head() as head:
+        base = list(inputs.hidden)
+        for i, block in source.blocks():
+            base = [calls[i](block, h) for h, calls in zip(base, inputs.calls)]
+        references = [head(h, ids) for h, ids in zip(base, inputs.ids)]
+        objective = _objective(calibration, references[0])
+        current = list(range(source.num_blocks))  # blocks still in the model
+        order: list[tuple[int, float]] = []
+        steps: Any = range(n_drop)
+        if progress:
+            from tqdm import tqdm
 
-        steps = tqdm(steps, desc="sleb", leave=False)
-    for step in steps:
-        candidates = [i for i in current if i in segment_of and left[segment_of[i]] > 1]
-        loss = dict.fromkeys(candidates, 0.0)
-        for k, (x0, kwargs, batch) in enumerate(cached):
-            states = [x0]
-            for i in current:
-                states.append(block_output(stack[i](states[-1], **kwargs)))
-            for pos, i in enumerate(current):
-                if i not in loss:
-                    continue
-                upper = [stack[j] for j in current[pos + 1 :]]
-                out = run_from(module, cpath, states[pos], upper, batch)
-                loss[i] += _loss(out, batch, references[k], objective)
-        best = min(candidates, key=lambda i: (loss[i], i))
-        order.append((best, loss[best]))
-        current.remove(best)
-        left[segment_of[best]] -= 1
-        if on_step is not None:
-            on_step(step, best, loss[best])
+            steps = tqdm(steps, desc="sleb", leave=False)
+        for step in steps:
+            candidates = [i for i in current if i in segment_of and left[segment_of[i]] > 1]
+            x = list(inputs.hidden)
+            skipping: dict[int, list[torch.Tensor]] = {}  # candidate -> state of the model without it
+            for k, block in source.blocks(current):
+                if k in candidates:
+                    skipping[k] = x
+                for j in skipping:
+                    if j != k:
+                        skipping[j] = [calls[k](block, h) for h, calls in zip(skipping[j], inputs.calls)]
+                x = [calls[k](block, h) for h, calls in zip(x, inputs.calls)]
+            loss = {j: sum(_loss(head(h, ids), ids, ref, objective) for h, ids, ref in zip(skipping[j], inputs.ids, references))
+                    for j in candidates}
+            best = min(candidates, key=lambda i: (loss[i], i))
+            order.append((best, loss[best]))
+            current.remove(best)
+            left[segment_of[best]] -= 1
+            if on_step is not None:
+                on_step(step, best, loss[best])
     return order
 
 
-def sleb(module: nn.Module, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, progress: bool = False, **_: Any) -> list[Run]:
+def sleb(module: Any, blocks: Sequence[str], calibration: torch.Tensor, n_drop: int, *, batch_size: int = 4, progress: bool = False, **_: Any) -> list[Run]:
     """SLEB: ``n_drop`` greedy steps, each dropping the block whose removal from the model
     as pruned so far raises the calibration loss least (see :func:`sleb_order`)."""
-    _, _, idx = _stack(module, blocks)
-    order = sleb_order(module, blocks, calibration, n_drop, batch_size=batch_size, progress=progress)
+    source, idx = _as_source(module, blocks)
+    order = sleb_order(source, idx, calibration, n_drop, batch_size=batch_size, progress=progress)
     return runs_from_dropped([i for i, _ in order], idx, dict(order))
 
 

@@ -172,7 +172,7 @@ def _rows(graph: LayerGraph, ch: Changes, tie_of: Mapping[str, int], healed: set
     def layer(n: Any) -> dict[str, Any]:
         t = tie_of.get(n.name)
         return {
-            "name": n.name, "role": n.role, "op": n.op, "shape": list(n.weight.shape), "params": n.num_params,
+            "name": n.name, "role": n.role, "op": n.op, "shape": list(n.shape), "params": n.num_params,
             "tie": t, "tie_keep": t is not None and ch.tie_sets[t][0] == n.name,
             "refit": n.name in ch.refit_layers,
             "healed": n.name in healed or (n.block is not None and graph.blocks[n.block].name in healed),

@@ -206,6 +206,9 @@ class Mixtral(Architecture):
     experts_down = "mlp.experts.down_proj"
     #: the distilled maps train dense projections only (see lfgraph.passes.calibrated_fusion)
     default_fuse = "calibrated"
+    no_stream = ("transformers merges this family's per-expert checkpoint tensors into one tensor per layer when it loads them; "
+                 "lfgraph reads checkpoints block by block only where the stored tensors are the model's: compress it in memory "
+                 "(leave out --stream)")
     no_onnx = "torch.onnx cannot convert the data-dependent loop over the experts"
 
     def mlp_target(self, block: nn.Module) -> tuple[str, str | None]:
@@ -248,3 +251,5 @@ class Bert(Architecture):
     attn_out = "attention.output.dense"
     block = "post-norm-residual"
     default_fuse = "remove"
+    no_stream = ("bert is an encoder: lfgraph compresses causal language models block by block from a checkpoint, "
+                 "encoders in memory (leave out --stream)")

@@ -1,5 +1,5 @@
-"""What the streaming path writes: the input's dtype, a loadable folder, and nothing at all
-when it fails or is interrupted."""
+"""What the block-by-block path writes: the input's dtype, a loadable folder, and nothing at
+all when it fails or is interrupted."""
 
 from __future__ import annotations
 
@@ -12,10 +12,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from lfgraph.stream import compress_checkpoint
-from lfgraph.stream import api as stream_api
+from lfgraph import pipeline
+from lfgraph.blocks import write as blocks_write
 
-from stream_helpers import save_folder
+from blocks_helpers import save_folder
+
+
+def compress_checkpoint(folder, out, *, fuse="calibrated", target=0.25, calibration_windows=4, calibration_seq_len=32, overwrite=False, **kw):
+    """``compress`` block by block, checkpoint only, quietly, without the quality measure."""
+    return pipeline.compress(str(folder), out, target=target, select=kw.pop("select", "block_influence"), fuse=fuse,
+                             calibration_windows=calibration_windows, calibration_seq_len=calibration_seq_len, eval_windows=0,
+                             engine="stream", quiet=True, onnx=False, overwrite=overwrite, **kw)
 
 
 def _dtypes(folder):
@@ -30,7 +37,7 @@ def _dtypes(folder):
 def test_bf16_in_bf16_out(tmp_path, sharded):
     folder = save_folder(tmp_path / "model", "qwen2", layers=8, sharded=sharded, dtype=torch.bfloat16)
     out = tmp_path / "out"
-    report = compress_checkpoint(folder, out, target=0.25, fuse="calibrated", calibration_windows=4, calibration_seq_len=32, progress=False, onnx="none")
+    report = compress_checkpoint(folder, out)
     assert set(_dtypes(out).values()) == {"BF16"}
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -46,7 +53,7 @@ def test_bf16_in_bf16_out(tmp_path, sharded):
     if sharded:
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(_dtypes(out))
-        assert index["metadata"]["total_size"] == report.bytes_written
+        assert index["metadata"]["total_size"] == sum(e.nbytes for e in pipeline_entries(out))
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
@@ -57,9 +64,9 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
         (staging / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream_api, "write_checkpoint", interrupted)
+    monkeypatch.setattr(blocks_write, "write_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none")
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
@@ -72,15 +79,15 @@ def test_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(stream_api, "write_checkpoint", failing)
+    monkeypatch.setattr(blocks_write, "write_checkpoint", failing)
     with pytest.raises(RuntimeError):
-        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none", overwrite=True)
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
     assert (out / "old.txt").read_text() == "previous"
     monkeypatch.undo()
     with pytest.raises(LfgraphError, match="--overwrite"):  # a folder lfgraph did not write (lfgraph.fileio)
-        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none")
-    compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, progress=False, onnx="none", overwrite=True)
+        compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16)
+    compress_checkpoint(folder, out, fuse="remove", calibration_windows=2, calibration_seq_len=16, overwrite=True)
     assert (out / "old.txt").read_text() == "previous" and (out / "config.json").is_file()  # only lfgraph's files written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
 
@@ -95,5 +102,11 @@ def test_a_damaged_block_read_ahead_is_refused(tmp_path):
     tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LfgraphError, match=r"model.layers.2.mlp.up_proj.weight contains NaN or Inf"):
-        compress_checkpoint(folder, tmp_path / "out", target=0.25, calibration_windows=4, calibration_seq_len=16, progress=False, onnx="none")
+        compress_checkpoint(folder, tmp_path / "out", calibration_windows=4, calibration_seq_len=16)
     assert not (tmp_path / "out").exists()
+
+
+def pipeline_entries(folder):
+    from lfgraph.blocks.checkpoint import Checkpoint
+
+    return list(Checkpoint(folder).tensors.values())

@@ -1,4 +1,4 @@
-"""Peak memory of the streaming path, measured: a few blocks above a bare runtime, not the model."""
+"""Peak memory of the block-by-block path, measured: a few blocks above a bare runtime, not the model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from stream_helpers import save_folder
+from blocks_helpers import save_folder
 
 #: hidden 512, MLP 1536, 16 layers: 3.0M parameters (12 MB in float32) per block, 192 MB of blocks.
 HIDDEN, INTERMEDIATE, LAYERS = 512, 1536, 16
@@ -24,13 +24,14 @@ BOUND_BLOCKS = 4
 _CHILD = """
 import json, sys
 import lfgraph, torch, transformers
-from lfgraph.stream.calibrate import calibration_ids
-calibration_ids(__import__("pathlib").Path(sys.argv[2]), 8, 64)
+from lfgraph import pipeline
+from lfgraph.calibration import calibration_windows
+from lfgraph.models import _tokenizer_or_none
+calibration_windows(_tokenizer_or_none(__import__("pathlib").Path(sys.argv[2])), 8, 64)
 if sys.argv[1] == "compress":
-    from lfgraph.stream import compress_checkpoint
     torch.set_num_threads(1)
-    compress_checkpoint(sys.argv[2], sys.argv[3], target=0.25, select="block_influence", fuse="remove",
-                        calibration_windows=8, calibration_seq_len=64, progress=False, onnx="none")
+    pipeline.compress(sys.argv[2], sys.argv[3], target=0.25, select="block_influence", fuse="remove", calibration_windows=8,
+                      calibration_seq_len=64, eval_windows=0, engine="stream", quiet=True, onnx=False)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the forking parent's size
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
 print(json.dumps(int(hwm) * 1024))

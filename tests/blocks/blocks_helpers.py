@@ -1,4 +1,4 @@
-"""Tiny decoder checkpoints for the streaming tests, saved as Hugging Face folders."""
+"""Tiny decoder checkpoints for the block-by-block tests, saved as Hugging Face folders."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Writing the compressed checkpoint shard by shard, without holding the model.
+"""Writing a compressed checkpoint shard by shard, without holding the model.
 
-The output is a Hugging Face folder like the input: the kept blocks renumbered
-(``model.layers.K``), every other tensor (embeddings, final norm, head) kept, in the input's
-order; tensors the refit changed written in the dtype they were stored in (bf16 in, bf16
-out; the refit itself ran in float32/64); ``model.safetensors`` or, when the input was
+The output of a :class:`~lfgraph.blocks.source.CheckpointBlocks` view is a Hugging Face
+folder like the input: the kept blocks renumbered (``STACK.K``, the stack's path from the
+family's class), every other tensor (embeddings, final norm, head) kept, in the input's
+order; tensors the rewrite changed (the view's overrides) written in the dtype they were
+stored in (bf16 in, bf16 out; the refit itself ran in float32/64); ``model.safetensors`` or, when the input was
 sharded, shards no larger than the input's largest with a ``model.safetensors.index.json``.
 Unchanged tensors are copied byte for byte from the input file (a 64 MB buffer), so a shard
 is never in memory; the safetensors header is written first from the known shapes.
@@ -29,9 +30,6 @@ from .. import architectures
 from ..deploy.checkpoint import TOKENIZER_FILES
 from ..errors import LfgraphError
 from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorEntry
-from .skeleton import LAYERS_PATH
-
-_LAYER = re.compile(rf"^{re.escape(LAYERS_PATH)}\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -40,27 +38,39 @@ class WriteResult:
     bytes_written: int = 0
 
 
-def renamed_tensors(ckpt: Checkpoint, kept: Sequence[int]) -> dict[str, str]:
+def renamed_tensors(ckpt: Checkpoint, stack_path: str, kept: Sequence[int]) -> dict[str, str]:
     """Output tensor name -> input tensor name, in the input's order: tensors of dropped
-    blocks left out, those of kept blocks renumbered 0..len(kept)-1."""
+    blocks (of the stack at ``stack_path``) left out, those of kept blocks renumbered
+    0..len(kept)-1."""
+    layer = re.compile(rf"^{re.escape(stack_path)}\.(\d+)\.(.+)$")
     new_index = {old: new for new, old in enumerate(sorted(kept))}
     out: dict[str, str] = {}
     for name in ckpt.tensors:
-        m = _LAYER.match(name)
+        m = layer.match(name)
         if m is None:
             out[name] = name
         elif int(m.group(1)) in new_index:
-            out[f"{LAYERS_PATH}.{new_index[int(m.group(1))]}.{m.group(2)}"] = name
+            out[f"{stack_path}.{new_index[int(m.group(1))]}.{m.group(2)}"] = name
     return out
 
 
-def sliced_config(config: Mapping[str, Any], kept: Sequence[int]) -> dict[str, Any]:
-    """A copy of ``config`` for the kept layers (original indices): ``num_hidden_layers`` and
-    every per-layer list sliced by the family's own rule (:mod:`lfgraph.architectures`),
-    as the in-memory path slices it."""
-    cfg = SimpleNamespace(**copy.deepcopy(dict(config)))
-    architectures.for_config(cfg).slice_config(cfg, sorted(kept))
-    return vars(cfg)
+def sliced_config(config: Mapping[str, Any], kept: Sequence[int], architecture: Any = None,
+                  attribute_map: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A copy of ``config`` (the raw ``config.json``) for the kept layers (original indices):
+    the depth and every per-layer list sliced by the family's own rule
+    (:mod:`lfgraph.architectures`), as the in-memory path slices it. ``attribute_map``
+    (the transformers config class's: standard name -> the family's, e.g.
+    ``num_hidden_layers`` -> ``n_layer`` for GPT-2) lets the rule use the standard names."""
+    raw = copy.deepcopy(dict(config))
+    aliases = {std: own for std, own in (attribute_map or {}).items() if own in raw and std not in raw}
+    for std, own in aliases.items():
+        raw[std] = raw.pop(own)
+    cfg = SimpleNamespace(**raw)
+    (architecture or architectures.for_config(cfg)).slice_config(cfg, sorted(kept))
+    out = vars(cfg)
+    for std, own in aliases.items():
+        out[own] = out.pop(std)
+    return out
 
 
 def _shards(entries: list[tuple[str, TensorEntry]], limit: int | None) -> list[list[tuple[str, TensorEntry]]]:
@@ -98,16 +108,27 @@ def _write_changed(dst: BinaryIO, tensor: torch.Tensor, e: TensorEntry) -> int:
     return int(data.nbytes)
 
 
+def write_view(view: Any, folder: Path, progress: Any = None) -> WriteResult:
+    """Write the compressed model of ``view`` (a :class:`~lfgraph.blocks.source.CheckpointBlocks`
+    view: its kept blocks and overrides) as a checkpoint into ``folder`` (which exists,
+    normally a staging folder); see :func:`write_checkpoint`."""
+    changed = {f"{view.stack_path}.{i}.{k}": t for i, own in view.overrides.items() for k, t in own.items()}
+    return write_checkpoint(view.ckpt, folder, view.stack_path, view.kept, changed, view.architecture, progress,
+                            attribute_map=getattr(view.config, "attribute_map", None))
+
+
 def write_checkpoint(
-    ckpt: Checkpoint, folder: Path, kept: Sequence[int], changed: Mapping[str, torch.Tensor], progress: Any = None,
+    ckpt: Checkpoint, folder: Path, stack_path: str, kept: Sequence[int], changed: Mapping[str, torch.Tensor],
+    architecture: Any = None, progress: Any = None, attribute_map: Mapping[str, str] | None = None,
 ) -> WriteResult:
-    """Write the checkpoint of the kept blocks (original indices) into ``folder`` (which
-    exists, normally a staging folder), ``changed`` tensors (by input name) replacing the
-    stored ones. Returns the written files and the tensor bytes written. The input is only
-    read. ``progress`` (a tqdm bar or None) advances by the bytes of each tensor written."""
+    """Write the checkpoint of the kept blocks (original indices of the stack at
+    ``stack_path``) into ``folder`` (which exists, normally a staging folder), ``changed``
+    tensors (by input name) replacing the stored ones. Returns the written files and the
+    tensor bytes written. The input is only read. ``progress`` (a tqdm bar or None) advances
+    by the bytes of each tensor written."""
     for name in changed:
         ckpt.entry(name)
-    names = renamed_tensors(ckpt, kept)
+    names = renamed_tensors(ckpt, stack_path, kept)
     entries = [(out, ckpt.tensors[src]) for out, src in names.items()]
     limit = max(ckpt.shard_bytes) if ckpt.sharded else None
     groups = _shards(entries, limit)
@@ -132,7 +153,7 @@ def write_checkpoint(
         index = {"metadata": {"total_size": result.bytes_written}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         result.files.append(folder / INDEX_FILE)
-    (folder / "config.json").write_text(json.dumps(sliced_config(ckpt.config, kept), indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(json.dumps(sliced_config(ckpt.config, kept, architecture, attribute_map), indent=2, sort_keys=True) + "\n")
     result.files.append(folder / "config.json")
     for name in TOKENIZER_FILES:
         if (ckpt.folder / name).is_file():
