@@ -56,13 +56,18 @@ def available_memory() -> int:
 
 def parameter_count(folder: str | os.PathLike) -> int | None:
     """Parameters of the model ``folder/config.json`` describes (built on the meta device, so
-    no memory and no weights); ``None`` when transformers cannot build it from the config."""
+    no memory and no weights); ``None`` when transformers cannot build it from the config.
+    Raises ``LfgraphError`` when ``config.json`` is not a JSON object."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from .models import is_causal_lm
+    from .blocks.checkpoint import read_config
+
+    read_config(Path(folder))  # a config that is not a JSON object: one line (LfgraphError)
     try:
         cfg = AutoConfig.from_pretrained(folder)
-        auto = AutoModelForCausalLM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (cfg.architectures or [])) else AutoModel
+        auto = AutoModelForCausalLM if is_causal_lm(cfg) else AutoModel
         with torch.device("meta"):
             model = auto.from_config(cfg)
     except Exception:  # the loader says what is wrong with the folder, with its own words

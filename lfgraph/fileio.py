@@ -13,7 +13,8 @@ Three rules, the same for every file or folder any subcommand writes (``-o``, ``
    (:func:`staging_folder`, :func:`atomic_path`) named ``.NAME.lfgraph-tmp-PID-…`` and
    :func:`commit_folder` / ``os.replace`` put it in place only when it is complete. With
    ``--overwrite`` onto a folder lfgraph did not write, only the files lfgraph writes are
-   replaced; the folder's other files stay.
+   replaced; the folder's other files stay, except that model files a runtime would load
+   instead of or beside the new ones are refused (:func:`check_shadowing`).
 3. **Interrupted runs leave nothing**: a raised error, Ctrl-C, SIGTERM or SIGHUP removes the
    staging path (the CLI turns the two signals into :class:`Terminated`); a run killed
    outright (SIGKILL, the OOM killer) leaves one, which the next run on that output removes
@@ -147,6 +148,14 @@ def _is_empty_folder(p: Path) -> bool:
 # --------------------------------------------------------------------------- checks
 
 
+def given_path(what: str, value: str | os.PathLike) -> Path:
+    """``value`` as a ``Path``; ``LfgraphError`` when it is the empty string, which names no
+    file (``Path("")`` would be the current folder)."""
+    if str(value) == "":
+        raise LfgraphError(f"{what} is empty: give the path of a file or folder")
+    return Path(value)
+
+
 def _resolved(p: str | os.PathLike) -> Path:
     # symbolic links followed: an output reached through a link into the input is inside it
     return Path(os.path.realpath(os.path.expanduser(str(p))))
@@ -181,8 +190,9 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None], inputs: Itera
     seen: dict[Path, str] = {}
     folders = set(folders)
     for what, out in outputs.items():
-        if out is None or not str(out):
+        if out is None:
             continue
+        given_path(what, out)
         target = _resolved(out)
         if target in seen:
             raise LfgraphError(f"{what} and {seen[target]} name the same path {out}: give each output its own path")
@@ -326,14 +336,57 @@ def _marker_names(folder: Path) -> set[str] | None:
         return None
 
 
+#: Names (``fnmatch`` patterns) of the files a runtime loads a model from when it is given a
+#: folder: transformers' weights and indexes (safetensors, then ``pytorch_model.bin``), a PEFT
+#: adapter (transformers loads it onto its base model), ONNX Runtime's ``model.onnx`` and
+#: onnxruntime-genai's ``genai_config.json`` (an external ``.data`` file is read only when a
+#: ``model.onnx`` names it).
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin", "adapter_config.json", "adapter_model.safetensors",
+               "adapter_model.bin", "model.onnx", "genai_config.json")
+
+
+def shadowing_files(folder: str | os.PathLike, written: Iterable[str]) -> list[str]:
+    """The files of ``folder`` that lfgraph did not write (its marker does not list them)
+    and that would stay beside an output writing ``written`` (file names, or ``fnmatch``
+    patterns such as ``model-*-of-*.safetensors`` where the count is not known yet) while a
+    runtime loads a model from them (:data:`MODEL_FILES`): an old ``model.safetensors``
+    beside new shards (transformers loads it instead), old shards or an index beside a new
+    ``model.safetensors``, ``pytorch_model.bin``, an adapter, a ``model.onnx`` beside a
+    checkpoint written without ONNX. Sorted names; ``[]`` when ``folder`` is not a folder."""
+    import fnmatch
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = _marker_names(folder) or set()
+    written = list(written)
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in ours and any(fnmatch.fnmatchcase(p.name, m) for m in MODEL_FILES)
+                  and not any(fnmatch.fnmatchcase(p.name, w) for w in written))
+
+
+def check_shadowing(folder: str | os.PathLike, written: Iterable[str], what: str = "-o") -> None:
+    """Refuse (``LfgraphError``, exit 2) to write ``written`` into ``folder`` while
+    :func:`shadowing_files` finds files there that a runtime would load instead of or
+    beside them. Called by :func:`commit_folder` and, where the output's files are known
+    before the heavy work, by the writers first."""
+    bad = shadowing_files(folder, written)
+    if bad:
+        listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise LfgraphError(f"{what} {folder} holds {listed}, model files lfgraph did not write and would not replace: transformers or "
+                           "ONNX Runtime would load them instead of or beside the new model; move them out of the folder, or choose another -o")
+
+
 def commit_folder(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Put the complete folder ``staged`` at ``target`` and mark it as lfgraph's.
 
     ``target`` absent, empty, or lfgraph's with nothing else in it: replaced as a whole (one
     rename; the old folder removed after). ``target`` holding files lfgraph did not write
-    (allowed only with ``--overwrite``, see :func:`check_outputs`): each file of ``staged``
-    replaces its namesake and files lfgraph wrote there before but not now are removed; the
-    rest stays. ``staged`` is consumed.
+    (allowed only with ``--overwrite``, see :func:`check_outputs`): refused when model files
+    of the user's would stay beside the new ones (:func:`check_shadowing`); else each file of
+    ``staged`` replaces its namesake and files lfgraph wrote there before but not now are
+    removed; the rest stays. ``staged`` is consumed.
     """
     staged, target = Path(staged), _resolved(target)
     names = sorted(p.name for p in staged.iterdir() if p.name != MARKER)
@@ -353,6 +406,7 @@ def commit_folder(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
         os.replace(staged, target)
         shutil.rmtree(old, ignore_errors=True)
         return target
+    check_shadowing(target, names)  # the user's weights must not stay beside (or in front of) the new ones
     for name in names:  # file by file: the user's other files stay where they are
         dest = target / name
         if dest.is_dir() and not dest.is_symlink():

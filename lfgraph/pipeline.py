@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import LfgraphError
+from .fileio import given_path
 from .graph import LayerGraph
 from .model_types import CalibrationOptions
 from .models import LoadedModel, load_model
@@ -149,7 +150,7 @@ def compress(
     report says so (exit code 1).
     """
     state = CompressState(
-        spec=spec, out=Path(out), plan_arg=plan, target=target, mode=mode, select=select, fuse=fuse, metric=metric, scope=scope,
+        spec=spec, out=given_path("-o", out), plan_arg=plan, target=target, mode=mode, select=select, fuse=fuse, metric=metric, scope=scope,
         target_kind=target_kind, calibration_options=CalibrationOptions(calibration_text, calibration_tokens, calibration_windows,
                                                                         calibration_seq_len),
         eval_windows=eval_windows, eval_seq_len=eval_seq_len, max_quality_loss=max_quality_loss, log_path=log_path,

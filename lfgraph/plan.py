@@ -12,7 +12,7 @@ import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import LfgraphError
 from .fileio import write_text_atomic
@@ -116,17 +116,76 @@ class FusionPlan:
             raise LfgraphError(f"the plan's field 'mode' is {plan.mode!r}: it must be 'merge' or 'tie'")
         if plan.fuse not in FUSE_RULES:
             raise LfgraphError(f"the plan's field 'fuse' is {plan.fuse!r}: it must be one of {', '.join(FUSE_RULES)}")
-        for f in plan.fusions:
-            if f.unit not in UNITS:
-                raise LfgraphError(f"a fusion's field 'unit' is {f.unit!r}: it must be one of {', '.join(UNITS)}")
+        plan.validate()
         return plan
+
+    def validate(self) -> None:
+        """Refuse, in the plan's own words (``fusions[2] ...``), a plan no rewrite can apply
+        as written: an unknown unit, a fusion that absorbs nothing, absorbs its own kept
+        member or one member twice, the same fusion twice, or a member in two fusions (the
+        rewrites would remove a kept block, or remove one block twice). Called by
+        :meth:`from_json` and by :meth:`check_names` (so every rewrite path checks it)."""
+        where: dict[str, int] = {}
+        seen: dict[tuple[str, tuple[str, ...]], int] = {}
+        for i, f in enumerate(self.fusions):
+            if f.unit not in UNITS:
+                raise LfgraphError(f"fusions[{i}] has unit {f.unit!r}: it must be one of {', '.join(UNITS)}")
+            what = f.unit
+            if not f.absorb:
+                raise LfgraphError(f"fusions[{i}] absorbs no {what} (its 'absorb' is empty): list the {what}s to fuse into "
+                                   f"{f.keep}, or drop the fusion; regenerate the plan with `lfgraph plan`")
+            if f.keep in f.absorb:
+                raise LfgraphError(f"fusions[{i}] absorbs its own kept {what} {f.keep}: a {what} cannot be kept and fused away; "
+                                   "remove it from 'absorb' or regenerate the plan with `lfgraph plan`")
+            key = (f.keep, tuple(sorted(f.absorb)))
+            if key in seen:
+                raise LfgraphError(f"fusions[{i}] repeats fusions[{seen[key]}] (keep {f.keep}): list each fusion once")
+            seen[key] = i
+            for name in [f.keep, *f.absorb]:
+                if name in where:
+                    j = where[name]
+                    clash = f"fusions[{i}] absorbs {name} twice" if j == i else f"fusions[{i}] names {what} {name}, which fusions[{j}] already names"
+                    raise LfgraphError(f"{clash}: a {what} is in one fusion at most; merge them into one fusion "
+                                       "or regenerate the plan with `lfgraph plan`")
+                where[name] = i
+
+    def check_matches(self, graph: Any) -> None:
+        """Everything that makes this plan unfit for the model of ``graph`` (a
+        :class:`~lfgraph.graph.LayerGraph`), checked before any rewrite: its fingerprint
+        (:meth:`check_applies_to`), then :meth:`check_names` against its blocks and layers.
+        Every rewrite path (PyTorch, ONNX) calls it."""
+        self.check_applies_to(graph.fingerprint())
+        self.check_names([b.name for b in graph.blocks], [n.name for n in graph.nodes])
+
+    def check_names(self, blocks: Iterable[str], layers: Iterable[str]) -> None:
+        """:meth:`validate`, then refuse a fusion naming a block (``unit`` block) or a layer
+        (``unit`` layer) that is not among the model's ``blocks`` / ``layers``."""
+        self.validate()
+        known = {"block": set(blocks), "layer": set(layers)}
+        for i, f in enumerate(self.fusions):
+            for name in [f.keep, *f.absorb]:
+                if name not in known[f.unit]:
+                    close = difflib.get_close_matches(name, sorted(known[f.unit]), n=1)
+                    raise LfgraphError(f"fusions[{i}] names {f.unit} {name!r}, which this model does not have"
+                                       + (f" (did you mean {close[0]!r}?)" if close else "")
+                                       + ": make the plan for this model with `lfgraph plan`")
 
     @classmethod
     def load(cls, path: str | Path) -> "FusionPlan":
+        """Read and :meth:`validate` the plan in ``path``; ``LfgraphError`` for a missing,
+        binary or malformed file."""
         p = Path(path)
         if not p.is_file():
             raise LfgraphError(f"plan file {p} does not exist: make one with `lfgraph plan MODEL -o {p}`")
-        return cls.from_json(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+        try:
+            text = data.decode("utf-8")
+            if "\0" in text:  # a .safetensors file whose header length is small reads as UTF-8
+                raise ValueError("NUL byte")
+        except (UnicodeDecodeError, ValueError):
+            raise LfgraphError(f"plan file {p} is not a text file (binary data, not JSON): give the plan JSON that "
+                               f"`lfgraph plan MODEL -o {p.name}` writes") from None
+        return cls.from_json(text)
 
     def check_applies_to(self, fingerprint: str) -> None:
         """Refuse a plan made for a model with different weights (or whose fingerprint an

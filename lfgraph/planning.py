@@ -172,7 +172,7 @@ def weight_warnings(graph: LayerGraph) -> list[str]:
 def rewrite(model: LoadedModel | Source, graph: LayerGraph, plan: FusionPlan, calibration: Any = None, progress: bool = True) -> PassResult:
     """Apply ``plan`` to a copy of the model (the loaded model is not modified)."""
     source = model if isinstance(model, Source) else TorchSource(model)
-    plan.check_applies_to(graph.fingerprint())
+    plan.check_matches(graph)
     return source.rewrite(plan, calibration=calibration, progress=progress)
 
 

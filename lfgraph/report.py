@@ -67,8 +67,10 @@ class CompressReport:
     heal_curve: dict[str, Any] | None = None
     seconds: float = 0.0
     log_records: int = 0
-    #: wall seconds of each stage that ran, by stage name, in order (as ``StreamReport.seconds``)
+    #: wall seconds of each stage that ran, by stage name, in order
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: block by block: the estimate printed before the work (:class:`lfgraph.estimate.BlocksEstimate`)
+    estimate: Any = None
     # in-memory results for the stages after compress (healing, deploy outputs, the visualizer)
     compressed: Any = field(default=None, repr=False)
     graph: Any = field(default=None, repr=False)

@@ -22,7 +22,8 @@ from .errors import LfgraphError
 from .evaluate import QualityReport
 from .graph import LayerGraph
 from .model_types import CalibrationOptions, ModelType, model_type
-from .models import ALIASES, LoadedModel, cache_dir, load_model
+from .cache import cache_dir, cache_entry, cached_folder
+from .models import ALIASES, LoadedModel, load_model
 from .onnx_io import runner, save_onnx
 from .passes.base import PassResult
 from .plan import FusionPlan
@@ -148,15 +149,15 @@ class TorchSource(Source):
         return torch_outputs(compressed, inputs, self.type.input_names, self.type.output_names)
 
     def original_file(self, quiet: bool = True) -> Path:
-        """The uncompressed model exported once and cached by weight fingerprint."""
-        folder = cache_dir() / "onnx"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.graph().fingerprint()}.onnx"
-        if not path.is_file():
+        """The uncompressed model exported once and cached by weight fingerprint (a cache
+        entry of its own: made again when damaged, :mod:`lfgraph.cache`)."""
+        folder = cache_dir() / "onnx" / self.graph().fingerprint()
+        if cached_folder(folder, ["model.onnx"]) is None:
             if not quiet:
                 print(f"lfgraph: exporting the original {self.name} once for comparison (cached in {folder})", flush=True)
-            self.write(self.model.module, path, {"lfgraph.version": __version__})
-        return path
+            with cache_entry(folder, ["model.onnx"]) as tmp:
+                self.write(self.model.module, tmp / "model.onnx", {"lfgraph.version": __version__})
+        return folder / "model.onnx"
 
     def latency_feed(self) -> dict[str, np.ndarray]:
         return self.type.latency_feed()
@@ -274,6 +275,8 @@ def is_onnx_spec(spec: Any) -> bool:
 
 def check_model_spec(spec: str) -> None:
     """Cheap checks before any loading: the path exists (or is an alias)."""
+    if spec == "":
+        raise LfgraphError(f"MODEL is empty: give a Hugging Face model folder, a .gguf or .onnx file, or one of {sorted(ALIASES)}")
     if spec not in ALIASES and not Path(spec).exists():
         raise LfgraphError(f"model {spec!r} not found: give a Hugging Face model folder, a .gguf or .onnx file, or one of {sorted(ALIASES)}")
 
@@ -310,7 +313,7 @@ class CheckpointSource(Source):
         from .allocator import return_freed_memory
         from .blocks import CheckpointBlocks
         from .model_types import TextModelType
-        from .models import _tokenizer_or_none
+        from .models import _tokenizer_or_none, check_tokenizer_fits
 
         return_freed_memory()  # block after block: each one's memory goes back when it is closed
         self.folder = Path(folder)
@@ -319,6 +322,7 @@ class CheckpointSource(Source):
         self.architecture = self.blocks.architecture
         vocab = int(getattr(self.blocks.config, "vocab_size", 0) or 0)
         tok = _tokenizer_or_none(self.folder)
+        check_tokenizer_fits(tok, vocab, self.folder)
         self.model = LoadedModel(module=None, example_inputs=(), name=self.name, family="causal-lm", tokenizer=tok,  # type: ignore[arg-type]
                                  input_names=("input_ids",), output_names=("logits",), vocab_size=vocab)
         self.type = TextModelType(self.model)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .cache import cache_dir
 from .errors import LfgraphError
 from .fileio import check_outputs, failed_path, staging_folder, write_text_atomic
 from .model_types import CalibrationOptions
@@ -133,6 +134,7 @@ class CheckOptions(Stage):
                                   ("--heal", s.heal_steps, STEPS)):
             check(name, value, rule)
         s.given_plan = check_inputs(s.spec, s.plan_arg, s.calibration_options)
+        cache_dir()  # the original's export for the comparison is cached: an unusable cache is refused now
         folder_out = s.out.suffix != ".onnx"
         inputs = [s.spec if isinstance(s.spec, (str, os.PathLike)) else None,
                   s.plan_arg if isinstance(s.plan_arg, (str, os.PathLike)) else None,
@@ -208,7 +210,7 @@ class Report(Stage):
             size_name=s.output.size_name, parity=s.parity, quality=s.quality, max_quality_loss=s.max_quality_loss,
             notes=s.notes, heal_curve=s.heal_curve, seconds=time.perf_counter() - s.t0,
             log_records=len(log.records) if log is not None else 0, compressed=s.compressed, graph=s.graph, log=log,
-            stage_seconds=s.stage_seconds,
+            stage_seconds=s.stage_seconds, estimate=s.blocks_estimate,
         )
 
 
@@ -258,6 +260,7 @@ class Load(Stage):
         else:
             s.source = open_source(s.spec)
         s.output = output_for(s.source, s.out, onnx=s.onnx, progress=not s.quiet)
+        s.output.check_destination()
         s.model_name, s.source_kind = s.source.name, s.source.kind
         if getattr(s.output, "why", None):
             s.notes.append(f"no ONNX in {s.out.name}: {s.output.why}; the folder holds the Hugging Face checkpoint, checked by reloading it")
@@ -403,7 +406,7 @@ class Write(Stage):
             s.metadata["lfgraph.source_spec"] = str(s.spec) if str(s.spec) in ALIASES else os.path.abspath(str(s.spec))
         s.output.write(s.compressed, s.staged, s.metadata, s.plan)
         if getattr(s.output, "kind", "") == "checkpoint-folder" and getattr(s.output, "why", "") and hasattr(s.output, "onnx_wanted"):
-            s.notes.append(f"no ONNX in {s.out.name}: {s.output.why}")
+            s.notes.append(f"no ONNX: {s.output.why}")
 
 
 class Verify(Stage):

@@ -492,3 +492,119 @@ def test_a_checkpoint_folder_resumed_from_is_an_input(tiny_llama_folder, tmp_pat
     line = _one_line(capsys, main(["heal", str(tiny_llama_folder), "-o", str(tmp_path / "h"), "--steps", "2", "--seq-len", "32",
                                    "--windows", "8", "--resume", "--checkpoint-dir", str(ck)]), "checkpoint")
     assert "--overwrite" not in line and "cannot read the checkpoint" in line
+
+
+# --------------------------------------------------------------------------- empty paths and model files left beside the output
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", ""], ["plan", "", "-o", "{tmp}/p.json"], ["plan", "{model}", "-o", ""], ["compress", "", "-o", "{tmp}/o.onnx"],
+    ["compress", "{model}", "-o", ""], ["compress", "{model}", "--stream", "-o", ""], ["compress", "", "--stream", "-o", "{tmp}/d"],
+    ["verify", "", "{model}"], ["verify", "{tmp}/o.onnx", ""], ["heal", "", "-o", "{tmp}/h"], ["heal", "{model}", "-o", ""],
+    ["generate", "", "--prompt", "hi"], ["visualize", "", "-o", "{tmp}/p.html"], ["visualize", "{model}", "-o", ""],
+    ["analyze", "{model}", "--plot", ""], ["compress", "{model}", "-o", "{tmp}/o.onnx", "--report", ""],
+])
+def test_an_empty_path_is_refused_on_every_subcommand(model_copy, tmp_path, capsys, argv):
+    """``""`` names no file: before, ``Path("")`` was the current folder (``-o ""`` wrote
+    there, or failed with an unexpected error)."""
+    before = _digest(model_copy)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a.replace("{tmp}", str(out)).replace("{model}", str(model_copy)) for a in argv]
+    _one_line(capsys, main(argv), "is empty")
+    assert _digest(model_copy) == before and list(out.iterdir()) == []
+
+
+def test_an_empty_path_is_refused_by_the_api(tiny_llama_folder, tmp_path):
+    from lfgraph import pipeline
+    from lfgraph.errors import LfgraphError
+    with pytest.raises(LfgraphError, match="-o is empty"):
+        pipeline.compress(str(tiny_llama_folder), "")
+    with pytest.raises(LfgraphError, match="MODEL is empty"):
+        pipeline.compress("", str(tmp_path / "o.onnx"))
+    with pytest.raises(LfgraphError, match="-o is empty"):
+        pipeline.compress(str(tiny_llama_folder), "", engine="stream")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _no_heavy_work(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the heavy work started before the output folder was checked")
+
+    monkeypatch.setattr("lfgraph.passes.selection.stack_scores", refuse)
+    monkeypatch.setattr("lfgraph.stages.Trace.run", refuse)
+
+
+def _users_folder(path: Path, names: list[str]) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("my notes")
+    for name in names:
+        (path / name).write_bytes(b"the user's old weights " + name.encode())
+    return path
+
+
+@pytest.mark.parametrize("sharded,old", [
+    (True, ["model.safetensors"]),
+    (False, ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+    (False, ["pytorch_model.bin"]),
+    (False, ["model.onnx", "genai_config.json"]),  # written without ONNX: onnxruntime-genai would run the old model
+])
+def test_streaming_over_a_users_folder_never_leaves_their_weights_to_be_loaded(tmp_path, capsys, monkeypatch, sharded, old):
+    """Before: the old ``model.safetensors`` stayed beside the new shards and index, and
+    transformers loads ``model.safetensors`` first: the user got the old model, exit 0."""
+    from blocks.blocks_helpers import save_folder
+
+    src = save_folder(tmp_path / "src", layers=4, sharded=sharded)
+    out = _users_folder(tmp_path / "deploy", old)
+    before = _digest(out)
+    _no_heavy_work(monkeypatch)
+    line = _one_line(capsys, main(["compress", str(src), "--stream", "--no-onnx", "--overwrite", "--fuse", "remove",
+                                   "--quiet", "-o", str(out)]), "model files lfgraph did not write")
+    assert all(name in line for name in old) and "notes.txt" not in line
+    assert _digest(out) == before and not _staging_left(tmp_path)
+
+
+def test_in_memory_deploy_folder_over_a_users_folder_with_other_weights(tiny_llama_folder, tmp_path, capsys, monkeypatch):
+    old = ["model.onnx", "pytorch_model.bin", "model.safetensors.index.json", "model-00001-of-00002.safetensors"]
+    out = _users_folder(tmp_path / "deploy", old)
+    before = _digest(out)
+    _no_heavy_work(monkeypatch)
+    line = _one_line(capsys, main(["compress", str(tiny_llama_folder), "--no-onnx", "--overwrite", "-o", str(out), *FAST]),
+                     "model files lfgraph did not write")
+    assert all(name in line for name in old)
+    assert _digest(out) == before and not _staging_left(tmp_path)
+
+
+def test_transformers_loads_model_safetensors_over_an_index(tmp_path):
+    """Why an old ``model.safetensors`` must never stay beside new shards (transformers 5.x)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from blocks.blocks_helpers import save_folder
+
+    new = save_folder(tmp_path / "new", layers=2, sharded=True, seed=1)
+    old = save_folder(tmp_path / "old", layers=2, seed=2)
+    shutil.copyfile(old / "model.safetensors", new / "model.safetensors")
+    got = AutoModelForCausalLM.from_pretrained(new).model.norm.weight
+    want = load_file(str(old / "model.safetensors"))["model.norm.weight"]
+    assert torch.equal(got, want)
+
+
+def test_commit_refuses_old_shards_the_new_ones_do_not_replace(tmp_path):
+    from lfgraph.errors import LfgraphError
+
+    target = _users_folder(tmp_path / "deploy", [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)])
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "config.json"):
+        (staged / name).write_text("new")
+    before = _digest(target)
+    with pytest.raises(LfgraphError, match="model-00001-of-00003.safetensors, model-00002-of-00003.safetensors"):
+        fileio.commit_folder(staged, target)
+    assert _digest(target) == before
+    # files lfgraph wrote there before are its own: replaced, never refused
+    (staged / "model-00003-of-00003.safetensors").unlink(missing_ok=True)
+    (target / fileio.MARKER).write_text(json.dumps({"lfgraph": "0", "files": [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]}))
+    fileio.commit_folder(staged, target)
+    assert (target / "model-00001-of-00002.safetensors").read_text() == "new" and (target / "notes.txt").read_text() == "my notes"
+    assert not (target / "model-00001-of-00003.safetensors").exists()  # lfgraph's old shard, removed

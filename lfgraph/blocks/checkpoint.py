@@ -25,8 +25,14 @@ SINGLE_FILE = "model.safetensors"
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+#: Bytes per element of each dtype name.
+DTYPE_BYTES = {k: v.itemsize for k, v in DTYPES.items()}
+
+_RESAVE = "copy the checkpoint again or re-save it (save_pretrained)"
 
 
 @dataclass(frozen=True)
@@ -52,68 +58,206 @@ class TensorEntry:
         return n
 
 
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """The tensors of one safetensors file (in the order of their data) and its metadata.
 
-    Reads only the header. Raises ``LfgraphError`` for a file that is not safetensors.
+    Reads only the header, and checks it against the file as safetensors requires before
+    any tensor is read: a known dtype and a shape for every tensor, whose byte range
+    (``data_offsets``) holds exactly ``numel * itemsize`` bytes; the ranges, in order,
+    neither overlap nor leave gaps and cover the data area exactly (a truncated file, or a
+    header that lies about its tensors, shows here). Raises ``LfgraphError`` naming the file
+    and what to do.
     """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError("header too large")
+            head = f.read(8)
+            if len(head) < 8:
+                raise LfgraphError(f"{path} is truncated ({size} bytes, shorter than a safetensors header): {_RESAVE}")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise LfgraphError(f"{path} is truncated: its header says {n} bytes of header, the file has {size} bytes in all; {_RESAVE}")
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
-        raise LfgraphError(f"{path} is not a readable safetensors file ({e}): re-save the checkpoint") from None
+        raise LfgraphError(f"{path} is not a readable safetensors file ({str(e)[:120]}): {_RESAVE}") from None
+    if not isinstance(header, dict):
+        raise LfgraphError(f"{path} is not a safetensors file (its header is not a JSON object): {_RESAVE}")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise LfgraphError(f"{path} has a damaged header (__metadata__ is not a map of strings): {_RESAVE}")
     base = 8 + n
-    entries = [
-        TensorEntry(name, path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0], base + h["data_offsets"][1])
-        for name, h in header.items()
-    ]
-    entries.sort(key=lambda e: e.start)
+    entries = []
+    for name, h in header.items():
+        if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
+            raise LfgraphError(f"{path} has a damaged header (tensor {name} lacks dtype, shape or data_offsets): {_RESAVE}")
+        dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+        if dtype not in DTYPE_BYTES:
+            raise LfgraphError(f"{path}: tensor {name} has dtype {dtype!r}, which lfgraph does not read (it reads "
+                               f"{', '.join(DTYPE_BYTES)}): convert the checkpoint to one of them")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or not isinstance(offsets, list) \
+                or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
+            raise LfgraphError(f"{path} has a damaged header (tensor {name}: shape {shape}, data_offsets {offsets}): {_RESAVE}")
+        e = TensorEntry(name, path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+        if e.nbytes != e.numel * DTYPE_BYTES[dtype]:
+            raise LfgraphError(f"{path} has a damaged header: tensor {name} is {dtype} of shape {list(shape)} "
+                               f"({e.numel * DTYPE_BYTES[dtype]} bytes) but its data_offsets span {e.nbytes} bytes; {_RESAVE}")
+        entries.append(e)
+    entries.sort(key=lambda e: (e.start, e.end))
+    at = base
+    for e in entries:
+        if e.start != at:
+            what = "overlaps the tensor before it" if e.start < at else f"leaves {e.start - at} bytes unused before it"
+            raise LfgraphError(f"{path} has a damaged header: tensor {e.name} {what}; {_RESAVE}")
+        at = e.end
+    if at != size:
+        if at > size:
+            raise LfgraphError(f"{path} is truncated: its header describes {at - base} bytes of tensors, the file holds "
+                               f"{size - base}; {_RESAVE}")
+        raise LfgraphError(f"{path} has {size - at} bytes after its last tensor (not a whole safetensors file): {_RESAVE}")
     return {e.name: e for e in entries}, meta
+
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json`` as a dict; ``LfgraphError`` when it is missing, not JSON or not
+    a JSON object. Every path that reads a config reads it here first."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        raise LfgraphError(f"{folder} has no config.json: give a Hugging Face model folder")
+    try:
+        config = json.loads(cfg.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:
+        raise LfgraphError(f"{cfg} is not valid JSON ({str(e)[:120]}): fix or re-save the config") from None
+    if not isinstance(config, dict):
+        raise LfgraphError(f"{cfg} holds a JSON {type(config).__name__}, not an object of settings: fix it or re-save the model "
+                           "(save_pretrained writes it)")
+    return config
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a shard index; ``LfgraphError``
+    for an index that is not JSON, has no ``weight_map`` of names to files in its folder."""
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:
+        raise LfgraphError(f"the shard index {index} cannot be read ({str(e)[:120]}): it is damaged or truncated; {_RESAVE}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise LfgraphError(f"the shard index {index} has no weight_map of tensor names to shard files: {_RESAVE}")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise LfgraphError(f"the shard index {index} names {shard!r}, not a file of its folder: {_RESAVE}")
+    return weight_map
+
+
+@dataclass
+class WeightFiles:
+    """The safetensors files a folder's weights are read from, as transformers chooses them,
+    with every header checked (:func:`read_header`) and, for shards, the index checked
+    against them (each tensor in the shard the index names, no tensor in two shards)."""
+
+    files: list[Path]
+    index: Path | None
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+    @property
+    def sharded(self) -> bool:
+        return self.index is not None
+
+
+def weight_files(folder: Path, config: dict | None = None) -> WeightFiles | None:
+    """Resolve and check the safetensors weights of ``folder`` the way transformers (5.x,
+    ``modeling_utils._get_resolved_checkpoint_files``) picks them: the file ``config.json``'s
+    ``transformers_weights`` names, else ``model.safetensors``, else the shards of
+    ``model.safetensors.index.json``. ``None`` when the folder has neither. A folder with both
+    is refused: transformers would load ``model.safetensors`` and ignore the shards, and
+    nothing tells which of the two is the model. Reads headers only; the in-memory loader
+    and the streaming path both call this, so they read the same weights."""
+    folder = Path(folder)
+    explicit = (config or {}).get("transformers_weights")
+    if isinstance(explicit, str) and explicit:
+        if Path(explicit).name != explicit or not explicit.endswith((".safetensors", ".safetensors.index.json")):
+            raise LfgraphError(f"{folder}/config.json's transformers_weights {explicit!r} is not a safetensors file of the folder: fix config.json")
+        chosen = folder / explicit
+        if not chosen.is_file():
+            raise LfgraphError(f"{folder}/config.json's transformers_weights names {explicit}, which the folder lacks: copy the whole checkpoint")
+        index = chosen if explicit.endswith(".index.json") else None
+        single = None if index else chosen
+    else:
+        single = folder / SINGLE_FILE if (folder / SINGLE_FILE).is_file() else None
+        index = folder / INDEX_FILE if (folder / INDEX_FILE).is_file() else None
+        if single and index:
+            raise LfgraphError(f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE} (shards): transformers would load {SINGLE_FILE} "
+                               "and ignore the shards, and which of them is the model is unclear; move away the one that is not the model")
+        if not single and not index:
+            return None
+    if index is None:
+        tensors, meta = read_header(single)
+        return WeightFiles([single], None, tensors, meta)
+    weight_map = read_index(index)
+    files = [folder / f for f in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise LfgraphError(f"the shard index {index.name} names {len(missing)} shard(s) missing from {folder}, e.g. {missing[0]}: "
+                           "copy the whole checkpoint folder")
+    out = WeightFiles(files, index, {}, {})
+    for f in files:
+        entries, meta = read_header(f)
+        for name in entries:
+            if name in out.tensors:
+                raise LfgraphError(f"tensor {name} is stored in both {out.tensors[name].file.name} and {f.name}: {_RESAVE}")
+            if weight_map.get(name) != f.name:
+                raise LfgraphError(f"{f.name} holds tensor {name}, which {index.name} "
+                                   + (f"places in {weight_map[name]}" if name in weight_map else "does not list") + f": {_RESAVE}")
+        out.tensors.update(entries)
+        out.metadata = out.metadata or meta
+    absent = [n for n in weight_map if n not in out.tensors]
+    if absent:
+        raise LfgraphError(f"{index.name} lists tensor {absent[0]} in {weight_map[absent[0]]}, which does not hold it: {_RESAVE}")
+    return out
+
+
+def unexpected_tensors(stored: Iterable[str], model: torch.nn.Module) -> list[str]:
+    """The stored tensor names ``model`` (a Hugging Face model, on the meta device or not)
+    has no place for, as transformers counts them ``unexpected`` (its patterns of keys to
+    ignore left out: ``_keys_to_ignore_on_load_unexpected``, old per-layer
+    ``rotary_emb.inv_freq`` and ``position_ids`` buffers). The in-memory loader refuses a
+    checkpoint with any (:func:`lfgraph.models.from_pretrained_checked`); so does the
+    streaming path, e.g. tensors of layers beyond ``num_hidden_layers``."""
+    import re
+
+    expected = set(model.state_dict())
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()) | {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
+    ignore = re.compile("|".join(f"({p})" for p in patterns))
+    return [n for n in stored if n not in expected and ignore.search(n) is None]
 
 
 class Checkpoint:
     """A Hugging Face safetensors folder, opened by its headers only.
 
     ``tensors`` maps every stored tensor name to its :class:`TensorEntry`, in file order
-    (shards in index order). ``sharded`` says whether the folder has an index file;
-    ``shard_bytes`` is the size of each weight file. Nothing is loaded until asked for;
+    (shards in index order). ``sharded`` says whether the weights come from an index file;
+    ``shard_bytes`` is the size of each weight file. The files are chosen and checked by
+    :func:`weight_files` (as transformers chooses them). Nothing is loaded until asked for;
     :attr:`bytes_read` counts the tensor bytes read so far (decoded or copied).
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        cfg = self.folder / "config.json"
-        if not cfg.is_file():
-            raise LfgraphError(f"{self.folder} has no config.json: give a Hugging Face model folder")
-        try:
-            self.config: dict = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise LfgraphError(f"{cfg} is not valid JSON ({e}): fix or re-save the config") from None
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = list(dict.fromkeys(weight_map.values()))
-            self.sharded = True
-        elif (self.folder / SINGLE_FILE).is_file():
-            files, self.sharded = [SINGLE_FILE], False
-        else:
+        self.config: dict = read_config(self.folder)
+        weights = weight_files(self.folder, self.config)
+        if weights is None:
             raise LfgraphError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: the streaming path reads safetensors checkpoints "
                                "(re-save the model with save_pretrained(..., safe_serialization=True))")
-        self.files = [self.folder / f for f in files]
-        self.tensors: dict[str, TensorEntry] = {}
-        self.metadata: dict[str, str] = {}
-        self.shard_bytes: list[int] = []
-        for f in self.files:
-            if not f.is_file():
-                raise LfgraphError(f"shard {f.name} listed in {INDEX_FILE} is missing from {self.folder}")
-            entries, meta = read_header(f)
-            self.tensors.update(entries)
-            self.metadata = self.metadata or meta
-            self.shard_bytes.append(f.stat().st_size)
+        self.files = weights.files
+        self.sharded = weights.sharded
+        self.tensors: dict[str, TensorEntry] = weights.tensors
+        self.metadata: dict[str, str] = weights.metadata
+        self.shard_bytes: list[int] = [f.stat().st_size for f in self.files]
         self.bytes_read = 0
 
     @property

@@ -302,16 +302,17 @@ def _stored_names(hf_model: nn.Module, ckpt: Any, name: str) -> dict[str, str]:
     return out
 
 
-def check_layer_tensors(ckpt: Any, stack_path: str, depth: int) -> None:
-    """Refuse a checkpoint holding tensors of layers its config does not have (the
-    in-memory loader refuses them as unexpected weights): they would be dropped silently."""
-    prefix = stack_path + "."
-    beyond = sorted({int(n[len(prefix):].split(".")[0]) for n in ckpt.tensors
-                     if n.startswith(prefix) and n[len(prefix):].split(".")[0].isdigit()
-                     and int(n[len(prefix):].split(".")[0]) >= depth})
-    if beyond:
-        raise LfgraphError(f"config.json in {ckpt.folder} says {depth} layers but the checkpoint holds tensors of layer "
-                           f"{beyond[0]}{f' (and {len(beyond) - 1} more)' if len(beyond) > 1 else ''}: fix config.json or re-save the checkpoint")
+def check_unexpected(stored: Mapping[str, str], hf_model: nn.Module, folder: Path) -> None:
+    """Refuse a checkpoint holding tensors the model has no place for, as the in-memory
+    loader refuses them (:func:`lfgraph.blocks.checkpoint.unexpected_tensors`), e.g. layers
+    beyond the config's depth: they would be dropped silently. ``stored``: model path ->
+    stored name (after transformers' renamings)."""
+    from .checkpoint import unexpected_tensors
+
+    bad = [stored[k] for k in unexpected_tensors(list(stored), hf_model)]
+    if bad:
+        raise LfgraphError(f"config.json and the weights in {folder} disagree: {len(bad)} weight(s) not expected by the config "
+                           f"({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}); fix config.json or re-save the checkpoint")
 
 
 class BlockSource:
@@ -457,6 +458,11 @@ class CheckpointBlocks(BlockSource):
         self.ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint(folder)
         self.name = self.ckpt.folder.name
         config = read_config(self.ckpt.folder)
+        from ..models import is_causal_lm
+
+        if not is_causal_lm(config):
+            raise UnsupportedModelError(f"{self.name} is not a causal language model ({getattr(config, 'model_type', '?')}): lfgraph reads "
+                                        "decoder checkpoints block by block, other models in memory (leave out --stream)")
         self.architecture = architectures.for_config(config)
         refusal = self.architecture.stream_refusal(config)
         if refusal:
@@ -473,7 +479,7 @@ class CheckpointBlocks(BlockSource):
         depth = self.architecture.depth(config)
         if len(self.stack) != depth:
             raise UnsupportedModelError(f"{self.name}: the model has {len(self.stack)} layers for a config of {depth}")
-        check_layer_tensors(self.ckpt, self.stack_path, depth)
+        check_unexpected(self._stored, self.hf_model, self.ckpt.folder)
         self.device = torch.device(device)
         self.prefetch = prefetch
         #: the original blocks this source's stack holds, in order (a view keeps some)

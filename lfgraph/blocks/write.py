@@ -88,6 +88,12 @@ def _shards(entries: list[tuple[str, TensorEntry]], limit: int | None) -> list[l
     return groups
 
 
+def weight_names(ckpt: Checkpoint) -> list[str]:
+    """The weight files :func:`write_checkpoint` writes for ``ckpt`` (``fnmatch`` patterns
+    for shards, whose count the kept blocks decide), known before any weight is read."""
+    return [INDEX_FILE, "model-*-of-*.safetensors"] if ckpt.sharded else [SINGLE_FILE]
+
+
 def _header(items: list[tuple[str, TensorEntry]], metadata: Mapping[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0

@@ -39,6 +39,18 @@ TOKENIZER_FILES = (
 )
 
 
+#: The shard size ``save_hf_checkpoint`` writes (transformers' default for ``save_pretrained``):
+#: one ``model.safetensors`` up to it, shards and an index above.
+MAX_SHARD_BYTES = 50 * 10**9
+
+
+def checkpoint_file_names(weight_bytes: int) -> list[str]:
+    """The weight files :func:`save_hf_checkpoint` writes for a model of at most
+    ``weight_bytes`` bytes of weights (``fnmatch`` patterns for shards)."""
+    single = ["model.safetensors"]
+    return single if weight_bytes <= MAX_SHARD_BYTES else single + ["model.safetensors.index.json", "model-*-of-*.safetensors"]
+
+
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
     """The decoder-layer stack of a Hugging Face causal LM, where its family's architecture
     config says it is (:mod:`lfgraph.architectures`); ``LfgraphError`` for an unknown family."""
@@ -121,7 +133,7 @@ def save_hf_checkpoint(
         check_layer_bookkeeping(hf_model)
         out.mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".lfgraph-hf.", dir=out) as tmp:
-            hf_model.save_pretrained(tmp, safe_serialization=True)
+            hf_model.save_pretrained(tmp, safe_serialization=True, max_shard_size=MAX_SHARD_BYTES)
             src = Path(tokenizer_source) if tokenizer_source else None
             if src is not None and src.is_dir():
                 for name in TOKENIZER_FILES:

@@ -26,6 +26,7 @@ from ..errors import LfgraphError
 from ..fileio import write_text_atomic
 from .checkpoint import save_hf_checkpoint
 from .decoder_onnx import DecoderExport, export_decoder_with_past
+from .limits import onnx_refusal
 from .verify import GenerationReport, verify_generation
 
 
@@ -121,6 +122,9 @@ def write_deploy_folder(
         raise LfgraphError(f"{out} is a file name: the deploy folder needs a folder (-o out/)")
     if not out.parent.exists():
         raise LfgraphError(f"output folder {out.parent} does not exist: create it or choose another -o path")
+    refusal = onnx_refusal(hf_model.config, engine) if onnx else None
+    if refusal:
+        raise LfgraphError(f"ONNX cannot be written for this model with engine {engine!r}: {refusal}")
     out.mkdir(exist_ok=True)
     src = Path(tokenizer_source) if tokenizer_source else source_folder(hf_model)
     kept = kept_layers_from_plan(plan, n_layers_before) if plan is not None and n_layers_before else None

@@ -35,6 +35,8 @@ import torch
 from ..errors import LfgraphError
 from .. import estimate
 
+#: The files onnxruntime-genai's builder writes into the folder.
+ONNX_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 #: ``--onnx`` choices of ``compress --stream``: ``auto`` writes float32 ONNX when it fits
 #: in the memory available (see :func:`onnx_peak_bytes`), ``fp32`` always, ``none`` never.
 ONNX_CHOICES = ("auto", "fp32", "none")
@@ -72,13 +74,24 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
-def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | None = None, tokenizer: bool = True) -> tuple[bool, str]:
+def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | None = None, tokenizer: bool = True,
+               config: dict | None = None) -> tuple[bool, str]:
     """(write ONNX?, the reason in words) for ``--onnx choice``; ``tokenizer``: whether the
-    checkpoint has tokenizer files (:func:`has_tokenizer`; the builder needs them)."""
+    checkpoint has tokenizer files (:func:`has_tokenizer`; the builder needs them);
+    ``config``: the checkpoint's, for what ONNX Runtime cannot run
+    (:func:`lfgraph.deploy.limits.onnx_refusal`: ``fp32`` raises ``LfgraphError``, ``auto``
+    writes the checkpoint only and says why)."""
+    from ..deploy.limits import onnx_refusal
+
     if choice not in ONNX_CHOICES:
         raise LfgraphError(f"--onnx must be one of {', '.join(ONNX_CHOICES)}, got {choice!r}")
     if choice == "none":
         return False, "--onnx none"
+    refusal = onnx_refusal(config, "genai-builder") if config is not None else None
+    if refusal:
+        if choice == "fp32":
+            raise LfgraphError(f"ONNX cannot be written for this model: {refusal}")
+        return False, f"{refusal}; checkpoint only"
     if not tokenizer:
         return False, (f"the checkpoint has no tokenizer files ({', '.join(TOKENIZER_FILES)}): onnxruntime-genai's builder "
                        "reads them, and generation needs them; checkpoint only")

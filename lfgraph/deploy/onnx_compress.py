@@ -43,6 +43,7 @@ class DecoderCompressReport:
 
 def layers_from_plan(plan: Any) -> list[int]:
     """The decoder layers a merge plan removes; refuses plans the ONNX decoder path cannot apply."""
+    plan.validate()
     if plan.mode != "merge":
         raise LfgraphError(f"a with-past ONNX decoder can only lose whole layers: plan mode {plan.mode!r} needs --mode merge")
     if plan.fuse != "remove":

@@ -44,7 +44,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import LfgraphError
-from ..models import cache_dir, inner_hf_model, read_cached, write_cached
+from ..cache import cache_dir, read_cached, write_cached
+from ..models import inner_hf_model
 
 #: Defaults of the ``calibrated-distill`` fusion rule (docs/study): on the calibration
 #: windows alone the held-out KL is lowest near step 60 (the map overfits ~6k tokens); with

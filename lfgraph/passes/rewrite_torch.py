@@ -49,7 +49,7 @@ def unique_parameter_count(module: nn.Module) -> int:
 
 def apply_plan(module: nn.Module, graph: LayerGraph, plan: FusionPlan, calibration: Any = None, progress: bool = False) -> PassResult:
     """Rewrite a copy of ``module`` as ``plan`` says; see the module docstring."""
-    plan.check_applies_to(graph.fingerprint())
+    plan.check_matches(graph)
     model = copy.deepcopy(module)
     log = RewriteLog()
     if not plan.fusions:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..calibration import batches, capture_block_input
 from ..errors import LfgraphError
-from ..models import read_cached, write_cached
+from ..cache import read_cached, write_cached
 from .objectives import logits_of
 
 #: Teacher logits are stored whole up to this many bytes; above it, the output head's input

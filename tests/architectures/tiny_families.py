@@ -64,6 +64,11 @@ def tiny_model(cls_name: str, kwargs: dict, folder: Path, seed: int = 0, spread:
         vocab_size=len(tok), initializer_range=spread, bos_token_id=None, eos_token_id=tok.eos_token_id,
         pad_token_id=kwargs.pop("pad_token_id", tok.pad_token_id), **kwargs,
     )
+    # the embedding takes every id of the tokenizer as the folder gives it back: under some
+    # configs (Qwen2) transformers' tokenizer class adds its own special tokens
+    cfg.save_pretrained(folder)
+    read_back = transformers.AutoTokenizer.from_pretrained(folder)
+    cfg.vocab_size = max(len(tok), len(read_back), max(read_back.get_vocab().values()) + 1)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(folder)

@@ -35,7 +35,9 @@ def save_folder(folder: Path, arch: str = "llama", layers: int = 8, sharded: boo
     pieces of ~100 kB when ``sharded``)."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(folder)
-    model = tiny_decoder(arch, layers, len(tok), **kwargs).to(dtype)
+    # rows to spare, as real checkpoints have: the folder's tokenizer read back under a Qwen2
+    # config gains Qwen2's <|endoftext|> (id 300), which the embedding must take
+    model = tiny_decoder(arch, layers, len(tok) + 20, **kwargs).to(dtype)
     model.save_pretrained(folder, max_shard_size="100KB" if sharded else "10GB")
     assert (folder / "model.safetensors.index.json").is_file() == sharded
     return folder

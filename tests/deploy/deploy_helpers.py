@@ -39,7 +39,10 @@ def remove_plan(graph, drop: list[int]) -> FusionPlan:
     """A merge plan that deletes blocks ``drop`` (each absorbed by a kept neighbour)."""
     names = [b.name for b in graph.blocks]
     kept = [i for i in range(len(names)) if i not in drop]
-    fusions = [Fusion(keep=names[max((k for k in kept if k < i), default=kept[0])], absorb=[names[i]]) for i in drop]
+    absorbed: dict[int, list[str]] = {}  # one fusion per kept block: a block is in one fusion at most
+    for i in drop:
+        absorbed.setdefault(max((k for k in kept if k < i), default=kept[0]), []).append(names[i])
+    fusions = [Fusion(keep=names[k], absorb=a) for k, a in sorted(absorbed.items())]
     return FusionPlan(fusions=fusions, mode="merge", fuse="remove", provenance={"model_fingerprint": graph.fingerprint()})
 
 
