@@ -365,7 +365,8 @@ class CheckpointSource(Source):
         need = logit_distillation_peak(self.blocks.parameter_count(), plan)
         free = available_memory()
         if self.objective is not None:
-            return self.objective, f"{self.objective} (asked for; logit distillation would need about {need / GB:.1f} GB, {free / GB:.1f} GB available)"
+            what = "block-wise" if self.objective == "blockwise" else self.objective
+            return self.objective, f"{what} distillation (asked for; logit distillation would need about {need / GB:.1f} GB, {free / GB:.1f} GB available)"
         if need <= free:
             return "logit", f"logit distillation: the compressed model and the original fit in memory (about {need / GB:.1f} GB of {free / GB:.1f} GB)"
         return "blockwise", (f"block-wise distillation: logit distillation would hold the model twice in memory (about {need / GB:.1f} GB, "

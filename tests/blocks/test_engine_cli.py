@@ -155,3 +155,37 @@ def test_a_checkpoint_without_tokenizer_files_gets_no_onnx_and_says_why(tmp_path
     assert code == 0
     assert "no tokenizer files" in capsys.readouterr().out
     assert not (tmp_path / "out" / "model.onnx").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_quality_gate_holds_back_a_streamed_checkpoint_that_fails_it(folder, tmp_path, capsys):
+    """``--max-quality-loss`` on the block path: the measure is the report's (held-out
+    perplexity block by block); a run above it exits 1 and its folder goes aside."""
+    out = tmp_path / "out"
+    code = main(["compress", str(folder), "--stream", "--fuse", "remove", "--no-onnx", "--max-quality-loss", "1e-9", "-o", str(out), *FAST])
+    table = capsys.readouterr().out
+    assert code == 1 and not out.exists() and (tmp_path / "out.failed" / "model.safetensors.index.json").is_file()
+    assert "held-out perplexity" in table
+    assert main(["compress", str(folder), "--stream", "--fuse", "remove", "--no-onnx", "--max-quality-loss", "100", "-o", str(out), *FAST]) == 0
+    assert (out / "config.json").is_file()
+
+
+def test_the_page_of_a_streamed_run_shows_the_plan_and_the_quality(folder, tmp_path):
+    """``--report`` for a checkpoint run: the page is built from the checkpoint's layer graph
+    (weights read lazily), with the plan's removed blocks and the quality rows."""
+    import json
+
+    page = tmp_path / "page.json"
+    code = main(["compress", str(folder), "--stream", "--fuse", "calibrated", "--no-onnx", "-o", str(tmp_path / "out"),
+                 "--report", str(page), *FAST])
+    assert code == 0
+    data = json.loads(page.read_text())
+    absorbed = {a for f in data["fusions"] for a in f["absorb"]}
+    fates = {f"model.model.layers.{r['index']}": r["fate"]
+             for r in data["rows"] if r["kind"] == "block"}
+    assert absorbed and all(fates[a] == "removed" for a in absorbed) and sum(v == "removed" for v in fates.values()) == len(absorbed)
+    assert data["counts"]["refitted"] == len(data["fusions"])
+    assert any(row[0] == "held-out perplexity" for row in data["table"])
+    html = tmp_path / "page.html"
+    assert main(["compress", str(folder), "--stream", "--fuse", "calibrated", "--no-onnx", "-o", str(tmp_path / "out2"),
+                 "--report", str(html), *FAST]) == 0
+    assert html.read_text().lstrip().lower().startswith("<!doctype html") and "held-out perplexity" in html.read_text()
