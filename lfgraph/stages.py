@@ -218,6 +218,13 @@ class Report(Stage):
 # a model (PyTorch, Hugging Face, GGUF) or an .onnx file, through a Source
 
 
+def fusion_rule_distills(name: str) -> bool:
+    from .registry import FUSION_RULE_REGISTRY
+
+    rule = FUSION_RULE_REGISTRY.get(name)
+    return bool(rule is not None and rule.distill)
+
+
 class Estimate(Stage):
     """Choose the engine before anything is loaded: the model held in memory, or its blocks
     onloaded one at a time from the checkpoint (:func:`lfgraph.estimate.choose_engine`), and
@@ -229,6 +236,17 @@ class Estimate(Stage):
         from .estimate import choose_engine
 
         choice = choose_engine(s.spec, s.engine)
+        engine = choice.engine if choice is not None else "in-memory"
+        # the options only the block path uses are refused on the other, never ignored
+        if engine != "stream":
+            if s.distill_objective == "blockwise":
+                raise LfgraphError("--distill-objective blockwise trains block by block from a checkpoint folder; held in memory the "
+                                   "distilling rules train on the logits: leave it out, or add --stream for a checkpoint folder")
+            if s.device != "cpu":
+                raise LfgraphError(f"--device {s.device} onloads blocks from a checkpoint folder one at a time; the in-memory path runs "
+                                   "on the CPU: leave it out, or add --stream for a checkpoint folder")
+        if s.distill_objective is not None and s.fuse is not None and not fusion_rule_distills(s.fuse):
+            raise LfgraphError(f"--distill-objective is how the distilling fusion rules train; --fuse {s.fuse} does not distil: leave it out")
         if choice is None:
             return
         s.engine = choice.engine

@@ -189,3 +189,16 @@ def test_the_page_of_a_streamed_run_shows_the_plan_and_the_quality(folder, tmp_p
     assert main(["compress", str(folder), "--stream", "--fuse", "calibrated", "--no-onnx", "-o", str(tmp_path / "out2"),
                  "--report", str(html), *FAST]) == 0
     assert html.read_text().lstrip().lower().startswith("<!doctype html") and "held-out perplexity" in html.read_text()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--in-memory", "--distill-objective", "blockwise"], "--distill-objective blockwise trains block by block"),
+    (["--in-memory", "--device", "cuda"], "--device cuda onloads blocks"),
+    (["--stream", "--fuse", "remove", "--distill-objective", "logit"], "--fuse remove does not distil"),
+])
+def test_what_only_the_block_path_uses_is_refused_elsewhere(folder, tmp_path, capsys, extra, words, monkeypatch):
+    """Options a path does not use are refused on it, not ignored (before anything loads)."""
+    monkeypatch.setattr("lfgraph.sources.load_model", lambda *a, **k: pytest.fail("loaded before the options were checked"))
+    assert main(["compress", str(folder), "-o", str(tmp_path / "out"), "--no-onnx", *extra, *FAST]) == 2
+    assert words in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()

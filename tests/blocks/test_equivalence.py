@@ -56,7 +56,7 @@ def assert_same(both, label):
     assert _rel(lb, la) <= RTOL
 
 
-@pytest.mark.parametrize("arch,sharded,select,fuse", [
+RECIPES = [
     ("llama", False, "block_influence", "calibrated"),
     ("llama", True, "angular", "calibrated"),
     ("qwen2", True, "block_influence", "calibrated-map"),
@@ -66,7 +66,20 @@ def assert_same(both, label):
     ("llama", False, "similarity", "mean"),
     ("qwen2", True, "angular", "calibrated-distill"),
     ("llama", False, "block_influence", "calibrated-map-distill"),
-])
+]
+
+
+def test_every_registered_selection_and_fusion_rule_that_streams_is_compared():
+    """A new selection or fusion rule registered for checkpoints (lfgraph/registry.py) runs
+    on both sources with no other change; this keeps it from running untested on one."""
+    from lfgraph.registry import CHECKPOINT, FUSION_RULE_REGISTRY, SELECTION_REGISTRY
+
+    selections = {n for n, s in SELECTION_REGISTRY.items() if CHECKPOINT in s.source_kinds}
+    rules = {n for n, r in FUSION_RULE_REGISTRY.items() if CHECKPOINT in r.source_kinds}
+    assert selections == {r[2] for r in RECIPES} and rules == {r[3] for r in RECIPES}
+
+
+@pytest.mark.parametrize("arch,sharded,select,fuse", RECIPES)
 def test_every_recipe_gives_the_same_plan_and_weights(tmp_path, arch, sharded, select, fuse):
     folder = save_folder(tmp_path / "model", arch, layers=8, sharded=sharded)
     assert_same(rewrite_both(folder, select, fuse), f"{arch} {select} {fuse}")
