@@ -218,6 +218,20 @@ class Report(Stage):
 # a model (PyTorch, Hugging Face, GGUF) or an .onnx file, through a Source
 
 
+def check_device(name: str) -> None:
+    """Refuse a ``--device`` torch cannot use here, before the work."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LfgraphError(f"--device {name!r} is not a torch device: use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LfgraphError(f"--device {name}: no CUDA device is available to this process; leave it out to run on the CPU")
+    if device.type not in ("cpu", "cuda"):
+        raise LfgraphError(f"--device {name}: blocks are onloaded to cpu or cuda only")
+
+
 def fusion_rule_distills(name: str) -> bool:
     from .registry import FUSION_RULE_REGISTRY
 
@@ -245,6 +259,8 @@ class Estimate(Stage):
             if s.device != "cpu":
                 raise LfgraphError(f"--device {s.device} onloads blocks from a checkpoint folder one at a time; the in-memory path runs "
                                    "on the CPU: leave it out, or add --stream for a checkpoint folder")
+        if s.device != "cpu":
+            check_device(s.device)
         if s.distill_objective is not None and s.fuse is not None and not fusion_rule_distills(s.fuse):
             raise LfgraphError(f"--distill-objective is how the distilling fusion rules train; --fuse {s.fuse} does not distil: leave it out")
         if choice is None:

@@ -195,10 +195,19 @@ def test_the_page_of_a_streamed_run_shows_the_plan_and_the_quality(folder, tmp_p
     (["--in-memory", "--distill-objective", "blockwise"], "--distill-objective blockwise trains block by block"),
     (["--in-memory", "--device", "cuda"], "--device cuda onloads blocks"),
     (["--stream", "--fuse", "remove", "--distill-objective", "logit"], "--fuse remove does not distil"),
+    (["--stream", "--device", "gpu0"], "is not a torch device"),
+    (["--stream", "--device", "meta"], "cpu or cuda only"),
 ])
 def test_what_only_the_block_path_uses_is_refused_elsewhere(folder, tmp_path, capsys, extra, words, monkeypatch):
-    """Options a path does not use are refused on it, not ignored (before anything loads)."""
+    """Options a path does not use are refused on it, not ignored, and a device torch cannot
+    use is refused (before anything loads)."""
     monkeypatch.setattr("lfgraph.sources.load_model", lambda *a, **k: pytest.fail("loaded before the options were checked"))
     assert main(["compress", str(folder), "-o", str(tmp_path / "out"), "--no-onnx", *extra, *FAST]) == 2
     assert words in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_is_refused_in_one_line_where_there_is_none(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["compress", str(folder), "-o", str(tmp_path / "out"), "--stream", "--device", "cuda", "--no-onnx", *FAST]) == 2
+    assert "no CUDA device is available" in _one_error_line(capsys)
