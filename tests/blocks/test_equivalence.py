@@ -18,7 +18,7 @@ from lfgraph import pipeline
 from lfgraph.sources import CheckpointSource, TorchSource
 
 from blocks_helpers import save_folder
-from tiny_families import FAMILIES, tiny_family_model
+from tiny_families import FAMILIES
 
 WINDOWS, SEQ = 8, 32
 RTOL = 1e-5
@@ -85,15 +85,33 @@ def test_every_recipe_gives_the_same_plan_and_weights(tmp_path, arch, sharded, s
     assert_same(rewrite_both(folder, select, fuse), f"{arch} {select} {fuse}")
 
 
-STREAMED = [f for f in FAMILIES if f not in ("mixtral", "qwen3_moe")]
+def _streams(cls_name: str, kwargs: dict) -> bool:
+    import transformers
+
+    from lfgraph import architectures
+
+    cfg = getattr(transformers, cls_name)(**kwargs)
+    return architectures.for_config(cfg).stream_refusal(cfg) is None
 
 
-@pytest.mark.parametrize("family", STREAMED)
+#: every tiny family whose class does not refuse block by block, and the family added in its own file
+STREAMED = {f: v for f, v in FAMILIES.items() if _streams(*v)}
+STREAMED["starcoder2"] = ("Starcoder2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                                   num_key_value_heads=2, max_position_embeddings=256, sliding_window=128))
+
+
+def test_the_families_that_do_not_stream_are_the_ones_their_class_refuses():
+    assert sorted(set(FAMILIES) - set(STREAMED)) == ["mixtral", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("family", sorted(STREAMED))
 def test_every_family_that_streams_gives_the_same_refit(tmp_path, family):
     """The calibrated refit on every family (pre-norm, parallel, post-norm Gemma 2/3 and
-    OLMo 2, biased LayerNorm Phi and GPT-NeoX, Conv1D GPT-2, sliding windows...)."""
+    OLMo 2, biased LayerNorm Phi, GPT-NeoX and StarCoder2, Conv1D GPT-2, sliding windows...)."""
+    from tiny_families import tiny_model
+
     folder = tmp_path / family
-    tiny_family_model(family, folder)
+    tiny_model(*STREAMED[family], folder)
     assert_same(rewrite_both(folder, "block_influence", "calibrated"), family)
 
 
