@@ -43,3 +43,15 @@ def tiny_bert_folder(tmp_path_factory) -> Path:
     model = zoo.tiny_bert(layers=4, vocab_size=len(tok))
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model is loaded: the checks under test must come first."""
+    from lfgraph import models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input and options were checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr("lfgraph.sources.load_model", refuse)

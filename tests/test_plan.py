@@ -34,15 +34,6 @@ def _plan_json(fusions, mode="merge", fuse="remove"):
                        "fusions": [{"keep": k, "absorb": a, "unit": "block"} for k, a in fusions]})
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the plan was checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr("lfgraph.sources.load_model", refuse)
-
-
 @pytest.mark.parametrize("fusions,match", [
     ([(f"{L}.1", [f"{L}.2"]), (f"{L}.3", [f"{L}.2"])], f"fusions[1] names block {L}.2, which fusions[0] already names"),
     ([(f"{L}.1", [f"{L}.2"]), (f"{L}.2", [f"{L}.3"])], f"fusions[1] names block {L}.2, which fusions[0] already names"),

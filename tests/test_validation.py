@@ -21,17 +21,6 @@ def _digest(folder):
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if a model is loaded: these checks must come first."""
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the options were checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr("lfgraph.sources.load_model", refuse)
-
-
 @pytest.mark.parametrize("case,args,match", [
     ("missing plan", ["--plan", "{tmp}/nope.json"], "nope.json"),
     ("missing calibration text", ["--calibration-text", "{tmp}/none.txt"], "none.txt"),

@@ -753,6 +753,13 @@ def calibrated_merge(
                 trainable=distill.trainable, sampling_seconds=round(curve["sampling_seconds"], 3),
                 cache_seconds=round(curve["cache_seconds"], 3), teacher_cache=curve["teacher_cache"], frozen_blocks=curve["frozen_blocks"])
         model.eval()
+    log_absorbed(log, specs, cpath, t0)
+    return PassResult(model, True, log)
+
+
+def log_absorbed(log: RewriteLog, specs: Sequence[Any], cpath: str, t0: float) -> None:
+    """The log's closing records of a calibrated merge (both sources): each absorbed block
+    removed, and the whole pass's seconds on every refit record."""
     for s in specs:
         for i in s.index:
             if i != s.keep:
@@ -760,7 +767,6 @@ def calibrated_merge(
     for r in log.records:
         if r.action == "refit":
             r.detail["seconds_total"] = round(time.perf_counter() - t0, 3)
-    return PassResult(model, True, log)
 
 
 class _OriginalStack(nn.Module):

@@ -100,7 +100,7 @@ def _mean(view: Any, keep: Any, absorb: list[Any], align: bool, log: RewriteLog)
 def _calibrated(source: Any, plan: FusionPlan, calibration: torch.Tensor, log: RewriteLog, objective: str, blockwise: Any,
                 states: Any, progress: bool) -> Any:
     from .calibrated_fusion import (
-        PASS_NAME, _architecture_of, _run_specs, _steps, calibration_state, fit_runs, options_from_provenance,
+        PASS_NAME, _architecture_of, _run_specs, _steps, calibration_state, fit_runs, log_absorbed, options_from_provenance,
     )
 
     if objective not in OBJECTIVES:
@@ -163,13 +163,7 @@ def _calibrated(source: Any, plan: FusionPlan, calibration: torch.Tensor, log: R
                 blocks=[r["block"] for r in recs], heldout_start=[r["heldout_start"] for r in recs],
                 heldout_best=[r["heldout_best"] for r in recs], best_step=[r["best_step"] for r in recs],
                 seconds=round(sum(r["seconds"] for r in recs), 3), trainable_params=max((r["trainable_params"] for r in recs), default=0))
-    for s in specs:
-        for i in s.index:
-            if i != s.keep:
-                log.add(PASS_NAME, "remove", f"{cpath}.{i}", [f"{cpath}.{s.keep}"], reason="absorbed by calibrated fit")
-    for r in log.records:
-        if r.action == "refit":
-            r.detail["seconds_total"] = round(time.perf_counter() - t0, 3)
+    log_absorbed(log, specs, cpath, t0)
     return view
 
 
