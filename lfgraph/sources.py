@@ -420,7 +420,29 @@ class CheckpointSource(Source):
         limit = int(getattr(self.blocks.config, "max_position_embeddings", 0) or eval_seq_len)
         windows = heldout_windows(self.model.tokenizer, eval_windows, min(eval_seq_len, limit))
         report, self.pass_seconds = blockwise_lm_quality(self.blocks, compressed, windows)
+        report.completions, why = self.completions(compressed)
+        if why:
+            self.notes.append(why)
         return report
+
+    def completions(self, compressed: Any) -> tuple[list[tuple[str, str, str]], str]:
+        """Greedy completions of the report's prompts by both models, where both fit in
+        memory together (generation runs the whole model at every token: block by block it
+        would read the checkpoint once a token); else none and the reason."""
+        from .estimate import GB, available_memory, logit_distillation_peak
+
+        need, free = logit_distillation_peak(self.blocks.parameter_count()), available_memory()
+        if need > free:
+            return [], (f"no sample completions: generation holds both models in memory (about {need / GB:.1f} GB, "
+                        f"{free / GB:.1f} GB available); the held-out measure above ran block by block")
+        from .evaluate import PROMPTS, greedy
+
+        original = self.blocks.to_module()
+        before = [greedy(original, self.model.tokenizer, p, 16) for p in PROMPTS]
+        del original
+        after_model = compressed.to_module()
+        after = [greedy(after_model, self.model.tokenizer, p, 16) for p in PROMPTS]
+        return list(zip(PROMPTS, before, after)), ""
 
     def heal(self, compressed: Any, plan: FusionPlan, options: CalibrationOptions, steps: int,
              heal_options: dict[str, Any], progress: bool = True) -> tuple[Any, dict[str, Any]]:

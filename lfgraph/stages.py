@@ -499,8 +499,11 @@ class Quality(Stage):
         return None
 
     def run(self, s: CompressState) -> None:
+        notes = getattr(s.source, "notes", [])
+        seen = len(notes)
         s.quality = s.source.quality(s.compressed, s.output.model_file(s.staged), s.source.verification_feed(),
                                      s.eval_windows, s.eval_seq_len)
+        s.notes.extend(notes[seen:])  # what the measure could not do (block by block: completions that do not fit)
 
 
 class Time(Stage):

@@ -80,3 +80,15 @@ def test_the_blockwise_objective_improves_on_the_closed_form_start_on_held_out_w
     # the quality windows are the bundled corpus's held-out part: never calibration windows
     assert t["kl"] < c["kl"] and t["ppl"] < c["ppl"]
     assert any("block-wise" in n for n in trained.notes)
+
+
+def test_completions_where_both_models_fit_and_the_reason_where_they_do_not(folder, tmp_path, monkeypatch):
+    """Sample completions on the block path are the in-memory path's (the same greedy tokens
+    from the same weights); where the two models do not fit together the report says why."""
+    held = compress(str(folder), tmp_path / "held", engine="in-memory", fuse="calibrated", **OPTS)
+    streamed = compress(str(folder), tmp_path / "streamed", engine="stream", fuse="calibrated", **OPTS)
+    assert streamed.quality.completions and streamed.quality.completions == held.quality.completions
+    monkeypatch.setattr("lfgraph.estimate.available_memory", lambda: 1 << 20)
+    monkeypatch.setattr("lfgraph.estimate.check_blocks_fit", lambda *a, **k: None)
+    tight = compress(str(folder), tmp_path / "tight", engine="stream", fuse="calibrated", **OPTS)
+    assert not tight.quality.completions and any(n.startswith("no sample completions") for n in tight.notes)
