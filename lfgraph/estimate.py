@@ -286,6 +286,7 @@ def matmul_rate(dtype: object = None, n: int = 1024, budget_s: float = 0.15) -> 
 def blocks_estimate(
     source: object, *, n_drop: int, select: str, fuse: str, objective: str | None, windows: int, seq_len: int,
     eval_windows: int = 4, eval_seq_len: int = 512, onnx: bool = False, rates: dict[str, float] | None = None,
+    completions: bool = False,
 ) -> BlocksEstimate:
     """Peak memory and work of a block-by-block compress of ``source`` (a
     :class:`~lfgraph.blocks.CheckpointBlocks`) dropping ``n_drop`` blocks with selection
@@ -304,7 +305,9 @@ def blocks_estimate(
     moments, the blocks around it, a batch's activations kept for the backward pass); the
     quality measure (the head in float32, both models' final states, a window's logits
     four times over); ONNX (onnxruntime-genai's builder and ONNX Runtime holding the
-    float32 model in a child process, :data:`lfgraph.deploy.genai_builder.ONNX_BYTES_PER_PARAM`)."""
+    float32 model in a child process, :data:`lfgraph.deploy.genai_builder.ONNX_BYTES_PER_PARAM`); with
+    ``completions`` (both models fit in memory together) the report's sample completions, one
+    model held whole at a time."""
     from .registry import SELECTION_REGISTRY, fusion_rule
 
     cfg = source.config  # type: ignore[attr-defined]
@@ -399,6 +402,9 @@ def blocks_estimate(
                                          "a window's logits": 4 * eval_seq_len * vocab * 4, "blocks (float32)": 2 * block_bytes}
         est.flops["quality measure"] = float((2 * L - n_drop) * 2 * numel * eval_tokens + 2 * 2 * vocab * h * eval_tokens)
         est.bytes_read += int(layer_bytes * (2 * L - n_drop) / L) + 2 * vocab * h * stored_itemsize
+        if completions:  # the report's sample completions: one model at a time held whole in float32
+            est.phases["sample completions"] = {"one model held in float32": 4 * params, "a window's logits": 4 * eval_seq_len * vocab * 4}
+            est.bytes_read += ckpt.total_bytes * 2
     est.bytes_read += 2 * int(layer_bytes * (L - n_drop) / L)  # the export check reads both back
     if onnx:
         est.phases["ONNX (builder, child process)"] = {"the float32 model in the builder or ONNX Runtime": onnx_peak_bytes(params_after, est.bytes_written)}

@@ -348,7 +348,8 @@ class Budget(Stage):
             objective = s.distill_objective or ("logit" if source.distill_objective_fits() else "blockwise")
         opts = s.calibration_options
         est = blocks_estimate(source.blocks, n_drop=n_drop, select=select, fuse=fuse, objective=objective, windows=opts.windows,
-                              seq_len=opts.seq_len, eval_windows=s.eval_windows, eval_seq_len=s.eval_seq_len, onnx=s.onnx)
+                              seq_len=opts.seq_len, eval_windows=s.eval_windows, eval_seq_len=s.eval_seq_len, onnx=s.onnx,
+                              completions=s.eval_windows > 0 and source.distill_objective_fits())
         s.blocks_estimate = est
         s.say(est.summary())
         check_blocks_fit(est, windows=opts.windows, seq_len=opts.seq_len, fuse=fuse)
