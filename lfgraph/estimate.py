@@ -398,8 +398,13 @@ def blocks_estimate(
     est.bytes_read += est.bytes_written
     eval_tokens = eval_windows * eval_seq_len
     if eval_windows > 0:
+        from .evaluate import KL_CHUNK
+
+        # one head for both models (a view shares the checkpoint's); a window's logits of
+        # each, and the log-probabilities of KL_CHUNK positions at a time
         est.phases["quality measure"] = {"head (float32)": vocab * h * 4, "both models' final states": 2 * eval_tokens * h * 4,
-                                         "a window's logits": 4 * eval_seq_len * vocab * 4, "blocks (float32)": 2 * block_bytes}
+                                         "a window's logits, both models": 2 * eval_seq_len * vocab * 4 + 5 * KL_CHUNK * vocab * 4,
+                                         "blocks (float32)": 2 * block_bytes}
         est.flops["quality measure"] = float((2 * L - n_drop) * 2 * numel * eval_tokens + 2 * 2 * vocab * h * eval_tokens)
         est.bytes_read += int(layer_bytes * (2 * L - n_drop) / L) + 2 * vocab * h * stored_itemsize
         if completions:  # the report's sample completions: one model at a time held whole in float32

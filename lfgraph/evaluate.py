@@ -76,6 +76,10 @@ def final_states(source: Any, windows: torch.Tensor, batch_size: int = 4) -> tup
     return xs, inputs.ids, time.perf_counter() - t0
 
 
+#: Positions whose log-probabilities the quality measure holds at once.
+KL_CHUNK = 64
+
+
 @torch.no_grad()
 def blockwise_lm_quality(original: Any, compressed: Any, windows: torch.Tensor, batch_size: int = 4) -> tuple[QualityReport, tuple[float, float]]:
     """Held-out perplexity of both models, next-token top-1 agreement and the mean KL
@@ -83,22 +87,31 @@ def blockwise_lm_quality(original: Any, compressed: Any, windows: torch.Tensor, 
     (nats per token), on ``windows`` ``(n, seq)``; both models are block sources, run block
     by block, and what follows their stacks (final norm, head) runs one window at a time.
     Returns the report and each model's seconds for the pass over its blocks."""
+    import contextlib
+
     states_o, ids, t_o = final_states(original, windows, batch_size)
     states_c, _, t_c = final_states(compressed, windows, batch_size)
     nll_before = nll_after = kl = 0.0
     agree = total = 0
-    with original.head() as head_o, compressed.head() as head_c:
+    # one head when both run the same tensors after the stack (a checkpoint and its view):
+    # the head of a large vocabulary is GBs in float32
+    shared = original.shares_head(compressed)
+    with original.head() as head_o, (contextlib.nullcontext(head_o) if shared else compressed.head()) as head_c:
         for xo, xc, batch in zip(states_o, states_c, ids):
             for r in range(batch.shape[0]):
                 w = batch[r : r + 1]
-                ref, got = head_o(xo[r : r + 1], w).float()[:, :-1], head_c(xc[r : r + 1], w).float()[:, :-1]
-                targets = w[:, 1:].reshape(-1).to(ref.device)
-                lp, lq = torch.log_softmax(ref.reshape(-1, ref.shape[-1]), -1), torch.log_softmax(got.reshape(-1, got.shape[-1]), -1)
-                nll_before -= float(lp.gather(1, targets[:, None]).sum())
-                nll_after -= float(lq.gather(1, targets[:, None]).sum())
-                kl += float((lp.exp() * (lp - lq)).sum())
-                agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+                ref, got = head_o(xo[r : r + 1], w).float()[0, :-1], head_c(xc[r : r + 1], w).float()[0, :-1]
+                targets = w[0, 1:].to(ref.device)
+                # positions in chunks: the log-probabilities of a window are vocabulary x tokens
+                for c in range(0, targets.numel(), KL_CHUNK):
+                    lp, lq = torch.log_softmax(ref[c : c + KL_CHUNK], -1), torch.log_softmax(got[c : c + KL_CHUNK], -1)
+                    t = targets[c : c + KL_CHUNK, None]
+                    nll_before -= float(lp.gather(1, t).sum())
+                    nll_after -= float(lq.gather(1, t).sum())
+                    kl += float((lp.exp() * (lp - lq)).sum())
+                    agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
                 total += targets.numel()
+                del ref, got
     ppl_before, ppl_after = float(np.exp(nll_before / total)), float(np.exp(nll_after / total))
     report = QualityReport(
         kind="causal-lm", loss=ppl_after / ppl_before - 1.0, loss_name="relative perplexity increase",

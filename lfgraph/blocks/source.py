@@ -360,6 +360,11 @@ class BlockSource:
         reads what follows the stack once)."""
         yield self.logits
 
+    def shares_head(self, other: "BlockSource") -> bool:
+        """Whether ``other`` runs what follows the stack with this source's very tensors (a
+        view of the same checkpoint: a rewrite changes blocks only), so one head serves both."""
+        return False
+
     def parameter_count(self) -> int:
         raise NotImplementedError
 
@@ -727,6 +732,9 @@ class CheckpointBlocks(BlockSource):
     def logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         with self.head() as run:
             return run(hidden, ids)
+
+    def shares_head(self, other: BlockSource) -> bool:
+        return isinstance(other, CheckpointBlocks) and other.hf_model is self.hf_model and other.ckpt is self.ckpt
 
     def parameter_count(self) -> int:
         """Parameters of the model this source describes (a view: its kept blocks), each
