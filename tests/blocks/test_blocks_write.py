@@ -106,6 +106,28 @@ def test_a_damaged_block_read_ahead_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("tensor,value", [("model.norm.weight", float("inf")), ("lm_head.weight", float("nan"))])
+@pytest.mark.parametrize("fuse", ["remove", "calibrated"])
+def test_a_damaged_final_norm_or_head_is_refused_not_copied(tmp_path, tensor, value, fuse, capsys):
+    """Before: the stream checked block weights only, and copied an Inf final norm or a NaN
+    untied head into the output with exit 0. Every tensor the output will hold is checked:
+    here with the quality measure off, so nothing but the check itself reads them."""
+    from safetensors.torch import load_file, save_file
+
+    from lfgraph.cli import main
+
+    folder = save_folder(tmp_path / "model", "qwen2", layers=4)  # untied head
+    tensors = load_file(folder / "model.safetensors")
+    tensors[tensor].view(-1)[3] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    before = (folder / "model.safetensors").read_bytes()
+    code = main(["compress", str(folder), "--stream", "--fuse", fuse, "--no-onnx", "--eval-windows", "0", "--calibration-windows", "2",
+                 "--calibration-seq-len", "16", "-o", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tensor} contains NaN or Inf" in err
+    assert not (tmp_path / "out").exists() and (folder / "model.safetensors").read_bytes() == before
+
+
 def pipeline_entries(folder):
     from lfgraph.blocks.checkpoint import Checkpoint
 
