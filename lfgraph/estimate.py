@@ -286,7 +286,7 @@ def matmul_rate(dtype: object = None, n: int = 1024, budget_s: float = 0.15) -> 
 def blocks_estimate(
     source: object, *, n_drop: int, select: str, fuse: str, objective: str | None, windows: int, seq_len: int,
     eval_windows: int = 4, eval_seq_len: int = 512, onnx: bool = False, rates: dict[str, float] | None = None,
-    completions: bool = False,
+    completions: bool = False, runs: int | None = None, trained: int | None = None,
 ) -> BlocksEstimate:
     """Peak memory and work of a block-by-block compress of ``source`` (a
     :class:`~lfgraph.blocks.CheckpointBlocks`) dropping ``n_drop`` blocks with selection
@@ -307,7 +307,9 @@ def blocks_estimate(
     four times over); ONNX (onnxruntime-genai's builder and ONNX Runtime holding the
     float32 model in a child process, :data:`lfgraph.deploy.genai_builder.ONNX_BYTES_PER_PARAM`); with
     ``completions`` (both models fit in memory together) the report's sample completions, one
-    model held whole at a time."""
+    model held whole at a time. ``runs`` / ``trained``: the plan's runs and the blocks the
+    block-wise objective trained, when known (after the work: a benchmark's floor); before
+    it, the selection's worst case (Block Influence and SLEB: a run a block)."""
     from .registry import SELECTION_REGISTRY, fusion_rule
 
     cfg = source.config  # type: ignore[attr-defined]
@@ -338,7 +340,8 @@ def blocks_estimate(
     rule = fusion_rule(fuse)
     calibrated = rule.plan_fuse == "calibrated"
     sel = SELECTION_REGISTRY[select]
-    runs = n_drop if select in ("block_influence", "sleb") else 1
+    if runs is None:
+        runs = n_drop if select in ("block_influence", "sleb") else 1
     est = BlocksEstimate()
 
     # -- selection
@@ -386,7 +389,8 @@ def blocks_estimate(
         from .passes.blockwise_distillation import BlockwiseSettings
 
         bw = BlockwiseSettings()
-        trained = runs * (2 if bw.trainable == "neighbors" else 1)
+        if trained is None:
+            trained = runs * (2 if bw.trainable == "neighbors" else 1)
         est.phases["distillation (block-wise)"] = {
             "the block training, its gradient and AdamW's moments": 4 * block_bytes, "the blocks around it": 2 * block_bytes,
             "hidden states": 5 * act, "activations kept for the backward pass": 3 * batch_act,

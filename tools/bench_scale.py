@@ -5,14 +5,17 @@
 For each size it writes (once, cached) a checkpoint with the dimensions of a real model of
 that size and random bf16 weights, sharded like the real ones, under
 ``$LFGRAPH_CACHE/synthetic/`` (default ``~/.cache/lfgraph/synthetic/``, outside the
-repository); then compresses it at 25% with :func:`lfgraph.stream.compress_checkpoint` in a
-fresh subprocess and prints one table row: wall time, peak resident memory of the child
-(its ``VmHWM``), bytes read and written (counted by lfgraph, and the child's
-``/proc/self/io`` disk reads), and the floors: the calibration forward FLOPs of one pass over
-the stack divided by the float32 matmul rate measured in the same run (the compute runs in
-float32; the bf16 rate is measured and printed too), and the bytes read and written divided
-by the disk throughput measured in the same run. ``ratio`` is wall time over the larger
-floor. The cost exponent is the log-log slope of wall time against parameter count.
+repository), with SmolLM2's tokenizer beside it (the calibration and the quality measure
+read text); then compresses it at 25% with :func:`lfgraph.pipeline.compress` (the engine
+chosen as ``lfgraph compress`` chooses it, the family's default recipe unless ``--select`` /
+``--fuse``) in a fresh subprocess and prints one table row: wall time, peak resident memory
+of the child (its ``VmHWM``), the estimate printed before the work, bytes read (the
+estimate's count, and the child's ``/proc/self/io`` disk reads) and written, and the floors:
+the FLOPs of every pass the run makes (selection, refit, distillation with its backward
+passes, the quality measure of both models: the estimate's count by phase) divided by the
+float32 matmul rate measured in the same run (the compute runs in float32; the bf16 rate is
+printed too), and the bytes read and written divided by the disk throughput measured in the
+same run. ``ratio`` is wall time over the larger floor. The cost exponent is the log-log slope of wall time against parameter count.
 ``--delete`` removes the synthetic checkpoints afterwards. Results are written as JSON lines
 to ``--json`` when given.
 """
@@ -49,22 +52,43 @@ SIZES = {
 _CHILD = r"""
 import json, resource, sys, time
 import torch
-from lfgraph.stream import compress_checkpoint
-src, out, select, fuse, windows, seq_len, tokens, onnx, fingerprint = sys.argv[1:10]
+from lfgraph.pipeline import compress
+src, out, select, fuse, windows, seq_len, eval_windows, eval_seq_len, onnx, engine, objective = sys.argv[1:12]
 t0 = time.perf_counter()
-r = compress_checkpoint(src, out, target=0.25, select=select, fuse=fuse, calibration_tokens=tokens,
-                        calibration_windows=int(windows), calibration_seq_len=int(seq_len), progress=False, onnx=onnx,
-                        fingerprint=fingerprint == "1")
+r = compress(src, out, target=0.25, select=select or None, fuse=fuse or None, calibration_windows=int(windows),
+             calibration_seq_len=int(seq_len), eval_windows=int(eval_windows), eval_seq_len=int(eval_seq_len),
+             onnx=onnx == "auto", engine=engine, distill_objective=objective or None, quiet=True)
 status = open("/proc/self/status").read()
 hwm = int(status.split("VmHWM:")[1].split()[0]) * 1024
 ru = resource.getrusage(resource.RUSAGE_SELF)
+children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the ONNX builder's child, when it ran
 io = dict(l.split(": ") for l in open("/proc/self/io").read().split("\n") if l)
-print(json.dumps({"seconds": r.seconds, "wall_in_child": time.perf_counter() - t0, "bytes_read": r.bytes_read,
-                  "bytes_written": r.bytes_written, "peak_rss": hwm, "cpu_s": ru.ru_utime + ru.ru_stime, "disk_read": int(io["read_bytes"]),
-                  "estimate_peak": r.estimate.peak_bytes, "estimate_seconds": r.estimate.seconds,
-                  "blocks": r.blocks, "params": r.params, "plan": [[f.keep, f.absorb] for f in r.plan.fusions],
-                  "onnx": None if r.onnx is None else {"builder_peak": r.onnx.builder_peak_bytes, "check_rel": r.onnx.check_rel},
-                  "onnx_reason": r.onnx_reason, "exit_code": r.exit_code}))
+est = r.estimate
+q = r.quality
+# the floor's FLOPs: the estimate's count by phase, for the plan this run made (its runs,
+# the blocks the block-wise objective trained) rather than the worst case it planned for
+flops = {}
+if est is not None:
+    from lfgraph.blocks import CheckpointBlocks
+    from lfgraph.estimate import blocks_estimate
+    distilled = [rec.detail for rec in (r.log.records if r.log else []) if rec.action == "distill"]
+    ran = distilled[0].get("objective") if distilled else None
+    trained = sum(len(d.get("blocks", [])) for d in distilled)
+    prov = r.plan.provenance
+    actual = blocks_estimate(CheckpointBlocks(src), n_drop=sum(len(f.absorb) for f in r.plan.fusions), select=prov.get("select", "block_influence"),
+                             fuse=r.plan.fuse + ("-distill" if prov.get("distill_steps") and r.plan.fuse == "calibrated" else ""),
+                             objective=ran,
+                             windows=int(windows), seq_len=int(seq_len), eval_windows=int(eval_windows), eval_seq_len=int(eval_seq_len),
+                             runs=len(r.plan.fusions), trained=trained, rates={"float32": 1.0})
+    flops = actual.flops
+print(json.dumps({"seconds": r.stage_seconds, "wall_in_child": time.perf_counter() - t0, "peak_rss": hwm, "children_peak": children_peak,
+                  "cpu_s": ru.ru_utime + ru.ru_stime, "disk_read": int(io["read_bytes"]), "disk_written": int(io["write_bytes"]),
+                  "estimate_peak": est.peak_bytes if est else None, "estimate_phase": est.peak_phase if est else None,
+                  "estimate_seconds": est.seconds if est else None, "estimate_flops": est.flops if est else {}, "plan_flops": flops,
+                  "estimate_read": est.bytes_read if est else None, "estimate_written": est.bytes_written if est else None,
+                  "blocks": r.blocks, "params": r.params, "recipe": r.recipe, "plan": [[f.keep, f.absorb] for f in r.plan.fusions],
+                  "quality": None if q is None else {"rows": q.rows, "loss": q.loss, "loss_name": q.loss_name, "skipped": q.skipped},
+                  "notes": r.notes, "file_bytes": r.file_bytes, "exit_code": r.exit_code}))
 """
 
 
@@ -85,7 +109,7 @@ def write_synthetic(name: str, folder: Path, seed: int = 0) -> Path:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lfgraph.stream.write import _header
+    from lfgraph.blocks.write import _header
 
     if (folder / "config.json").is_file():
         return folder
@@ -142,7 +166,7 @@ def write_synthetic(name: str, folder: Path, seed: int = 0) -> Path:
 
 
 def matmul_gflops(dtype: torch.dtype) -> float:
-    from lfgraph.stream.estimate import matmul_rate
+    from lfgraph.estimate import matmul_rate
 
     return matmul_rate(dtype, n=1024, budget_s=1.0) / 1e9
 
@@ -170,56 +194,50 @@ def disk_rates(folder: Path) -> tuple[float, float]:
     return read, write
 
 
-def forward_flops(name: str, tokens: int) -> float:
-    """FLOPs of one calibration forward pass over the decoder stack: ``2 x block parameters
-    x tokens`` per block plus attention's ``4 x seq x heads x head_dim`` per token."""
-    c = SIZES[name]
-    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    hd = h // c["num_attention_heads"]
-    block = h * h * 2 + 2 * h * c["num_key_value_heads"] * hd + 3 * h * i
-    return float(L * (2 * block * tokens))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sizes", nargs="+", choices=list(SIZES))
-    ap.add_argument("--select", default="angular")
-    ap.add_argument("--fuse", default="calibrated")
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--select", default="", help="a selection (default: the family's default recipe's)")
+    ap.add_argument("--fuse", default="", help="a fusion rule (default: the family's default recipe's)")
+    ap.add_argument("--windows", type=int, default=16, help="calibration windows (compress's default: 16)")
+    ap.add_argument("--seq-len", type=int, default=256, help="calibration window length (compress's default: 256)")
+    ap.add_argument("--eval-windows", type=int, default=4, help="held-out windows of the quality measure (compress's default: 4)")
+    ap.add_argument("--eval-seq-len", type=int, default=512, help="their length (compress's default: 512)")
+    ap.add_argument("--engine", default="auto", choices=["auto", "stream", "in-memory"], help="as compress's --stream / --in-memory")
+    ap.add_argument("--distill-objective", default="", choices=["", "logit", "blockwise"],
+                    help="as compress's (default: its cost rule: logit where the model fits twice in memory, else block-wise)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--onnx", default="none", choices=["auto", "fp32", "none"],
-                    help="also write the deploy folder's ONNX with onnxruntime-genai's builder (default: the checkpoint alone)")
-    ap.add_argument("--no-fingerprint", action="store_true",
-                    help="skip the model fingerprint (compress_checkpoint(fingerprint=False)): what hashing costs")
+    ap.add_argument("--onnx", default="none", choices=["auto", "none"],
+                    help="auto: the deploy folder's ONNX too where it fits (compress's default); none: the checkpoint alone (--no-onnx)")
     ap.add_argument("--delete", action="store_true", help="delete the synthetic checkpoints when done")
     args = ap.parse_args()
+    from lfgraph.models import smollm2_folder
+
     root = cache_root()
     rows = []
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     root.mkdir(parents=True, exist_ok=True)
     read_rate, write_rate = disk_rates(root / "x")
-    print(f"machine: {os.cpu_count()} cores, matmul float32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; "
+    tokenizer = smollm2_folder()  # the quality measure and the calibration read text: SmolLM2's tokenizer
+    print(f"machine: {os.cpu_count()} cores, {psutil_total() / 1e9:.0f} GB; matmul float32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; "
           f"disk read {read_rate / 1e9:.2f} GB/s, write {write_rate / 1e9:.2f} GB/s (1 GB, fsync / cache dropped)")
-    print(f"calibration: {args.windows} windows x {args.seq_len} tokens; select {args.select}, fuse {args.fuse}, target 0.25")
+    print(f"calibration: {args.windows} windows x {args.seq_len} tokens; quality: {args.eval_windows} x {args.eval_seq_len}; "
+          f"select {args.select or 'default'}, fuse {args.fuse or 'default'}, target 0.25, engine {args.engine}, onnx {args.onnx}, "
+          f"distillation objective {args.distill_objective or 'the cost rule'}", flush=True)
     for name in args.sizes:
         folder = root / f"llama-{name}"
         t0 = time.perf_counter()
         write_synthetic(name, folder)
         made = time.perf_counter() - t0
-        if args.onnx != "none":
-            # the builder reads a tokenizer: SmolLM2's (the bundled model's, from lfgraph's cache)
-            tok = Path(os.environ.get("LFGRAPH_CACHE", Path.home() / ".cache" / "lfgraph")) / "smollm2-135m-instruct-fp32"
-            for f in ("tokenizer.json", "tokenizer_config.json"):
-                if (tok / f).is_file():
-                    shutil.copy(tok / f, folder / f)
-        tokens_file = root / f"tokens-{name}.npy"
-        np.save(tokens_file, np.random.default_rng(0).integers(0, SIZES[name]["vocab_size"], args.windows * args.seq_len * 2))
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer / f).is_file() and not (folder / f).is_file():
+                shutil.copy(tokenizer / f, folder / f)
         out = root / f"llama-{name}-lf"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(out), args.select, args.fuse, str(args.windows),
-                               str(args.seq_len), str(tokens_file), args.onnx, "0" if args.no_fingerprint else "1"],
+                               str(args.seq_len), str(args.eval_windows), str(args.eval_seq_len), args.onnx, args.engine,
+                               args.distill_objective],
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
         load = os.getloadavg()[1]
@@ -228,33 +246,39 @@ def main() -> int:
             return 1
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         ckpt_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        tokens = args.windows * args.seq_len
-        compute_floor = forward_flops(name, tokens) / (fp32 * 1e9)
-        io_floor = ckpt_bytes / read_rate + r["bytes_written"] / write_rate
-        row = dict(size=name, params=r["params"][0], checkpoint_gb=ckpt_bytes / 1e9, made_s=made, wall_s=wall, cpu_s=r["cpu_s"], load5=load, peak_rss_gb=r["peak_rss"] / 1e9,
-                   estimate_peak_gb=r["estimate_peak"] / 1e9, read_gb=r["bytes_read"] / 1e9, disk_read_gb=r["disk_read"] / 1e9,
-                   written_gb=r["bytes_written"] / 1e9, compute_floor_s=compute_floor, io_floor_s=io_floor,
-                   ratio=wall / max(compute_floor, io_floor), stages=r["seconds"], blocks=r["blocks"], plan=r["plan"],
-                   onnx=r["onnx"], onnx_reason=r["onnx_reason"], exit_code=r["exit_code"])
+        flops = r["plan_flops"] or r["estimate_flops"]
+        # the floors: every pass's FLOPs (training included, as the estimate counts them by
+        # phase) at the float32 rate measured here; the solve at a quarter of it (float64)
+        compute_floor = sum(f / (fp32 * 1e9 / (4 if k == "refit solve" else 1)) for k, f in flops.items())
+        read = r["estimate_read"] or ckpt_bytes
+        io_floor = read / read_rate + r["disk_written"] / write_rate
+        q = r["quality"] or {}
+        row = dict(size=name, params=r["params"][0], params_after=r["params"][1], checkpoint_gb=ckpt_bytes / 1e9, made_s=made, wall_s=wall,
+                   cpu_s=r["cpu_s"], load5=load, peak_rss_gb=r["peak_rss"] / 1e9, onnx_child_peak_gb=r["children_peak"] / 1e9, estimate_peak_gb=(r["estimate_peak"] or 0) / 1e9,
+                   estimate_phase=r["estimate_phase"], estimate_s=r["estimate_seconds"], read_gb=read / 1e9, disk_read_gb=r["disk_read"] / 1e9,
+                   written_gb=r["disk_written"] / 1e9, compute_floor_s=compute_floor, io_floor_s=io_floor,
+                   ratio=wall / max(compute_floor, io_floor), ratio_sum=wall / (compute_floor + io_floor), stages=r["seconds"],
+                   flops=flops, blocks=r["blocks"], plan=r["plan"], recipe=r["recipe"], quality=q, notes=r["notes"], exit_code=r["exit_code"])
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
         shutil.rmtree(out, ignore_errors=True)
         if args.delete:
             shutil.rmtree(folder, ignore_errors=True)
-            tokens_file.unlink(missing_ok=True)
     print()
     print("| size | params | bf16 GB | wall s | CPU s | peak RSS GB (est.) | read GB (disk) | written GB | compute floor s | I/O floor s | wall / max floor | stages s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if k != "total")
         print(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_gb']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gb']:.2f} ({r['estimate_peak_gb']:.2f}) | "
-              f"{r['read_gb']:.2f} ({r['disk_read_gb']:.2f}) | {r['written_gb']:.2f} | {r['compute_floor_s']:.1f} | {r['io_floor_s']:.1f} | {r['ratio']:.1f} | {stages} |")
+              f"{r['read_gb']:.2f} ({r['disk_read_gb']:.2f}) | {r['written_gb']:.2f} | {r['compute_floor_s']:.0f} | {r['io_floor_s']:.0f} | {r['ratio']:.1f} | {stages} |")
     for r in rows:
-        if r["onnx"]:
-            print(f"{r['size']}: ONNX by onnxruntime-genai's builder: {r['stages'].get('onnx', 0):.0f} s, builder peak {r['onnx']['builder_peak'] / 1e9:.2f} GB, "
-                  f"check {r['stages'].get('onnx check', 0):.0f} s, prefill max rel {r['onnx']['check_rel']:.1e}")
-        elif args.onnx != "none":
-            print(f"{r['size']}: no ONNX: {r['onnx_reason']}")
+        print(f"{r['size']}: {r['recipe']}; exit {r['exit_code']}; estimate peak during the {r['estimate_phase']}; "
+              f"child processes' peak (the ONNX builder) {r['onnx_child_peak_gb']:.2f} GB; "
+              f"FLOPs by phase: " + ", ".join(f"{k} {v / 1e12:.1f} T" for k, v in r["flops"].items()))
+        for row in r["quality"].get("rows", []):
+            print(f"    {' | '.join(str(c) for c in row)}")
+        for note in r["notes"]:
+            print(f"    note: {note}")
     if len(rows) >= 2:
         x = np.log([r["params"] for r in rows])
         y = np.log([r["wall_s"] for r in rows])
@@ -263,6 +287,12 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return 0
+
+
+def psutil_total() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def main() -> None:
     tasks, include = [], None
     if args.cloze:
         from lfgraph_study.harness import write_cloze_task
-        from lfgraph.models import cache_dir
+        from lfgraph.cache import cache_dir
         from lfgraph_study.study import licenses_text
 
         include = cache_dir() / "lm-eval-tasks"
