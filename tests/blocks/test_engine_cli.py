@@ -211,3 +211,10 @@ def test_cuda_is_refused_in_one_line_where_there_is_none(folder, tmp_path, capsy
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["compress", str(folder), "-o", str(tmp_path / "out"), "--stream", "--device", "cuda", "--no-onnx", *FAST]) == 2
     assert "no CUDA device is available" in _one_error_line(capsys)
+
+
+def test_rtol_is_the_streamed_export_checks_tolerance(folder, tmp_path, capsys):
+    """Before: ``--stream --rtol 0.5`` was silently ignored."""
+    assert main(["compress", str(folder), "--stream", "--fuse", "remove", "--no-onnx", "--rtol", "0.5", "-o", str(tmp_path / "out"), *FAST[1:]]) == 0
+    table = capsys.readouterr().out
+    assert "rtol 0.5)" in table and "rtol 0.0001" not in table
