@@ -24,6 +24,9 @@ to ``--out`` after every run, so a run cut short still leaves its table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -42,6 +45,23 @@ CONFIGS = {
 #: standard-library modules whose sources make the code text (large, plain Python)
 CODE_MODULES = ("argparse", "dataclasses", "functools", "inspect", "json.decoder", "json.encoder", "pathlib", "shutil",
                 "subprocess", "tarfile", "typing", "zipfile")
+
+
+@contextlib.contextmanager
+def blockwise_settings(config: str):
+    """``checkpoint-blockwise:steps=120:lr=3e-4``: the block-wise objective's settings with
+    these fields changed, for the run (the defaults otherwise)."""
+    from lfgraph.passes import blockwise_distillation as bd
+
+    fields = dict(kv.split("=", 1) for kv in config.split(":")[1:])
+    original = bd.BlockwiseSettings
+    kinds = {f.name: f.type for f in dataclasses.fields(original)}
+    values = {k: (int(v) if kinds[k] in ("int", int) else float(v) if kinds[k] in ("float", float) else v) for k, v in fields.items()}
+    bd.BlockwiseSettings = functools.partial(original, **values) if values else original
+    try:
+        yield
+    finally:
+        bd.BlockwiseSettings = original
 
 
 def code_text() -> str:
@@ -102,7 +122,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/study/engines")
     ap.add_argument("--targets", nargs="+", type=float, default=[0.1, 0.2, 0.3])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                    help=f"of {', '.join(CONFIGS)}; checkpoint-blockwise:steps=120:lr=3e-4 (any BlockwiseSettings field) for a variant "
+                         "of the block-wise objective's settings")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--calibration-windows", type=int, default=16, help="as compress's default")
@@ -137,8 +159,9 @@ def main() -> int:
                     continue
                 dest = work / f"{config}-{target}"
                 t0 = time.perf_counter()
-                r = compress(str(folder), dest, target=target, onnx=False, quiet=True, eval_windows=0,
-                             calibration_windows=args.calibration_windows, **CONFIGS[config])
+                with blockwise_settings(config):
+                    r = compress(str(folder), dest, target=target, onnx=False, quiet=True, eval_windows=0,
+                                 calibration_windows=args.calibration_windows, **CONFIGS[config.split(":")[0]])
                 seconds = time.perf_counter() - t0
                 model = load(dest)
                 ppl, top1 = {}, {}
