@@ -315,44 +315,85 @@ class Trace(Stage):
             s.say(f"warning: {note}")
 
 
+def _plan_recipe(plan: Any) -> tuple[str, str, int]:
+    """(selection, fusion rule in the CLI's words, blocks removed) of a plan."""
+    select, fuse = plan.provenance.get("select", "similarity"), plan.fuse
+    if fuse == "calibrated" and plan.provenance.get("distill_steps"):
+        fuse = "calibrated-map-distill" if plan.provenance.get("refit") == "map" else "calibrated-distill"
+    return select, fuse, sum(len(f.absorb) for f in plan.fusions)
+
+
+def _blocks_estimate(s: CompressState, select: str, fuse: str, n_drop: int, plan: Any = None) -> Any:
+    """The block-by-block estimate of this run, printed and refused when it cannot fit;
+    with ``plan``, for its runs and the blocks the block-wise objective will train."""
+    from .estimate import blocks_estimate, check_blocks_fit
+    from .registry import fusion_rule
+
+    source = s.source
+    if select not in ("similarity", "block_influence", "angular", "sleb"):
+        select = "block_influence"
+    objective = None
+    if fusion_rule(fuse).distill:
+        objective = s.distill_objective or ("logit" if source.distill_objective_fits() else "blockwise")
+    runs = trained = None
+    if plan is not None:
+        from .passes.blockwise_distillation import BlockwiseSettings
+
+        index = {source.blocks.block_name(i): i for i in range(source.blocks.num_blocks)}
+        ends = [max(index[n] for n in (f.keep, *f.absorb)) for f in plan.fusions]
+        runs = len(plan.fusions)
+        neighbors = BlockwiseSettings().trainable == "neighbors"
+        trained = runs + (sum(1 for e in ends if e + 1 < source.blocks.num_blocks) if neighbors else 0)
+    opts = s.calibration_options
+    est = blocks_estimate(source.blocks, n_drop=n_drop, select=select, fuse=fuse, objective=objective, windows=opts.windows,
+                          seq_len=opts.seq_len, eval_windows=s.eval_windows, eval_seq_len=s.eval_seq_len, onnx=s.onnx,
+                          completions=s.eval_windows > 0 and source.distill_objective_fits(), runs=runs, trained=trained)
+    check_blocks_fit(est, windows=opts.windows, seq_len=opts.seq_len, fuse=fuse)
+    return est
+
+
 class Budget(Stage):
     """Block by block: the estimate of peak memory and time for the recipe the plan stage
-    will use, printed, and a run that cannot fit refused naming the option that would make
-    it fit (before any block but the first is read)."""
+    will use (the selection's worst case: Block Influence may pick a run a block), printed,
+    and a run that cannot fit refused naming the option that would make it fit (before any
+    block but the first is read)."""
 
     name = "budget"
     label = "estimate"
     requires = ("source", "graph")
 
     def run(self, s: CompressState) -> None:
-        from .estimate import blocks_estimate, check_blocks_fit
-        from .registry import fusion_rule
         from .sources import CheckpointSource
 
         source = s.source
         if not isinstance(source, CheckpointSource):
             return
         if s.given_plan is not None:
-            select, fuse = s.given_plan.provenance.get("select", "similarity"), s.given_plan.fuse
-            n_drop = sum(len(f.absorb) for f in s.given_plan.fusions)
-            if fuse == "calibrated" and s.given_plan.provenance.get("distill_steps"):
-                fuse = "calibrated-distill"
+            s.blocks_estimate = _blocks_estimate(s, *_plan_recipe(s.given_plan), plan=s.given_plan)
         else:
             chosen = resolve_recipe(source, s.mode, s.select, s.fuse, s.target, s.target_kind, s.calibration_options, s.metric, s.scope)
-            select, fuse = chosen.select, chosen.fuse
-            n_drop = max(1, round(s.target * source.blocks.num_blocks))
-        if select not in ("similarity", "block_influence", "angular", "sleb"):
-            select = "block_influence"
-        objective = None
-        if fusion_rule(fuse).distill:
-            objective = s.distill_objective or ("logit" if source.distill_objective_fits() else "blockwise")
-        opts = s.calibration_options
-        est = blocks_estimate(source.blocks, n_drop=n_drop, select=select, fuse=fuse, objective=objective, windows=opts.windows,
-                              seq_len=opts.seq_len, eval_windows=s.eval_windows, eval_seq_len=s.eval_seq_len, onnx=s.onnx,
-                              completions=s.eval_windows > 0 and source.distill_objective_fits())
-        s.blocks_estimate = est
-        s.say(est.summary())
-        check_blocks_fit(est, windows=opts.windows, seq_len=opts.seq_len, fuse=fuse)
+            s.blocks_estimate = _blocks_estimate(s, chosen.select, chosen.fuse, max(1, round(s.target * source.blocks.num_blocks)))
+        s.say(s.blocks_estimate.summary())
+
+
+class PlanBudget(Stage):
+    """Block by block, once the selection has made the plan: the estimate again for its
+    runs (fewer than the worst case when the removed blocks are contiguous), printed, and
+    refused when it cannot fit, before the refit and the distillation."""
+
+    name = "plan budget"
+    label = "estimate"
+    requires = ("source", "plan")
+
+    def run(self, s: CompressState) -> None:
+        from .sources import CheckpointSource
+
+        if not isinstance(s.source, CheckpointSource) or s.given_plan is not None:
+            return
+        before = s.blocks_estimate
+        s.blocks_estimate = _blocks_estimate(s, *_plan_recipe(s.plan), plan=s.plan)
+        if before is None or abs(s.blocks_estimate.peak_bytes - before.peak_bytes) > 0.02 * before.peak_bytes:
+            s.say(f"for this plan: {s.blocks_estimate.summary()}")
 
 
 class Plan(Stage):
@@ -731,7 +772,10 @@ def build_stages(s: CompressState, decoder: bool | None = None) -> list[Stage]:
     stages += [Load(), Trace()]
     if path and s.engine != "in-memory" and (str(s.spec) in ALIASES or (Path(s.spec) / "config.json").is_file()):
         stages.append(Budget())  # the engine may read its blocks one at a time
-    stages += [Plan(), Rewrite()]
+    stages.append(Plan())
+    if path and s.engine != "in-memory":
+        stages.append(PlanBudget())
+    stages.append(Rewrite())
     if isinstance(s.heal_steps, (int, float)) and s.heal_steps > 0:
         stages.append(Heal())
     stages += [Staging(), Write(), Verify(), Size(), Quality(), Time(), Finish()]

@@ -218,3 +218,18 @@ def test_rtol_is_the_streamed_export_checks_tolerance(folder, tmp_path, capsys):
     assert main(["compress", str(folder), "--stream", "--fuse", "remove", "--no-onnx", "--rtol", "0.5", "-o", str(tmp_path / "out"), *FAST[1:]]) == 0
     table = capsys.readouterr().out
     assert "rtol 0.5)" in table and "rtol 0.0001" not in table
+
+
+def test_the_estimate_after_the_plan_counts_the_blocks_that_train(folder, tmp_path):
+    """The budget before the plan is the selection's worst case; once the plan exists the
+    estimate is made again for its runs: its distillation work is that of the blocks the
+    block-wise objective then trained, one by one."""
+    from lfgraph import pipeline
+
+    r = pipeline.compress(str(folder), tmp_path / "out", target=0.34, select="block_influence", engine="stream", distill_objective="blockwise",
+                          calibration_windows=4, calibration_seq_len=32, eval_windows=0, onnx=False, quiet=True)
+    record = next(rec.detail for rec in r.log.records if rec.action == "distill")
+    one = estimate.blocks_estimate(CheckpointBlocks(folder), n_drop=2, select="block_influence", fuse="calibrated-distill",
+                                   objective="blockwise", windows=4, seq_len=32, eval_windows=0, trained=1, rates={"float32": 1.0})
+    assert len(record["blocks"]) >= 1 and "plan budget" in r.stage_seconds
+    assert r.estimate.flops["distillation"] == pytest.approx(len(record["blocks"]) * one.flops["distillation"])
