@@ -372,6 +372,11 @@ class BlockSource:
         """Keep what was changed in open block ``i``'s tensors ``names`` (block-relative
         parameter names) after it is closed. Held blocks keep every change anyway."""
 
+    def stored_dtypes(self, i: int, block: nn.Module) -> dict[int, torch.dtype]:
+        """``id(parameter)`` -> the dtype open block ``i``'s parameter will be written in;
+        empty for held blocks (kept as they are)."""
+        return {}
+
     def close(self) -> None:
         """Stop any background reading."""
 
@@ -583,6 +588,12 @@ class CheckpointBlocks(BlockSource):
                     block.to("meta")
         finally:
             reader.shutdown(wait=True, cancel_futures=True)
+
+    def stored_dtypes(self, i: int, block: nn.Module) -> dict[int, torch.dtype]:
+        from .checkpoint import DTYPES
+
+        full = self.tensor_names(self.kept[i])
+        return {id(p): DTYPES[self.ckpt.entry(full[n]).dtype] for n, p in block.named_parameters() if n in full}
 
     def keep_changes(self, i: int, block: nn.Module, names: Sequence[str]) -> None:
         """Keep tensors ``names`` of open block ``i`` as overrides, in the dtype the

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -79,12 +79,15 @@ def _loss(out: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Ten
 
 def train_block(block: nn.Module, at: int, batches: Sequence[Any], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                 weights: Sequence[torch.Tensor], settings: BlockwiseSettings, params: Sequence[nn.Parameter] | None = None,
-                desc: str = "block-wise distillation") -> dict[str, Any]:
+                desc: str = "block-wise distillation", keep_dtypes: Mapping[int, torch.dtype] | None = None) -> dict[str, Any]:
     """Train ``block`` (layer ``at`` of its stack; ``batches[k].calls[at]`` is its call) so
     that its output on ``inputs[k]`` matches ``targets[k]`` (token weights ``weights[k]``);
     batches with ``.val`` set are held out and choose the best state. ``params``: the
-    parameters that train (default: every floating parameter of the block). Returns the
-    record: held-out loss at the start and at the best step, steps, seconds."""
+    parameters that train (default: every floating parameter of the block).
+    ``keep_dtypes`` (``id(parameter)`` -> dtype): the dtypes the block will be stored in (a
+    checkpoint's): the best state is kept in them (what will be written; half the memory of
+    float32 for bf16), and the block ends with those values. Returns the record: held-out loss at the start and at the best
+    step, steps, seconds."""
     fit = [k for k, b in enumerate(batches) if not b.val]
     val = [k for k, b in enumerate(batches) if b.val] or fit
     if not fit:
@@ -102,8 +105,11 @@ def train_block(block: nn.Module, at: int, batches: Sequence[Any], inputs: Seque
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
+        def snapshot() -> dict[int, torch.Tensor]:
+            return {id(p): p.detach().to((keep_dtypes or {}).get(id(p), p.dtype), copy=True) for p in params}
+
         start = best = held_out()
-        best_state = {id(p): p.detach().clone() for p in params}
+        best_state = snapshot()
         best_step = 0
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         gen = torch.Generator().manual_seed(settings.seed)
@@ -132,7 +138,7 @@ def train_block(block: nn.Module, at: int, batches: Sequence[Any], inputs: Seque
                     score = held_out()
                     if score < best:
                         best, best_step = score, step
-                        best_state = {id(p): p.detach().clone() for p in params}
+                        best_state = snapshot()
         if bar is not None:
             bar.close()
         with torch.no_grad():
@@ -179,7 +185,8 @@ class BlockwiseDistiller:
         inputs = [b.x for b in state]
         weights = [_weights(out - x, self.clip) for out, x in zip(run_out, inputs)]
         params = refitted_params(kept, self.refit_targets.get(keep, [])) if s.trainable == "maps" else None
-        rec = train_block(kept, keep, state, inputs, list(run_out), weights, s, params, desc=f"block-wise distillation ({self.source.block_name(keep)})")
+        rec = train_block(kept, keep, state, inputs, list(run_out), weights, s, params, desc=f"block-wise distillation ({self.source.block_name(keep)})",
+                          keep_dtypes=self.source.stored_dtypes(keep, kept))
         self.records.append({"block": self.source.block_name(keep), **rec})
         self.source.keep_changes(keep, kept, [k for k, _ in kept.named_parameters()])
         nxt = self.next_block.get(keep)
@@ -191,7 +198,8 @@ class BlockwiseDistiller:
             targets = [b.run(original_next, nxt, out) for b, out in zip(state, run_out)]
         with self.source.open(nxt) as block:
             w2 = [_weights(t - x, self.clip) for t, x in zip(targets, after_kept)]
-            rec = train_block(block, nxt, state, after_kept, targets, w2, s, desc=f"block-wise distillation ({self.source.block_name(nxt)})")
+            rec = train_block(block, nxt, state, after_kept, targets, w2, s, desc=f"block-wise distillation ({self.source.block_name(nxt)})",
+                              keep_dtypes=self.source.stored_dtypes(nxt, block))
             self.records.append({"block": self.source.block_name(nxt), **rec})
             self.source.keep_changes(nxt, block, [k for k, _ in block.named_parameters()])
 

@@ -843,6 +843,7 @@ def fit_runs(
                                      mlp_proj, attn_proj, refit, arch, form)
             kept = blocks[spec.keep]  # type: ignore[index]
             source.keep_changes(spec.keep, kept, _changed(kept, before[spec.keep]))  # type: ignore[arg-type]
+            del before  # a copy of the kept block: not held while after_fit trains it
             if after_fit is not None:
                 after_fit(spec, kept, state, run_out)
             for b in state:
