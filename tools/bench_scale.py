@@ -53,7 +53,11 @@ _CHILD = r"""
 import json, resource, sys, time
 import torch
 from lfgraph.pipeline import compress
-src, out, select, fuse, windows, seq_len, eval_windows, eval_seq_len, onnx, engine, objective = sys.argv[1:12]
+src, out, select, fuse, windows, seq_len, eval_windows, eval_seq_len, onnx, engine, objective, bw_steps = sys.argv[1:13]
+if int(bw_steps):  # fewer block-wise steps than the default: a memory measurement, its time counted for these steps
+    import functools
+    from lfgraph.passes import blockwise_distillation as bd
+    bd.BlockwiseSettings = functools.partial(bd.BlockwiseSettings, steps=int(bw_steps))
 t0 = time.perf_counter()
 r = compress(src, out, target=0.25, select=select or None, fuse=fuse or None, calibration_windows=int(windows),
              calibration_seq_len=int(seq_len), eval_windows=int(eval_windows), eval_seq_len=int(eval_seq_len),
@@ -206,6 +210,9 @@ def main() -> int:
     ap.add_argument("--engine", default="auto", choices=["auto", "stream", "in-memory"], help="as compress's --stream / --in-memory")
     ap.add_argument("--distill-objective", default="", choices=["", "logit", "blockwise"],
                     help="as compress's (default: its cost rule: logit where the model fits twice in memory, else block-wise)")
+    ap.add_argument("--blockwise-steps", type=int, default=0,
+                    help="steps per trained block of the block-wise objective (default 0: its default, 60); fewer measure the "
+                         "same peak memory in less time, the floors count the steps that ran")
     ap.add_argument("--json", default=None)
     ap.add_argument("--onnx", default="none", choices=["auto", "none"],
                     help="auto: the deploy folder's ONNX too where it fits (compress's default); none: the checkpoint alone (--no-onnx)")
@@ -223,7 +230,8 @@ def main() -> int:
           f"disk read {read_rate / 1e9:.2f} GB/s, write {write_rate / 1e9:.2f} GB/s (1 GB, fsync / cache dropped)")
     print(f"calibration: {args.windows} windows x {args.seq_len} tokens; quality: {args.eval_windows} x {args.eval_seq_len}; "
           f"select {args.select or 'default'}, fuse {args.fuse or 'default'}, target 0.25, engine {args.engine}, onnx {args.onnx}, "
-          f"distillation objective {args.distill_objective or 'the cost rule'}", flush=True)
+          f"distillation objective {args.distill_objective or 'the cost rule'}"
+          + (f", {args.blockwise_steps} block-wise steps per block" if args.blockwise_steps else ""), flush=True)
     for name in args.sizes:
         folder = root / f"llama-{name}"
         t0 = time.perf_counter()
@@ -237,7 +245,7 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(out), args.select, args.fuse, str(args.windows),
                                str(args.seq_len), str(args.eval_windows), str(args.eval_seq_len), args.onnx, args.engine,
-                               args.distill_objective],
+                               args.distill_objective, str(args.blockwise_steps)],
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
         load = os.getloadavg()[1]
