@@ -11,6 +11,8 @@ Hugging Face folder under ``$LFGRAPH_CACHE`` (default ``~/.cache/lfgraph``), out
 
 from __future__ import annotations
 
+import hashlib
+
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -113,6 +115,17 @@ def smollm2_folder() -> Path:
     return dequantize_gguf(gguf, out)
 
 
+def gguf_entry(gguf_file: Path) -> Path:
+    """The cache entry of a GGUF file's dequantised folder, keyed by the file's content (its
+    SHA-256): another file of the same name, or the same file re-quantised, never reuses the
+    entry of the one before (read at disk speed, against the dequantisation it saves)."""
+    h = hashlib.sha256()
+    with open(gguf_file, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return cache_dir() / f"{Path(gguf_file).stem}-{h.hexdigest()[:16]}-fp32"
+
+
 def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
     """Load a GGUF checkpoint as fp32 and save it as a plain Hugging Face folder at ``out``
     (a cache entry: built in a staging folder, its file sizes recorded, moved into place
@@ -186,7 +199,9 @@ def load_model(spec: str = DEFAULT_MODEL, seq_len: int = 16) -> LoadedModel:
                 f"or one of {sorted(ALIASES)}"
             )
         if path.suffix == ".gguf":
-            folder = dequantize_gguf(path, cache_dir() / (path.stem + "-fp32"))
+            if not path.is_file():
+                raise LfgraphError(f"{spec!r} is a folder, not a GGUF file: give the .gguf file itself")
+            folder = dequantize_gguf(path, gguf_entry(path))
         elif path.is_dir() and (path / "config.json").is_file():
             folder = path
         else:

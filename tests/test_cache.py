@@ -184,3 +184,31 @@ def test_a_damaged_cached_with_past_export_is_made_again(tiny_llama_folder, tmp_
     _truncate(folder / "model.onnx")
     assert output.original(quiet=True) == folder and len(exports) == 2
     assert (folder / "model.onnx").read_bytes() == b"an exported model " * 100
+
+
+def test_two_gguf_files_of_one_name_never_share_a_cache_entry(tmp_path, monkeypatch):
+    """The dequantised folder is keyed by the GGUF's content: another model saved under the
+    same file name (or the same file re-quantised) is dequantised again, never taken from the
+    entry of the one before (issue 27: a wrong model with exit 0)."""
+    from lfgraph import models
+
+    monkeypatch.setenv("LFGRAPH_CACHE", str(tmp_path / "cache"))
+    a, b, same = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf", tmp_path / "c" / "model.gguf"
+    for path, data in ((a, b"GGUF one model"), (b, b"GGUF another model"), (same, b"GGUF one model")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def dequantize(gguf_file, out):  # the entry it would be cached in; the fake files are no models
+        asked.append(out)
+        raise Asked
+
+    monkeypatch.setattr(models, "dequantize_gguf", dequantize)
+    for path in (a, b, same):
+        with pytest.raises(Asked):
+            models.load_model(str(path))
+    assert asked[0] != asked[1] and asked[0] == asked[2]
+    assert all(p.parent == tmp_path / "cache" and p.name.startswith("model-") for p in asked)
