@@ -230,7 +230,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .pipeline import compress
     from .retrain.cli import compress_heal_options
 
-    heal = {**compress_heal_options(args), "windows": args.heal_windows, "seq_len": args.heal_seq_len}
+    heal = compress_heal_options(args)
     report = compress(
         args.model, args.output, plan=args.plan, target=args.target, mode=args.mode, select=args.select,
         fuse=args.fuse, metric=args.metric, scope=args.scope, target_kind=args.target_kind,

@@ -70,22 +70,45 @@ def add_compress_options(p: argparse.ArgumentParser) -> None:
     :func:`compress_heal_options`."""
     g = p.add_argument_group("healing (fine-tune the rewritten model before export)")
     g.add_argument("--heal", type=STEPS, default=0, metavar="STEPS", help="heal for STEPS optimizer steps by distillation from the original (default 0: off)")
-    g.add_argument("--heal-trainable", choices=TRAINABLE_SETS, default=HEAL_DEFAULTS["trainable"], help="what trains (default all)")
+    # the --heal-* defaults are None here and filled in by compress_heal_options, so that one
+    # given without --heal is seen (and refused) rather than ignored
+    g.add_argument("--heal-trainable", choices=TRAINABLE_SETS, default=None, help="what trains (default all)")
     g.add_argument("--heal-lr", type=POSITIVE, default=None, help="peak learning rate (default 1e-4; 1e-3 for lora)")
-    g.add_argument("--heal-batch-size", type=COUNT, default=HEAL_DEFAULTS["batch_size"], help="windows per step (default 4)")
-    g.add_argument("--heal-seq-len", type=SEQ_LEN, default=HEAL_DEFAULTS["seq_len"], help="tokens per training window (default 128)")
-    g.add_argument("--heal-windows", type=COUNT, default=HEAL_DEFAULTS["windows"], help="training windows from the calibration text (default 128)")
-    g.add_argument("--heal-eval-every", type=EVERY, default=0, help="held-out perplexity every K steps, best state kept")
+    g.add_argument("--heal-batch-size", type=COUNT, default=None, help="windows per step (default 4)")
+    g.add_argument("--heal-seq-len", type=SEQ_LEN, default=None, help="tokens per training window (default 128)")
+    g.add_argument("--heal-windows", type=COUNT, default=None, help="training windows from the calibration text (default 128)")
+    g.add_argument("--heal-eval-every", type=EVERY, default=None, help="held-out perplexity every K steps, best state kept")
     g.add_argument("--heal-checkpoint-dir", default=None, help="checkpoint the healing here")
     g.add_argument("--heal-resume", action="store_true", help="continue healing from --heal-checkpoint-dir (an error when there is no checkpoint)")
     g.add_argument("--heal-resume-if-present", action="store_true", help="continue from --heal-checkpoint-dir's checkpoint when there is one, else start")
 
 
+#: compress's --heal-* options (argparse dest, flag)
+_HEAL_FLAGS = [(f.replace("-", "_")[2:], f) for f in ("--heal-trainable", "--heal-lr", "--heal-batch-size", "--heal-seq-len",
+                                                        "--heal-windows", "--heal-eval-every", "--heal-checkpoint-dir",
+                                                        "--heal-resume", "--heal-resume-if-present")]
+
+
 def compress_heal_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for :func:`heal_compressed` from :func:`add_compress_options`' flags
-    (``steps`` included; the caller adds the training windows and evaluation windows)."""
-    return {"steps": args.heal, "trainable": args.heal_trainable, "lr": args.heal_lr, "batch_size": args.heal_batch_size,
-            "eval_every": args.heal_eval_every, "checkpoint_dir": args.heal_checkpoint_dir,
+    (``steps``, ``windows`` and ``seq_len`` included; the caller adds the training and
+    evaluation windows). A ``--heal-*`` option without ``--heal`` is refused: it would be
+    ignored."""
+    if not args.heal:
+        given = [flag for dest, flag in _HEAL_FLAGS if getattr(args, dest) not in (None, False)]
+        if given:
+            raise LfgraphError(f"{', '.join(given)} {'says' if len(given) == 1 else 'say'} how --heal trains, and --heal is not "
+                               "given: add --heal STEPS, or drop "
+                               f"{'it' if len(given) == 1 else 'them'}")
+
+    def value(dest: str, default: Any) -> Any:
+        v = getattr(args, dest)
+        return default if v is None else v
+
+    return {"steps": args.heal, "trainable": value("heal_trainable", HEAL_DEFAULTS["trainable"]), "lr": args.heal_lr,
+            "batch_size": value("heal_batch_size", HEAL_DEFAULTS["batch_size"]), "eval_every": value("heal_eval_every", 0),
+            "checkpoint_dir": args.heal_checkpoint_dir,
+            "windows": value("heal_windows", HEAL_DEFAULTS["windows"]), "seq_len": value("heal_seq_len", HEAL_DEFAULTS["seq_len"]),
             "resume": resume_mode(args.heal_resume, args.heal_resume_if_present, args.heal_checkpoint_dir,
                                   "--heal-resume", "--heal-checkpoint-dir")}
 

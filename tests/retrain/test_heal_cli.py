@@ -132,6 +132,7 @@ def test_compress_heal_options_feed_heal_compressed(tiny_llama_folder: Path) -> 
     add_compress_options(p)
     opts = compress_heal_options(p.parse_args(["--heal", "3", "--heal-trainable", "lora", "--heal-lr", "2e-3"]))
     assert opts["steps"] == 3 and opts["trainable"] == "lora" and opts["lr"] == 2e-3
+    assert (opts.pop("windows"), opts.pop("seq_len")) == (128, 128)  # what training_windows reads, the defaults filled in
     model = pipeline.load(str(tiny_llama_folder))
     graph = pipeline.trace(model)
     plan = pipeline.plan_model(model, graph, 0.5, mode="merge", select="similarity", fuse="remove", progress=False)
@@ -143,3 +144,16 @@ def test_compress_heal_options_feed_heal_compressed(tiny_llama_folder: Path) -> 
     assert type(healed.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # adapters merged back
     assert any(not torch.equal(v, one_shot[k]) for k, v in healed.state_dict().items())
     json.dumps(curve)  # the report/visualizer get plain data
+
+
+@pytest.mark.parametrize("flags", [["--heal-lr", "1e-3"], ["--heal-trainable", "lora", "--heal-windows", "8"], ["--heal-resume-if-present"]])
+def test_a_heal_option_without_heal_is_refused_not_ignored(tiny_llama_folder: Path, tmp_path: Path, capsys, flags) -> None:
+    """--heal-* says how --heal trains; without --heal it would do nothing: one line, exit 2,
+    before the model is read, nothing written (issue 27: every option a path does not use)."""
+    from lfgraph.cli import main
+
+    out = tmp_path / "o"
+    assert main(["compress", str(tiny_llama_folder), "-o", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--heal is not given" in err[0] and all(f in err[0] for f in flags if f.startswith("--"))
+    assert not out.exists()
