@@ -151,6 +151,12 @@ class CheckOptions(Stage):
                 refit_provenance(s.fuse, s.distill_trainable)
         if not s.onnx and not folder_out:
             raise LfgraphError(f"--no-onnx writes a checkpoint folder: give a folder for -o, not {s.out.name}")
+        planning = [f"--{o}" for o, v in (("select", s.select), ("fuse", s.fuse), ("metric", s.metric), ("scope", s.scope))
+                    if v is not None]
+        if s.given_plan is not None and planning:
+            raise LfgraphError(f"{', '.join(planning)} {'chooses' if len(planning) == 1 else 'choose'} how a new plan is made; "
+                               "the plan from file already says which blocks fuse and how: drop "
+                               f"{'it' if len(planning) == 1 else 'them'}, or make a new plan with `lfgraph plan`")
         if s.given_plan is not None and s.distill_trainable is not None:
             raise LfgraphError("--distill-trainable chooses how a new plan distils; a plan from file already records it "
                                "(provenance.distill_trainable): drop one of them")

@@ -52,6 +52,19 @@ def test_plans_that_cannot_be_applied_are_refused_before_loading(tiny_llama_fold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # nothing written beside the output
 
 
+@pytest.mark.parametrize("flags", [["--select", "angular"], ["--fuse", "remove", "--metric", "kl"], ["--stream", "--scope", "global"]])
+def test_planning_options_beside_a_plan_are_refused_not_ignored(tiny_llama_folder, tmp_path, capsys, no_loading, flags):
+    """A plan from file says which blocks fuse and how; --select/--fuse/--metric/--scope would
+    be ignored beside it, on either path (issue 27): one line naming them, before loading."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(_plan_json([(f"{L}.1", [f"{L}.2"])]))
+    named = [f for f in flags if f != "--stream" and f.startswith("--")]
+    err = one_line(capsys, main(["compress", str(tiny_llama_folder), "--plan", str(plan), "-o", str(tmp_path / "o"), *flags]),
+                   "the plan from file already says which blocks fuse and how")
+    assert all(f in err for f in named)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
 def test_a_block_the_model_does_not_have_is_named(tiny_llama_folder, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(_plan_json([(f"{L}.1", [f"{L}.9"])]))
