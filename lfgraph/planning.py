@@ -124,8 +124,8 @@ def resolve_recipe(source: Source, mode: str, select: str | None, fuse: str | No
     """The one place a run's recipe is chosen (``compress``, ``plan`` and ``heal`` ask it):
     the user's ``select``/``fuse`` where given, else the family's measured default for this
     target (:func:`lfgraph.recipes.default_recipe`), the weights-only recipe when there is no
-    calibration data; notes say when that fallback happened and when ``metric``/``scope``
-    do not apply."""
+    calibration data (a note says so); ``metric``/``scope`` given for a selection that does not
+    take them are refused, not ignored."""
     has_data = source.has_calibration(calibration)
     d_select, d_fuse = default_recipe(source.family, mode, has_data, target, target_kind, source.architecture)
     recipe = Recipe(select or d_select, fuse or d_fuse, select is None and fuse is None, [])
@@ -136,7 +136,10 @@ def resolve_recipe(source: Source, mode: str, select: str | None, fuse: str | No
     ignored = [o for o, v in (("metric", metric), ("scope", scope)) if v is not None and o not in takes]
     if ignored:
         users = " or ".join(s.name for s in SELECTION_REGISTRY.values() if all(o in s.parameters for o in ignored))
-        recipe.notes.append(f"{' and '.join('--' + o for o in ignored)} ignored: they apply to --select {users}, not {recipe.select}")
+        flags = " and ".join("--" + o for o in ignored)
+        chosen = "--select" if select is not None else "the family's default selection"
+        raise LfgraphError(f"{flags} {'applies' if len(ignored) == 1 else 'apply'} to --select {users} only, and {chosen} is "
+                           f"{recipe.select}: drop {flags}, or give --select {users}")
     return recipe
 
 

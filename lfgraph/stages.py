@@ -341,6 +341,11 @@ def _blocks_estimate(s: CompressState, select: str, fuse: str, n_drop: int, plan
     objective = None
     if fusion_rule(fuse).distill:
         objective = s.distill_objective or ("logit" if source.distill_objective_fits() else "blockwise")
+        if objective == "blockwise" and s.distill_trainable == "blocks":
+            why = "asked for by --distill-objective" if s.distill_objective else "chosen because the two models do not fit in memory together"
+            raise LfgraphError(f"--distill-trainable blocks trains every block above a cut through the logits; the block-wise objective "
+                               f"({why}) trains each run's kept block and the block after it: give --distill-trainable neighbors "
+                               "(or maps), or --distill-objective logit where both models fit in memory")
     runs = trained = None
     if plan is not None:
         from .passes.blockwise_distillation import BlockwiseSettings

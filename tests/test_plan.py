@@ -65,6 +65,16 @@ def test_planning_options_beside_a_plan_are_refused_not_ignored(tiny_llama_folde
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
+@pytest.mark.parametrize("command", ["plan", "compress"])
+def test_metric_or_scope_for_a_selection_that_does_not_take_them_is_refused(tiny_llama_folder, tmp_path, capsys, command):
+    """--metric/--scope belong to --select similarity; with another selection they would be
+    ignored (issue 27): one line naming the selection that takes them, nothing written."""
+    out = tmp_path / "o"
+    err = one_line(capsys, main([command, str(tiny_llama_folder), "--select", "angular", "--metric", "kl", "-o", str(out)]),
+                   "--metric applies to --select similarity only, and --select is angular")
+    assert "drop --metric" in err and not out.exists()
+
+
 def test_a_block_the_model_does_not_have_is_named(tiny_llama_folder, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(_plan_json([(f"{L}.1", [f"{L}.9"])]))

@@ -155,10 +155,11 @@ def test_report_states_the_fraction_actually_removed(tiny_llama_folder, tmp_path
 
 
 @pytest.mark.slow
-def test_metric_under_an_activation_selection_is_said_to_be_ignored(tiny_llama_folder, tmp_path):
-    report = pipeline.compress(str(tiny_llama_folder), tmp_path / "x.onnx", target=0.34, select="block_influence", fuse="remove",
-                               metric="kl", calibration_windows=2, calibration_seq_len=16, eval_windows=0, quiet=True)
-    assert any("--metric ignored" in n for n in report.notes)
+def test_metric_under_an_activation_selection_is_refused_by_the_api_too(tiny_llama_folder, tmp_path):
+    with pytest.raises(LfgraphError, match="--metric applies to --select similarity only, and --select is block_influence"):
+        pipeline.compress(str(tiny_llama_folder), tmp_path / "x.onnx", target=0.34, select="block_influence", fuse="remove",
+                          metric="kl", calibration_windows=2, calibration_seq_len=16, eval_windows=0, quiet=True)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.fixture(scope="module")

@@ -197,6 +197,8 @@ def test_the_page_of_a_streamed_run_shows_the_plan_and_the_quality(folder, tmp_p
     (["--stream", "--fuse", "remove", "--distill-objective", "logit"], "--fuse remove does not distil"),
     (["--stream", "--device", "gpu0"], "is not a torch device"),
     (["--stream", "--device", "meta"], "cpu or cuda only"),
+    (["--stream", "--fuse", "calibrated-distill", "--distill-objective", "blockwise", "--distill-trainable", "blocks"],
+     "--distill-trainable blocks trains every block above a cut through the logits"),
 ])
 def test_what_only_the_block_path_uses_is_refused_elsewhere(folder, tmp_path, capsys, extra, words, monkeypatch):
     """Options a path does not use are refused on it, not ignored, and a device torch cannot
