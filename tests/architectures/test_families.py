@@ -101,9 +101,10 @@ def test_unknown_family_is_refused_in_one_line(tmp_path, capsys):
 
     tok = tiny_tokenizer(tmp_path / "in")
     GPTJForCausalLM(GPTJConfig(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, rotary_dim=4)).save_pretrained(tmp_path / "in")
-    code = main(["compress", str(tmp_path / "in"), "--target", "0.25", "-o", str(tmp_path / "out")])
-    line = one_line(capsys, code, "model type 'gptj'")
-    assert "lfgraph/architectures/" in line
+    for engine in ([], ["--stream"]):  # refused by the registry on both paths, before a weight is read
+        code = main(["compress", str(tmp_path / "in"), "--target", "0.25", "-o", str(tmp_path / "out"), *engine])
+        line = one_line(capsys, code, "model type 'gptj'")
+        assert "lfgraph/architectures/" in line and not (tmp_path / "out").exists()
     with pytest.raises(LfgraphError, match="not a family lfgraph knows"):
         architectures.for_config(GPTJConfig())
 

@@ -235,3 +235,11 @@ def test_the_estimate_after_the_plan_counts_the_blocks_that_train(folder, tmp_pa
                                    objective="blockwise", windows=4, seq_len=32, eval_windows=0, trained=1, rates={"float32": 1.0})
     assert len(record["blocks"]) >= 1 and "plan budget" in r.stage_seconds
     assert r.estimate.flops["distillation"] == pytest.approx(len(record["blocks"]) * one.flops["distillation"])
+
+
+def test_stream_refuses_an_encoder_by_its_reason(tiny_bert_folder, tmp_path, capsys):
+    """An encoder folder is a checkpoint but not a causal language model: --stream says so in
+    one line (issue 27: GPT-2 used to be refused with a reason that was not the reason)."""
+    assert main(["compress", str(tiny_bert_folder), "--stream", "-o", str(tmp_path / "out"), *FAST]) == 2
+    assert "not a causal language model" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
