@@ -261,13 +261,6 @@ class Checkpoint:
         self.bytes_read = 0
 
     @property
-    def num_layers(self) -> int:
-        n = self.config.get("num_hidden_layers")
-        if not isinstance(n, int) or n < 1:
-            raise LfgraphError(f"{self.folder}/config.json has no num_hidden_layers: the streaming path needs a decoder config")
-        return n
-
-    @property
     def total_bytes(self) -> int:
         """Bytes of tensor data in the checkpoint."""
         return sum(e.nbytes for e in self.tensors.values())

@@ -101,7 +101,7 @@ def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | Non
         return True, f"float32 ONNX of {params / 1e9:.2f}B parameters needs about {need / (1 << 30):.1f} GB, {avail / (1 << 30):.1f} GB available"
     return False, (f"float32 ONNX of {params / 1e9:.2f}B parameters needs about {need / (1 << 30):.1f} GB "
                    f"(the builder and ONNX Runtime hold it whole in float32) but {avail / (1 << 30):.1f} GB is available: checkpoint only "
-                   "(the Python API's onnx='fp32' writes it anyway)")
+                   "(build ONNX from it where there is more memory: python -m onnxruntime_genai.models.builder -i OUT -p fp32 -e cpu)")
 
 
 def build_onnx(folder: Path) -> tuple[float, int]:

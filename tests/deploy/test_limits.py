@@ -46,9 +46,12 @@ def test_auto_writes_the_checkpoint_only_and_says_why(odd_heads, tmp_path, capsy
     _no_builder(monkeypatch)
     out = tmp_path / "out"
     code = main(["compress", str(odd_heads), "--stream", "--fuse", "remove", "--calibration-windows", "2",
-                 "--calibration-seq-len", "16", "-o", str(out), "--quiet"])
+                 "--calibration-seq-len", "16", "-o", str(out)])
     table = capsys.readouterr().out
     assert code == 0 and "no ONNX: the model's attention head size is 12" in table and "checkpoint only" in table
+    # said before the work, with the estimate (known from the config), not found after it
+    early = table.index("lfgraph: no ONNX will be written: the model's attention head size is 12")
+    assert early < table.index("no ONNX: the model's attention head size is 12") and "--no-onnx" in table[early:].splitlines()[0]
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors" in names and not names & {"model.onnx", "genai_config.json"}
 
