@@ -177,6 +177,8 @@ def test_a_damaged_cached_with_past_export_is_made_again(tiny_llama_folder, tmp_
         (folder / "model.onnx").write_bytes(b"an exported model " * 100)
 
     monkeypatch.setattr("lfgraph.deploy.export_decoder_with_past", export)
+    # its own cache: the fake export must not become the tiny model's entry for the tests after
+    monkeypatch.setenv("LFGRAPH_CACHE", str(tmp_path / "cache"))
     source = TorchSource(models.load_model(str(tiny_llama_folder)))
     output = DeployFolderOutput(source, tmp_path / "out")
     folder = output.original(quiet=True)
