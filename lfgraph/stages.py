@@ -386,13 +386,11 @@ class Budget(Stage):
             s.blocks_estimate = _blocks_estimate(s, chosen.select, chosen.fuse, max(1, round(s.target * source.blocks.num_blocks)))
         s.say(s.blocks_estimate.summary())
         if s.onnx:  # what ONNX Runtime cannot run is known from the config: said now, not found after the work
-            from .deploy.genai_builder import has_tokenizer
-            from .deploy.limits import onnx_refusal
+            from .deploy.genai_builder import builder_refusal, has_tokenizer
 
-            refusal = onnx_refusal(source.blocks.ckpt.config, "genai-builder")
-            if refusal or not has_tokenizer(source.blocks.ckpt.folder):
-                s.say(f"no ONNX will be written: {refusal or 'the checkpoint has no tokenizer files (the builder reads them)'}; "
-                      "the checkpoint only (--no-onnx says so up front)")
+            refusal = builder_refusal(source.blocks.ckpt.config, has_tokenizer(source.blocks.ckpt.folder))
+            if refusal:
+                s.say(f"no ONNX will be written: {refusal}; the checkpoint only (--no-onnx says so up front)")
 
 
 class PlanBudget(Stage):

@@ -74,6 +74,21 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
+def builder_refusal(config: dict | None, tokenizer: bool) -> str | None:
+    """Why the builder's ONNX cannot be written for this checkpoint, known before any work:
+    what ONNX Runtime cannot run (:func:`lfgraph.deploy.limits.onnx_refusal`), or no
+    tokenizer files; ``None`` when nothing stands in the way."""
+    from ..deploy.limits import onnx_refusal
+
+    refusal = onnx_refusal(config, "genai-builder") if config is not None else None
+    if refusal:
+        return refusal
+    if not tokenizer:
+        return (f"the checkpoint has no tokenizer files ({', '.join(TOKENIZER_FILES)}): onnxruntime-genai's builder "
+                "reads them, and generation needs them")
+    return None
+
+
 def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | None = None, tokenizer: bool = True,
                config: dict | None = None) -> tuple[bool, str]:
     """(write ONNX?, the reason in words) for ``--onnx choice``; ``tokenizer``: whether the
@@ -81,20 +96,15 @@ def wants_onnx(choice: str, params: int, stored_bytes: int, available: int | Non
     ``config``: the checkpoint's, for what ONNX Runtime cannot run
     (:func:`lfgraph.deploy.limits.onnx_refusal`: ``fp32`` raises ``LfgraphError``, ``auto``
     writes the checkpoint only and says why)."""
-    from ..deploy.limits import onnx_refusal
-
     if choice not in ONNX_CHOICES:
         raise LfgraphError(f"--onnx must be one of {', '.join(ONNX_CHOICES)}, got {choice!r}")
     if choice == "none":
         return False, "--onnx none"
-    refusal = onnx_refusal(config, "genai-builder") if config is not None else None
+    refusal = builder_refusal(config, tokenizer)
     if refusal:
         if choice == "fp32":
             raise LfgraphError(f"ONNX cannot be written for this model: {refusal}")
         return False, f"{refusal}; checkpoint only"
-    if not tokenizer:
-        return False, (f"the checkpoint has no tokenizer files ({', '.join(TOKENIZER_FILES)}): onnxruntime-genai's builder "
-                       "reads them, and generation needs them; checkpoint only")
     need = onnx_peak_bytes(params, stored_bytes)
     avail = estimate.available_memory() if available is None else available
     if choice == "fp32" or need <= avail:
